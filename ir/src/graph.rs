@@ -1,0 +1,227 @@
+//! The graph: SSA values with types, ops in blocks, and the `loop` region.
+//!
+//! A graph has one top-level block whose arguments are the inputs
+//! (`%ids: i32[batch, seq]`, `%pos: i32[batch, seq]` for a language model)
+//! and which ends in `return`. A `loop` op owns a body block whose arguments
+//! are the step index and the carried values; the body ends in
+//! `yield next(..) out(..) exit(..)`: the carried values for the next step,
+//! the step's output (what the exit policy selects or mixes) and the step's
+//! exit signal (lambda, shape of `out` with last dim 1). Values defined
+//! before the loop (weights, RoPE tables) are visible inside it and are
+//! loop-invariant by construction.
+
+use crate::policy::ExitPolicy;
+use crate::types::Type;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ValueId(pub u32);
+
+impl ValueId {
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl std::fmt::Display for ValueId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "%{}", self.0)
+    }
+}
+
+/// RoPE table attributes: `inv_freq[j] = theta^(-2j/head_dim)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RopeTable {
+    pub head_dim: usize,
+    pub theta: f64,
+}
+
+/// Attention attributes. `layer` names the KV-cache slot within a loop step:
+/// the slot used is (enclosing loop step, layer); outside a loop the step is 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attention {
+    pub layer: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum OpKind {
+    /// A named checkpoint tensor; no inputs.
+    Weight { name: String },
+    /// `embedding(table[V, H], ids[..]) -> [.., H]`: row lookup.
+    Embedding,
+    /// `rms_norm(x[.., H], w[H])`: x * rsqrt(mean(x^2) + eps) in f32, rounded
+    /// to the result dtype, then times w (rounded again).
+    RmsNorm { eps: f64 },
+    /// `linear(x[.., in], w[out, in] [, bias[out]]) -> [.., out]`: y = x W^T (+ b).
+    Linear,
+    /// `rope_cos(pos[b, s]) -> [b, s, head_dim]`: cos of the angles, both halves.
+    RopeCos(RopeTable),
+    /// `rope_sin(pos[b, s]) -> [b, s, head_dim]`.
+    RopeSin(RopeTable),
+    /// `rope(x[b, s, heads*hd], cos, sin)`: x*cos + rotate_half(x)*sin per head
+    /// (rotate_half: first/second halves, not interleaved).
+    Rope { heads: usize, head_dim: usize },
+    /// Causal attention of the new tokens over the cache slot plus themselves;
+    /// appends k and v (after RoPE) to the slot.
+    Attention(Attention),
+    Silu,
+    Sigmoid,
+    Add,
+    Mul,
+    Loop(Box<Loop>),
+}
+
+impl OpKind {
+    /// The op's name in the text form.
+    pub fn name(&self) -> &'static str {
+        match self {
+            OpKind::Weight { .. } => "weight",
+            OpKind::Embedding => "embedding",
+            OpKind::RmsNorm { .. } => "rms_norm",
+            OpKind::Linear => "linear",
+            OpKind::RopeCos(_) => "rope_cos",
+            OpKind::RopeSin(_) => "rope_sin",
+            OpKind::Rope { .. } => "rope",
+            OpKind::Attention(_) => "attention",
+            OpKind::Silu => "silu",
+            OpKind::Sigmoid => "sigmoid",
+            OpKind::Add => "add",
+            OpKind::Mul => "mul",
+            OpKind::Loop(_) => "loop",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Loop {
+    pub steps: usize,
+    pub policy: ExitPolicy,
+    /// Arguments: `[step: i32[], carried...]`; terminator: `Yield`.
+    pub body: Block,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Op {
+    pub result: ValueId,
+    pub kind: OpKind,
+    pub inputs: Vec<ValueId>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Terminator {
+    Return(Vec<ValueId>),
+    Yield { next: Vec<ValueId>, out: ValueId, exit: ValueId },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Block {
+    pub args: Vec<ValueId>,
+    pub ops: Vec<Op>,
+    pub term: Terminator,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Graph {
+    pub name: String,
+    /// Type of every value, indexed by `ValueId`.
+    pub types: Vec<Type>,
+    pub body: Block,
+}
+
+impl Graph {
+    pub fn ty(&self, v: ValueId) -> &Type {
+        &self.types[v.index()]
+    }
+
+    /// The graph's inputs (arguments of the top block).
+    pub fn inputs(&self) -> &[ValueId] {
+        &self.body.args
+    }
+
+    pub fn outputs(&self) -> &[ValueId] {
+        match &self.body.term {
+            Terminator::Return(v) => v,
+            Terminator::Yield { .. } => &[],
+        }
+    }
+
+    /// Every op, depth first in textual order (loop op before its body).
+    pub fn walk(&self) -> Vec<&Op> {
+        fn visit<'a>(b: &'a Block, out: &mut Vec<&'a Op>) {
+            for op in &b.ops {
+                out.push(op);
+                if let OpKind::Loop(l) = &op.kind {
+                    visit(&l.body, out);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        visit(&self.body, &mut out);
+        out
+    }
+
+    /// The first loop op of the top block, if any.
+    pub fn find_loop(&self) -> Option<&Loop> {
+        self.body.ops.iter().find_map(|op| match &op.kind {
+            OpKind::Loop(l) => Some(l.as_ref()),
+            _ => None,
+        })
+    }
+
+    /// Renumber values in textual order (block args, then each op's result,
+    /// a loop's result before its body). The parser produces graphs in this
+    /// numbering, so `parse(print(g)) == g.canonicalize()`.
+    pub fn canonicalize(&self) -> Graph {
+        let mut map = vec![u32::MAX; self.types.len()];
+        let mut types = Vec::with_capacity(self.types.len());
+        fn number(b: &Block, map: &mut [u32], types: &mut Vec<Type>, g: &Graph) {
+            let def = |v: ValueId, map: &mut [u32], types: &mut Vec<Type>| {
+                map[v.index()] = types.len() as u32;
+                types.push(g.ty(v).clone());
+            };
+            for &a in &b.args {
+                def(a, map, types);
+            }
+            for op in &b.ops {
+                def(op.result, map, types);
+                if let OpKind::Loop(l) = &op.kind {
+                    number(&l.body, map, types, g);
+                }
+            }
+        }
+        number(&self.body, &mut map, &mut types, self);
+        let m = |v: &ValueId| ValueId(map[v.index()]);
+        fn remap(b: &Block, m: &dyn Fn(&ValueId) -> ValueId) -> Block {
+            Block {
+                args: b.args.iter().map(m).collect(),
+                ops: b
+                    .ops
+                    .iter()
+                    .map(|op| Op {
+                        result: m(&op.result),
+                        inputs: op.inputs.iter().map(m).collect(),
+                        kind: match &op.kind {
+                            OpKind::Loop(l) => OpKind::Loop(Box::new(Loop {
+                                steps: l.steps,
+                                policy: l.policy,
+                                body: remap(&l.body, m),
+                            })),
+                            k => k.clone(),
+                        },
+                    })
+                    .collect(),
+                term: match &b.term {
+                    Terminator::Return(v) => Terminator::Return(v.iter().map(m).collect()),
+                    Terminator::Yield { next, out, exit } => Terminator::Yield {
+                        next: next.iter().map(m).collect(),
+                        out: m(out),
+                        exit: m(exit),
+                    },
+                },
+            }
+        }
+        Graph { name: self.name.clone(), types, body: remap(&self.body, &m) }
+    }
+}

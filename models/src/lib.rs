@@ -1,0 +1,19 @@
+//! ouroc-models: loading Ouro checkpoint directories.
+//!
+//! - [`config`]: `config.json` parsing and validation;
+//! - [`safetensors_file`]: one memory-mapped safetensors file;
+//! - [`weights`]: single-file or sharded tensor storage;
+//! - [`checkpoint`]: the validated checkpoint;
+//! - [`error`]: the error type.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod safetensors_file;
+pub mod weights;
+pub mod build;
+
+pub use checkpoint::{Checkpoint, StorageDtype, TensorInfo, expected_tensors};
+pub use build::{BuildOptions, build_from_config, build_graph};
+pub use config::OuroConfig;
+pub use error::ModelError;

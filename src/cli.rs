@@ -1,0 +1,95 @@
+//! Flags and subcommands (clap derive). Help text explains each flag.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ouroc",
+    version,
+    about = "Ahead-of-time compiler for looped language models (Ouro)",
+    long_about = "ouroc turns an Ouro checkpoint directory (config.json + safetensors + tokenizer.json) \
+into an IR in which the loop over the shared layer stack and its early exit are explicit, and runs it.\n\n\
+A CKPT argument is a checkpoint directory in the Hugging Face layout; tests/fixtures/ holds small ones."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print a checkpoint's architecture, sizes, loop and exit settings, and warnings
+    Inspect {
+        /// Checkpoint directory
+        ckpt: PathBuf,
+    },
+    /// Print generated code
+    Emit {
+        #[command(subcommand)]
+        what: Emit,
+    },
+    /// Run the model on token ids with the reference interpreter and write logits,
+    /// per-step hidden states, exit gate values and exit steps (the research interface)
+    Logits(LogitsArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Emit {
+    /// The IR text of the model (the rolled loop with its exit policy)
+    Ir {
+        /// Checkpoint directory
+        ckpt: PathBuf,
+        #[command(flatten)]
+        model: ModelFlags,
+    },
+}
+
+/// Flags that choose the graph built from a checkpoint.
+#[derive(Args, Debug, Clone)]
+pub struct ModelFlags {
+    /// Exit policy: last | step:K (0-based) | threshold:Q (f32 sum) | threshold:Q:bf16
+    /// (bf16 sum, as the reference code) | weighted (expected logits over the exit distribution).
+    /// Default: the reference's, threshold at the config's early_exit_threshold with the
+    /// precision's arithmetic (threshold:1.0:bf16 for bf16, threshold:1.0 for f32)
+    #[arg(long = "exit", value_name = "POLICY")]
+    pub exit: Option<String>,
+    /// Model precision: f32 (exact reference) or bf16 (rounds where the bf16 reference rounds)
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
+    /// Number of loop steps R (default: the config's total_ut_steps)
+    #[arg(long, value_name = "R")]
+    pub loops: Option<usize>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    Bf16,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// All tokens in one pass
+    Prefill,
+    /// One token at a time through the KV cache
+    Decode,
+}
+
+#[derive(Args, Debug)]
+pub struct LogitsArgs {
+    /// Checkpoint directory
+    pub ckpt: PathBuf,
+    /// Comma-separated token ids, e.g. 5,17,42
+    #[arg(long, value_name = "IDS", required = true)]
+    pub ids: String,
+    #[command(flatten)]
+    pub model: ModelFlags,
+    /// prefill: all tokens in one pass; decode: one by one through the KV cache
+    #[arg(long, value_enum, default_value_t = Mode::Prefill)]
+    pub mode: Mode,
+    /// Write f32 `logits` [T, V], `hidden_states` [R, T, H], `exit_lambda` [R, T]
+    /// and i32 `exit_step` [T] to this safetensors file (it is replaced)
+    #[arg(long, value_name = "FILE.safetensors")]
+    pub out: Option<PathBuf>,
+}

@@ -1,0 +1,72 @@
+use super::open;
+use anyhow::Result;
+use ouroc_ir::DType;
+use ouroc_models::BuildOptions;
+use std::path::Path;
+
+pub fn run(dir: &Path) -> Result<()> {
+    let ckpt = open(dir)?;
+    let c = &ckpt.config;
+    let dtypes: Vec<String> = ckpt.dtypes().iter().map(|(d, n)| format!("{d} x{n}")).collect();
+    let kv = c.kv_bytes_per_token(2);
+    println!("checkpoint        {}", dir.display());
+    println!("model_type        {}", c.model_type);
+    println!(
+        "shape             hidden {}, intermediate {}, layers {}, heads {} (kv {}), head_dim {}{}, vocab {}",
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+        if c.head_dim_explicit { " (explicit)" } else { "" },
+        c.vocab_size
+    );
+    println!(
+        "loop              {} steps over the {} layers = {} layer applications per token",
+        c.total_ut_steps,
+        c.num_hidden_layers,
+        c.total_ut_steps * c.num_hidden_layers
+    );
+    println!(
+        "exit              early_exit_threshold {} (default policy: {} in bf16, {} in f32)",
+        c.early_exit_threshold,
+        BuildOptions::reference_policy(c, DType::BF16),
+        BuildOptions::reference_policy(c, DType::F32)
+    );
+    println!("parameters        {}", group(ckpt.parameter_count()));
+    println!("weights           {} bytes stored ({})", group(ckpt.weight_bytes()), dtypes.join(", "));
+    println!("lm_head           {}{}", ckpt.head_tensor_name(), if c.tie_word_embeddings { " (tied)" } else { "" });
+    println!(
+        "KV cache          {} bytes per token in bf16 ({} slots = {} steps x {} layers); {} bytes at {} positions",
+        group(kv),
+        c.total_ut_steps * c.num_hidden_layers,
+        c.total_ut_steps,
+        c.num_hidden_layers,
+        group(kv * c.max_position_embeddings as u64),
+        c.max_position_embeddings
+    );
+    println!("context           {} positions (rope_theta {})", c.max_position_embeddings, c.rope_theta);
+    if ckpt.warnings.is_empty() {
+        println!("warnings          none");
+    } else {
+        println!("warnings          {}", ckpt.warnings.len());
+        for w in &ckpt.warnings {
+            println!("  - {w}");
+        }
+    }
+    Ok(())
+}
+
+/// 1434652673 -> "1,434,652,673".
+fn group(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}

@@ -1,0 +1,128 @@
+use super::{build, open};
+use crate::cli::{LogitsArgs, Mode};
+use anyhow::{Context, Result, bail};
+use ouroc_ir::{Interpreter, LoopTrace, Options, Tensor};
+use safetensors::{Dtype, tensor::TensorView};
+use std::collections::BTreeMap;
+
+/// Per-position results of a whole run, concatenated over decode steps.
+struct Collected {
+    logits: Vec<f32>,
+    /// [R][T*H]
+    hidden: Vec<Vec<f32>>,
+    /// [R][T]
+    lambda: Vec<Vec<f32>>,
+    exit_step: Vec<usize>,
+}
+
+pub fn run(args: &LogitsArgs) -> Result<()> {
+    let ids = parse_ids(&args.ids)?;
+    let ckpt = open(&args.ckpt)?;
+    let graph = build(&ckpt, &args.model)?;
+    let cfg = &ckpt.config;
+    if let Some(bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+        bail!("token id {bad} is out of the vocabulary: ids must be below vocab_size = {}", cfg.vocab_size);
+    }
+    if ids.len() > cfg.max_position_embeddings {
+        bail!(
+            "{} tokens exceed the context of {} positions (max_position_embeddings)",
+            ids.len(),
+            cfg.max_position_embeddings
+        );
+    }
+    let opts = Options { round_low_precision: true, max_positions: Some(cfg.max_position_embeddings) };
+    let mut interp = Interpreter::new(&graph, &ckpt, opts)?;
+    let lp = graph.find_loop().context("the graph has no loop")?;
+    let (steps, policy) = (lp.steps, lp.policy);
+    let chunks: Vec<Vec<u32>> = match args.mode {
+        Mode::Prefill => vec![ids.clone()],
+        Mode::Decode => ids.iter().map(|&t| vec![t]).collect(),
+    };
+    let mut c = Collected { logits: vec![], hidden: vec![vec![]; steps], lambda: vec![vec![]; steps], exit_step: vec![] };
+    for chunk in chunks {
+        let out = interp.run_tokens(&[chunk])?;
+        let trace: LoopTrace = out.trace.context("the loop left no trace")?;
+        c.logits.extend(&out.outputs[0].data);
+        for r in 0..steps {
+            c.hidden[r].extend(&trace.step_outputs[r].data);
+            c.lambda[r].extend(&trace.exit_signals[r].data);
+        }
+        c.exit_step.extend(trace.exit_step);
+    }
+    let t = ids.len();
+    let v = cfg.vocab_size;
+    println!("policy {policy}, {steps} loop steps, {:?} mode, {t} tokens", args.mode);
+    println!("{:>4} {:>6} {:>5}  {:<width$}  next", "pos", "id", "exit", "lambda per step", width = 7 * steps);
+    for p in 0..t {
+        let row = &c.logits[p * v..(p + 1) * v];
+        let lam: Vec<String> = (0..steps).map(|r| format!("{:.3}", c.lambda[r][p])).collect();
+        println!(
+            "{:>4} {:>6} {:>5}  {:<width$}  {}",
+            p,
+            ids[p],
+            c.exit_step[p],
+            lam.join(" "),
+            argmax(row),
+            width = 7 * steps
+        );
+    }
+    let mut hist = vec![0usize; steps];
+    c.exit_step.iter().for_each(|&s| hist[s] += 1);
+    let hist: Vec<String> = hist.iter().enumerate().map(|(s, n)| format!("{} step{}: {n}", s + 1, if s == 0 { "" } else { "s" })).collect();
+    println!("exit steps: {}", hist.join(", "));
+    if let Some(path) = &args.out {
+        let h = cfg.hidden_size;
+        let hidden: Vec<f32> = c.hidden.concat();
+        let lambda: Vec<f32> = c.lambda.concat();
+        let exit_i32: Vec<i32> = c.exit_step.iter().map(|&s| s as i32).collect();
+        let tensors = [
+            ("logits", Tensor::new(vec![t, v], c.logits.clone())),
+            ("hidden_states", Tensor::new(vec![steps, t, h], hidden)),
+            ("exit_lambda", Tensor::new(vec![steps, t], lambda)),
+        ];
+        let mut bytes: BTreeMap<&str, (Dtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();
+        for (name, tensor) in &tensors {
+            bytes.insert(name, (Dtype::F32, tensor.shape.clone(), tensor.data.iter().flat_map(|x| x.to_le_bytes()).collect()));
+        }
+        bytes.insert("exit_step", (Dtype::I32, vec![t], exit_i32.iter().flat_map(|x| x.to_le_bytes()).collect()));
+        let views: Vec<(&str, TensorView)> = bytes
+            .iter()
+            .map(|(n, (d, s, b))| Ok((*n, TensorView::new(*d, s.clone(), b)?)))
+            .collect::<Result<_, safetensors::SafeTensorError>>()?;
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("policy".to_string(), policy.to_string());
+        meta.insert("precision".to_string(), format!("{:?}", args.model.precision).to_lowercase());
+        meta.insert("mode".to_string(), format!("{:?}", args.mode).to_lowercase());
+        // Write to a temporary name, then rename: a failed run never leaves half a file.
+        let tmp = path.with_extension("safetensors.tmp");
+        safetensors::serialize_to_file(views, Some(meta), &tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// "5,17,42" -> [5, 17, 42]; empty or malformed lists are errors naming the item.
+fn parse_ids(s: &str) -> Result<Vec<u32>> {
+    let s = s.trim();
+    if s.is_empty() {
+        bail!("--ids is empty: give at least one token id, e.g. --ids 5,17,42");
+    }
+    s.split(',')
+        .map(|item| {
+            let item = item.trim();
+            item.parse::<u32>().with_context(|| format!("--ids: `{item}` is not a token id (a non-negative integer)"))
+        })
+        .collect()
+}
