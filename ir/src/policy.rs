@@ -74,7 +74,10 @@ impl ExitPolicy {
                 let p = exit_distribution(lambdas, arith);
                 // The cumulative sum accumulates in f32 and each partial sum is
                 // rounded to the arithmetic's dtype before the comparison
-                // (torch.cumsum on bf16 accumulates in f32, rounds each output).
+                // (torch.cumsum on bf16 accumulates in f32, rounds each output);
+                // the threshold itself is a tensor of that dtype too, so 0.9
+                // compares as bf16(0.9) = 0.8984375.
+                let q = arith.round(q);
                 let mut acc = 0.0f32;
                 for (r, pr) in p.iter().enumerate() {
                     acc += pr;
@@ -166,6 +169,16 @@ mod tests {
         let lam = [1.0 / (1.0 + (-7.0f32).exp()), 0.5, 0.5, 0.5];
         let bf = ExitPolicy::Threshold { q: 1.0, arith: DType::BF16 };
         let f = ExitPolicy::Threshold { q: 1.0, arith: DType::F32 };
+        assert_eq!(bf.exit_step(&lam), 0);
+        assert_eq!(f.exit_step(&lam), 3);
+    }
+
+    #[test]
+    fn bf16_threshold_is_itself_rounded() {
+        // 0.899 reaches bf16(0.9) = 0.8984375 but not 0.9.
+        let lam = [0.899, 0.0, 0.0, 0.0];
+        let bf = ExitPolicy::Threshold { q: 0.9, arith: DType::BF16 };
+        let f = ExitPolicy::Threshold { q: 0.9, arith: DType::F32 };
         assert_eq!(bf.exit_step(&lam), 0);
         assert_eq!(f.exit_step(&lam), 3);
     }

@@ -69,14 +69,19 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
-    /// Number of elements (the product of the shape; validated not to overflow at open).
+    /// Number of elements (the product of the shape).
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        // Cannot overflow for tensors of an opened checkpoint (their byte size was checked
+        // against the file); saturates for hand-made TensorInfos rather than panicking.
+        self.shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .unwrap_or(usize::MAX)
     }
 
     /// Stored size in bytes.
     pub fn byte_len(&self) -> usize {
-        self.numel() * self.dtype.size_bytes()
+        self.numel().saturating_mul(self.dtype.size_bytes())
     }
 }
 
@@ -126,7 +131,11 @@ impl Checkpoint {
         let mut unreadable: BTreeMap<String, (String, PathBuf)> = BTreeMap::new();
         for (file, raw) in wf.tensors {
             let Some(dtype) = StorageDtype::from_safetensors(&raw.dtype) else {
-                let path = wf.files.get(file).map(|f| f.path.clone()).unwrap_or_default();
+                let path = wf
+                    .files
+                    .get(file)
+                    .map(|f| f.path.clone())
+                    .unwrap_or_default();
                 unreadable.insert(raw.name, (raw.dtype, path));
                 continue;
             };
@@ -145,14 +154,16 @@ impl Checkpoint {
             tensors.insert(raw.name, stored);
         }
 
-        let (used_shapes, head) =
-            validate(dir, &config, &tensors, &unreadable, &mut warnings)?;
+        let (used_shapes, head) = validate(dir, &config, &tensors, &unreadable, &mut warnings)?;
         let used: Vec<String> = used_shapes.into_iter().map(|(n, _)| n).collect();
         let used_set: HashSet<&str> = used.iter().map(String::as_str).collect();
         for name in tensors.keys().chain(unreadable.keys()) {
             if !used_set.contains(name.as_str()) {
                 let what = match (tensors.get(name), unreadable.get(name)) {
-                    (Some(s), _) => format!("{}, shape {:?}, in {}", s.info.dtype, s.info.shape, s.info.file),
+                    (Some(s), _) => format!(
+                        "{}, shape {:?}, in {}",
+                        s.info.dtype, s.info.shape, s.info.file
+                    ),
                     (None, Some((dtype, path))) => format!("{dtype}, in {}", path.display()),
                     (None, None) => String::new(),
                 };
@@ -295,6 +306,9 @@ pub fn expected_tensors(cfg: &OuroConfig) -> Vec<(String, Vec<usize>)> {
     out
 }
 
+/// Tensor names with their expected shapes.
+type NamedShapes = Vec<(String, Vec<usize>)>;
+
 /// Checks presence, dtype and shape of every tensor the model uses; returns those tensors with
 /// their shapes and the head's name.
 fn validate(
@@ -303,7 +317,7 @@ fn validate(
     tensors: &BTreeMap<String, Stored>,
     unreadable: &BTreeMap<String, (String, PathBuf)>,
     warnings: &mut Vec<String>,
-) -> Result<(Vec<(String, Vec<usize>)>, &'static str), ModelError> {
+) -> Result<(NamedShapes, &'static str), ModelError> {
     let mut used = expected_tensors(cfg);
     let present = |n: &str| tensors.contains_key(n) || unreadable.contains_key(n);
 

@@ -160,7 +160,11 @@ impl Parser<'_> {
             ("num_key_value_heads", num_key_value_heads),
         ] {
             if n.checked_mul(head_dim).is_none() {
-                return Err(self.invalid(key, n, format!("{key} * head_dim ({head_dim}) overflows")));
+                return Err(self.invalid(
+                    key,
+                    n,
+                    format!("{key} * head_dim ({head_dim}) overflows"),
+                ));
             }
         }
 
@@ -235,7 +239,11 @@ impl Parser<'_> {
         if let Some(v) = self.get("hidden_act")
             && v.as_str() != Some("silu")
         {
-            return Err(self.unsupported("hidden_act", v, "only \"silu\" (SwiGLU MLP) is implemented"));
+            return Err(self.unsupported(
+                "hidden_act",
+                v,
+                "only \"silu\" (SwiGLU MLP) is implemented",
+            ));
         }
         if let Some(v) = self.get("rope_scaling") {
             return Err(self.unsupported(
@@ -245,9 +253,18 @@ impl Parser<'_> {
             ));
         }
         for (key, what) in [
-            ("use_sliding_window", "sliding-window attention is not implemented"),
-            ("attention_bias", "attention projections with biases are not implemented"),
-            ("mlp_bias", "MLP projections with biases are not implemented"),
+            (
+                "use_sliding_window",
+                "sliding-window attention is not implemented",
+            ),
+            (
+                "attention_bias",
+                "attention projections with biases are not implemented",
+            ),
+            (
+                "mlp_bias",
+                "MLP projections with biases are not implemented",
+            ),
         ] {
             if let Some(v) = self.get(key) {
                 match v.as_bool() {

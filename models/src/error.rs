@@ -28,7 +28,10 @@ pub enum ModelError {
 
     /// config.json is not valid JSON, or not a JSON object.
     #[error("{source_name}: not a valid config (expected a JSON object): {message}")]
-    ConfigJson { source_name: String, message: String },
+    ConfigJson {
+        source_name: String,
+        message: String,
+    },
 
     /// A key the model cannot do without is absent (or null).
     #[error("{source_name}: required key `{key}` is missing")]
@@ -62,10 +65,7 @@ pub enum ModelError {
     },
 
     /// Neither weight layout is present in the directory.
-    #[error(
-        "no weights in {dir}: looked for {looked_for}{}",
-        found_hint(found)
-    )]
+    #[error("no weights in {dir}: looked for {looked_for}{}", found_hint(found))]
     NoWeights {
         dir: PathBuf,
         looked_for: String,
@@ -92,7 +92,9 @@ pub enum ModelError {
     },
 
     /// The index maps a tensor to a shard whose header does not contain it.
-    #[error("{index}: tensor `{tensor}` is mapped to shard `{shard}`, but that shard has no tensor of that name")]
+    #[error(
+        "{index}: tensor `{tensor}` is mapped to shard `{shard}`, but that shard has no tensor of that name"
+    )]
     TensorNotInShard {
         index: PathBuf,
         shard: String,
@@ -100,11 +102,15 @@ pub enum ModelError {
     },
 
     /// A safetensors file too short to hold even its 8-byte header length.
-    #[error("{path}: not a safetensors file: {len} bytes long, a safetensors file starts with an 8-byte header length")]
+    #[error(
+        "{path}: not a safetensors file: {len} bytes long, a safetensors file starts with an 8-byte header length"
+    )]
     FileTooShort { path: PathBuf, len: u64 },
 
     /// The 8-byte header length claims more bytes than the file has.
-    #[error("{path}: safetensors header length is {header_len} bytes, but only {available} bytes follow the length field (file is {file_len} bytes; truncated or not a safetensors file?)")]
+    #[error(
+        "{path}: safetensors header length is {header_len} bytes, but only {available} bytes follow the length field (file is {file_len} bytes; truncated or not a safetensors file?)"
+    )]
     HeaderTooLong {
         path: PathBuf,
         header_len: u64,
@@ -126,7 +132,9 @@ pub enum ModelError {
     },
 
     /// A tensor's data range lies (partly) beyond the data section.
-    #[error("{path}: tensor `{tensor}` has data_offsets [{begin}, {end}) but the data section is only {data_len} bytes long (truncated file?)")]
+    #[error(
+        "{path}: tensor `{tensor}` has data_offsets [{begin}, {end}) but the data section is only {data_len} bytes long (truncated file?)"
+    )]
     DataOutOfBounds {
         path: PathBuf,
         tensor: String,
@@ -136,7 +144,9 @@ pub enum ModelError {
     },
 
     /// A tensor's byte range does not match its dtype and shape.
-    #[error("{path}: tensor `{tensor}` ({dtype}, shape {shape:?}) needs {expected} bytes, but its data_offsets span {actual} bytes")]
+    #[error(
+        "{path}: tensor `{tensor}` ({dtype}, shape {shape:?}) needs {expected} bytes, but its data_offsets span {actual} bytes"
+    )]
     DataSizeMismatch {
         path: PathBuf,
         tensor: String,
@@ -147,7 +157,9 @@ pub enum ModelError {
     },
 
     /// A tensor the model uses is stored in a dtype ouroc does not read.
-    #[error("{path}: tensor `{tensor}` has dtype {dtype}; only BF16, F16 and F32 weights are supported")]
+    #[error(
+        "{path}: tensor `{tensor}` has dtype {dtype}; only BF16, F16 and F32 weights are supported"
+    )]
     UnsupportedDtype {
         path: PathBuf,
         tensor: String,

@@ -116,7 +116,9 @@ fn read_index(index: &Path) -> Result<BTreeMap<String, Vec<String>>, ModelError>
     let mut by_shard: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (tensor, shard) in map {
         let shard = shard.as_str().ok_or_else(|| {
-            bad(format!("weight_map entry for `{tensor}` is {shard}, expected a file name"))
+            bad(format!(
+                "weight_map entry for `{tensor}` is {shard}, expected a file name"
+            ))
         })?;
         // Shard names come from a file we do not control: keep them inside the directory.
         let inside = Path::new(shard)

@@ -5,16 +5,14 @@ mod common;
 
 use std::path::Path;
 
-use common::{H, I, V, Raw};
+use common::{H, I, Raw, V};
 use ouroc_models::{Checkpoint, StorageDtype};
 use safetensors::Dtype;
 use serde_json::json;
 
 /// Parameters of the tiny model (untied): embed + layer + norm + gate + head.
-const TINY_PARAMS: u64 = (V * H) as u64
-    + (4 * H * H + 3 * I * H + 4 * H) as u64
-    + (H + H + 1) as u64
-    + (V * H) as u64;
+const TINY_PARAMS: u64 =
+    (V * H) as u64 + (4 * H * H + 3 * I * H + 4 * H) as u64 + (H + H + 1) as u64 + (V * H) as u64;
 
 fn open_err(dir: &Path) -> String {
     match Checkpoint::open(dir) {
@@ -33,7 +31,11 @@ fn assert_mentions(text: &str, fragments: &[&str]) {
 fn assert_values(ck: &Checkpoint, list: &[(String, Vec<usize>)]) {
     for (name, shape) in list {
         let n = shape.iter().product();
-        assert_eq!(ck.read_f32(name).unwrap(), common::values_for(name, n), "{name}");
+        assert_eq!(
+            ck.read_f32(name).unwrap(),
+            common::values_for(name, n),
+            "{name}"
+        );
     }
 }
 
@@ -65,10 +67,19 @@ fn load_and_check(dtype: Dtype, expected: StorageDtype) {
     assert_eq!(names, sorted, "tensors() is sorted by name");
     assert_eq!(ck.head_tensor_name(), "lm_head.weight");
     assert_eq!(ck.parameter_count(), TINY_PARAMS);
-    assert_eq!(ck.weight_bytes(), TINY_PARAMS * expected.size_bytes() as u64);
-    assert_eq!(ck.dtypes().into_iter().collect::<Vec<_>>(), vec![(expected, 16)]);
+    assert_eq!(
+        ck.weight_bytes(),
+        TINY_PARAMS * expected.size_bytes() as u64
+    );
+    assert_eq!(
+        ck.dtypes().into_iter().collect::<Vec<_>>(),
+        vec![(expected, 16)]
+    );
     let q = ck.tensor("model.layers.0.self_attn.q_proj.weight").unwrap();
-    assert_eq!((q.dtype, q.shape.as_slice(), q.file.as_str()), (expected, &[8, 8][..], "model.safetensors"));
+    assert_eq!(
+        (q.dtype, q.shape.as_slice(), q.file.as_str()),
+        (expected, &[8, 8][..], "model.safetensors")
+    );
     assert_eq!(ck.config.total_ut_steps, 4);
     assert_eq!(ck.dir, dir.path());
 }
@@ -116,8 +127,9 @@ fn loads_two_shards_through_the_index() {
     let dir = tempfile::tempdir().unwrap();
     common::write_config(dir.path(), &common::tiny_config());
     let all = common::make_tensors(&common::tiny_tensors(), Dtype::BF16);
-    let (layers, rest): (Vec<Raw>, Vec<Raw>) =
-        all.into_iter().partition(|t| t.0.starts_with("model.layers."));
+    let (layers, rest): (Vec<Raw>, Vec<Raw>) = all
+        .into_iter()
+        .partition(|t| t.0.starts_with("model.layers."));
     let s1 = "model-00001-of-00002.safetensors";
     let s2 = "model-00002-of-00002.safetensors";
     common::write_safetensors(&dir.path().join(s1), &rest);
@@ -130,13 +142,20 @@ fn loads_two_shards_through_the_index() {
         map.insert(t.0.clone(), json!(s2));
     }
     let index = json!({"metadata": {"total_size": 1890}, "weight_map": map});
-    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
 
     let ck = Checkpoint::open(dir.path()).unwrap();
     assert!(ck.warnings.is_empty(), "{:?}", ck.warnings);
     assert_values(&ck, &common::tiny_tensors());
     assert_eq!(ck.tensor("model.norm.weight").unwrap().file, s1);
-    assert_eq!(ck.tensor("model.layers.0.mlp.up_proj.weight").unwrap().file, s2);
+    assert_eq!(
+        ck.tensor("model.layers.0.mlp.up_proj.weight").unwrap().file,
+        s2
+    );
     assert_eq!(ck.parameter_count(), TINY_PARAMS);
 }
 
@@ -147,7 +166,10 @@ fn tied_embeddings_without_lm_head_use_embed_tokens() {
     cfg["tie_word_embeddings"] = json!(true);
     common::write_config(dir.path(), &cfg);
     let list = common::tensor_list(1, H, H, false);
-    common::write_safetensors(&dir.path().join("model.safetensors"), &common::make_tensors(&list, Dtype::BF16));
+    common::write_safetensors(
+        &dir.path().join("model.safetensors"),
+        &common::make_tensors(&list, Dtype::BF16),
+    );
     let ck = Checkpoint::open(dir.path()).unwrap();
     assert!(ck.warnings.is_empty(), "{:?}", ck.warnings);
     assert_eq!(ck.head_tensor_name(), "model.embed_tokens.weight");
@@ -181,10 +203,18 @@ fn gqa_and_explicit_head_dim_shapes() {
     cfg["num_key_value_heads"] = json!(1);
     common::write_config(dir.path(), &cfg);
     let list = common::tensor_list(1, 16, 8, true);
-    common::write_safetensors(&dir.path().join("model.safetensors"), &common::make_tensors(&list, Dtype::F32));
+    common::write_safetensors(
+        &dir.path().join("model.safetensors"),
+        &common::make_tensors(&list, Dtype::F32),
+    );
     let ck = Checkpoint::open(dir.path()).unwrap();
     assert_values(&ck, &list);
-    assert_eq!(ck.tensor("model.layers.0.self_attn.o_proj.weight").unwrap().shape, vec![H, 16]);
+    assert_eq!(
+        ck.tensor("model.layers.0.self_attn.o_proj.weight")
+            .unwrap()
+            .shape,
+        vec![H, 16]
+    );
 
     // GQA with the derived head_dim 4: kv width 4.
     let dir = tempfile::tempdir().unwrap();
@@ -192,9 +222,17 @@ fn gqa_and_explicit_head_dim_shapes() {
     cfg["num_key_value_heads"] = json!(1);
     common::write_config(dir.path(), &cfg);
     let list = common::tensor_list(1, 8, 4, true);
-    common::write_safetensors(&dir.path().join("model.safetensors"), &common::make_tensors(&list, Dtype::BF16));
+    common::write_safetensors(
+        &dir.path().join("model.safetensors"),
+        &common::make_tensors(&list, Dtype::BF16),
+    );
     let ck = Checkpoint::open(dir.path()).unwrap();
-    assert_eq!(ck.tensor("model.layers.0.self_attn.k_proj.weight").unwrap().shape, vec![4, H]);
+    assert_eq!(
+        ck.tensor("model.layers.0.self_attn.k_proj.weight")
+            .unwrap()
+            .shape,
+        vec![4, H]
+    );
     assert_eq!(ck.config.kv_dim(), 4);
 }
 
@@ -203,15 +241,31 @@ fn unexpected_tensors_load_with_a_warning() {
     let dir = tempfile::tempdir().unwrap();
     common::write_config(dir.path(), &common::tiny_config());
     let mut tensors = common::make_tensors(&common::tiny_tensors(), Dtype::BF16);
-    tensors.push(("model.rotary_emb.inv_freq".into(), Dtype::F32, vec![2], common::encode(&[1.0, 0.5], Dtype::F32)));
+    tensors.push((
+        "model.rotary_emb.inv_freq".into(),
+        Dtype::F32,
+        vec![2],
+        common::encode(&[1.0, 0.5], Dtype::F32),
+    ));
     tensors.push(("position_ids".into(), Dtype::I64, vec![1], vec![0; 8]));
     common::write_safetensors(&dir.path().join("model.safetensors"), &tensors);
     let ck = Checkpoint::open(dir.path()).unwrap();
     assert_eq!(ck.warnings.len(), 2, "{:?}", ck.warnings);
     let all = ck.warnings.join("\n");
-    assert_mentions(&all, &["model.rotary_emb.inv_freq", "position_ids", "I64", "unexpected"]);
+    assert_mentions(
+        &all,
+        &[
+            "model.rotary_emb.inv_freq",
+            "position_ids",
+            "I64",
+            "unexpected",
+        ],
+    );
     // Readable extras stay accessible but do not count as model parameters.
-    assert_eq!(ck.read_f32("model.rotary_emb.inv_freq").unwrap(), vec![1.0, 0.5]);
+    assert_eq!(
+        ck.read_f32("model.rotary_emb.inv_freq").unwrap(),
+        vec![1.0, 0.5]
+    );
     assert_eq!(ck.parameter_count(), TINY_PARAMS);
 }
 
@@ -219,8 +273,13 @@ fn unexpected_tensors_load_with_a_warning() {
 fn unknown_tensor_names_are_errors() {
     let dir = common::tiny_checkpoint(Dtype::BF16);
     let ck = Checkpoint::open(dir.path()).unwrap();
-    let e = ck.read_f32("model.layers.7.mlp.up_proj.weight").unwrap_err();
-    assert_mentions(&e.to_string(), &["model.layers.7.mlp.up_proj.weight", "no tensor"]);
+    let e = ck
+        .read_f32("model.layers.7.mlp.up_proj.weight")
+        .unwrap_err();
+    assert_mentions(
+        &e.to_string(),
+        &["model.layers.7.mlp.up_proj.weight", "no tensor"],
+    );
     assert!(ck.raw_bytes("nope").is_err());
 }
 
@@ -234,14 +293,20 @@ fn truncated_file() {
     let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     file.set_len(len - 900).unwrap(); // the data section is 1890 bytes
     drop(file);
-    assert_mentions(&open_err(dir.path()), &["model.safetensors", "data_offsets", "truncated"]);
+    assert_mentions(
+        &open_err(dir.path()),
+        &["model.safetensors", "data_offsets", "truncated"],
+    );
 }
 
 #[test]
 fn file_shorter_than_the_length_field() {
     let dir = common::tiny_checkpoint(Dtype::BF16);
     std::fs::write(dir.path().join("model.safetensors"), [1u8, 2, 3]).unwrap();
-    assert_mentions(&open_err(dir.path()), &["model.safetensors", "3 bytes", "not a safetensors file"]);
+    assert_mentions(
+        &open_err(dir.path()),
+        &["model.safetensors", "3 bytes", "not a safetensors file"],
+    );
 }
 
 #[test]
@@ -250,18 +315,31 @@ fn header_length_claims_more_than_the_file() {
     let mut bytes = 1_000_000u64.to_le_bytes().to_vec();
     bytes.extend_from_slice(b"{}");
     std::fs::write(dir.path().join("model.safetensors"), bytes).unwrap();
-    assert_mentions(&open_err(dir.path()), &["model.safetensors", "1000000", "only 2 bytes"]);
+    assert_mentions(
+        &open_err(dir.path()),
+        &["model.safetensors", "1000000", "only 2 bytes"],
+    );
 
     // A length that would overflow any addition.
     std::fs::write(dir.path().join("model.safetensors"), u64::MAX.to_le_bytes()).unwrap();
-    assert_mentions(&open_err(dir.path()), &["header length", &u64::MAX.to_string()]);
+    assert_mentions(
+        &open_err(dir.path()),
+        &["header length", &u64::MAX.to_string()],
+    );
 }
 
 #[test]
 fn header_that_is_not_json() {
     let dir = common::tiny_checkpoint(Dtype::BF16);
-    common::write_raw_safetensors(&dir.path().join("model.safetensors"), "{this is not json", &[]);
-    assert_mentions(&open_err(dir.path()), &["model.safetensors", "not a valid JSON object"]);
+    common::write_raw_safetensors(
+        &dir.path().join("model.safetensors"),
+        "{this is not json",
+        &[],
+    );
+    assert_mentions(
+        &open_err(dir.path()),
+        &["model.safetensors", "not a valid JSON object"],
+    );
     common::write_raw_safetensors(&dir.path().join("model.safetensors"), "[1, 2]", &[]);
     assert_mentions(&open_err(dir.path()), &["not a valid JSON object"]);
     // Not UTF-8 at all.
@@ -276,10 +354,22 @@ fn malformed_header_entries() {
     let dir = common::tiny_checkpoint(Dtype::BF16);
     let path = dir.path().join("model.safetensors");
     let cases = [
-        (r#"{"w": {"shape": [2], "data_offsets": [0, 4]}}"#, "`dtype`"),
-        (r#"{"w": {"dtype": "F16", "shape": [-2], "data_offsets": [0, 4]}}"#, "`shape`"),
-        (r#"{"w": {"dtype": "F16", "shape": [2], "data_offsets": [0]}}"#, "`data_offsets`"),
-        (r#"{"w": {"dtype": "F16", "shape": [2], "data_offsets": [4, 0]}}"#, "begin > end"),
+        (
+            r#"{"w": {"shape": [2], "data_offsets": [0, 4]}}"#,
+            "`dtype`",
+        ),
+        (
+            r#"{"w": {"dtype": "F16", "shape": [-2], "data_offsets": [0, 4]}}"#,
+            "`shape`",
+        ),
+        (
+            r#"{"w": {"dtype": "F16", "shape": [2], "data_offsets": [0]}}"#,
+            "`data_offsets`",
+        ),
+        (
+            r#"{"w": {"dtype": "F16", "shape": [2], "data_offsets": [4, 0]}}"#,
+            "begin > end",
+        ),
         (
             r#"{"w": {"dtype": "F32", "shape": [4294967296, 4294967296, 4294967296], "data_offsets": [0, 4]}}"#,
             "overflows",
@@ -314,9 +404,13 @@ fn data_offsets_past_the_end() {
 #[test]
 fn data_size_not_matching_dtype_and_shape() {
     let dir = common::tiny_checkpoint(Dtype::BF16);
-    let header = r#"{"model.norm.weight": {"dtype": "BF16", "shape": [8], "data_offsets": [0, 12]}}"#;
+    let header =
+        r#"{"model.norm.weight": {"dtype": "BF16", "shape": [8], "data_offsets": [0, 12]}}"#;
     common::write_raw_safetensors(&dir.path().join("model.safetensors"), header, &[0; 12]);
-    assert_mentions(&open_err(dir.path()), &["model.norm.weight", "needs 16 bytes", "span 12 bytes"]);
+    assert_mentions(
+        &open_err(dir.path()),
+        &["model.norm.weight", "needs 16 bytes", "span 12 bytes"],
+    );
 }
 
 #[test]
@@ -325,8 +419,14 @@ fn missing_tensor_is_named() {
     common::write_config(dir.path(), &common::tiny_config());
     let mut list = common::tiny_tensors();
     list.retain(|(n, _)| n != "model.layers.0.mlp.up_proj.weight");
-    common::write_safetensors(&dir.path().join("model.safetensors"), &common::make_tensors(&list, Dtype::BF16));
-    assert_mentions(&open_err(dir.path()), &["missing 1 tensor", "model.layers.0.mlp.up_proj.weight"]);
+    common::write_safetensors(
+        &dir.path().join("model.safetensors"),
+        &common::make_tensors(&list, Dtype::BF16),
+    );
+    assert_mentions(
+        &open_err(dir.path()),
+        &["missing 1 tensor", "model.layers.0.mlp.up_proj.weight"],
+    );
 }
 
 #[test]
@@ -337,8 +437,18 @@ fn many_missing_tensors_are_listed_briefly() {
     cfg["layer_types"] = json!(["full_attention", "full_attention", "full_attention"]);
     common::write_config(dir.path(), &cfg);
     let text = open_err(dir.path());
-    assert_mentions(&text, &["missing 22 tensor", "model.layers.1.self_attn.q_proj.weight", "and 12 more"]);
-    assert!(!text.contains("model.layers.2.mlp.down_proj.weight"), "{text}");
+    assert_mentions(
+        &text,
+        &[
+            "missing 22 tensor",
+            "model.layers.1.self_attn.q_proj.weight",
+            "and 12 more",
+        ],
+    );
+    assert!(
+        !text.contains("model.layers.2.mlp.down_proj.weight"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -346,8 +456,14 @@ fn untied_model_without_lm_head() {
     let dir = tempfile::tempdir().unwrap();
     common::write_config(dir.path(), &common::tiny_config());
     let list = common::tensor_list(1, H, H, false);
-    common::write_safetensors(&dir.path().join("model.safetensors"), &common::make_tensors(&list, Dtype::BF16));
-    assert_mentions(&open_err(dir.path()), &["lm_head.weight", "tie_word_embeddings is false"]);
+    common::write_safetensors(
+        &dir.path().join("model.safetensors"),
+        &common::make_tensors(&list, Dtype::BF16),
+    );
+    assert_mentions(
+        &open_err(dir.path()),
+        &["lm_head.weight", "tie_word_embeddings is false"],
+    );
 }
 
 #[test]
@@ -360,10 +476,18 @@ fn wrong_shape_names_tensor_and_both_shapes() {
             *shape = vec![4, 16];
         }
     }
-    common::write_safetensors(&dir.path().join("model.safetensors"), &common::make_tensors(&list, Dtype::BF16));
+    common::write_safetensors(
+        &dir.path().join("model.safetensors"),
+        &common::make_tensors(&list, Dtype::BF16),
+    );
     assert_mentions(
         &open_err(dir.path()),
-        &["model.layers.0.self_attn.q_proj.weight", "[8, 8]", "[4, 16]", "model.safetensors"],
+        &[
+            "model.layers.0.self_attn.q_proj.weight",
+            "[8, 8]",
+            "[4, 16]",
+            "model.safetensors",
+        ],
     );
 }
 
@@ -391,14 +515,20 @@ fn unsupported_config_key_through_open() {
     let mut cfg = common::tiny_config();
     cfg["rope_scaling"] = json!({"rope_type": "dynamic", "factor": 2.0});
     common::write_config(dir.path(), &cfg);
-    assert_mentions(&open_err(dir.path()), &["config.json", "rope_scaling", "dynamic"]);
+    assert_mentions(
+        &open_err(dir.path()),
+        &["config.json", "rope_scaling", "dynamic"],
+    );
 }
 
 #[test]
 fn missing_config_json() {
     let dir = common::tiny_checkpoint(Dtype::BF16);
     std::fs::remove_file(dir.path().join("config.json")).unwrap();
-    assert_mentions(&open_err(dir.path()), &["no config.json", &dir.path().display().to_string()]);
+    assert_mentions(
+        &open_err(dir.path()),
+        &["no config.json", &dir.path().display().to_string()],
+    );
 }
 
 #[test]
@@ -412,7 +542,14 @@ fn missing_directory() {
 fn missing_weights() {
     let dir = tempfile::tempdir().unwrap();
     common::write_config(dir.path(), &common::tiny_config());
-    assert_mentions(&open_err(dir.path()), &["no weights", "model.safetensors", "model.safetensors.index.json"]);
+    assert_mentions(
+        &open_err(dir.path()),
+        &[
+            "no weights",
+            "model.safetensors",
+            "model.safetensors.index.json",
+        ],
+    );
     std::fs::write(dir.path().join("pytorch_model.bin"), b"x").unwrap();
     assert_mentions(&open_err(dir.path()), &["pytorch_model.bin"]);
 }
@@ -436,7 +573,12 @@ fn index_naming_a_missing_shard() {
     write_index(dir.path(), map.into());
     assert_mentions(
         &open_err(dir.path()),
-        &["model-00001-of-00001.safetensors", "does not exist", "lm_head.weight", "and 15 other"],
+        &[
+            "model-00001-of-00001.safetensors",
+            "does not exist",
+            "lm_head.weight",
+            "and 15 other",
+        ],
     );
 }
 
@@ -446,23 +588,44 @@ fn index_tensor_absent_from_its_shard() {
     common::write_config(dir.path(), &common::tiny_config());
     let shard = "model-00001-of-00001.safetensors";
     let mut list = common::tiny_tensors();
-    let map: serde_json::Map<String, serde_json::Value> =
-        list.iter().map(|(n, _)| (n.clone(), json!(shard))).collect();
+    let map: serde_json::Map<String, serde_json::Value> = list
+        .iter()
+        .map(|(n, _)| (n.clone(), json!(shard)))
+        .collect();
     list.retain(|(n, _)| n != "model.norm.weight");
-    common::write_safetensors(&dir.path().join(shard), &common::make_tensors(&list, Dtype::BF16));
+    common::write_safetensors(
+        &dir.path().join(shard),
+        &common::make_tensors(&list, Dtype::BF16),
+    );
     write_index(dir.path(), map.into());
-    assert_mentions(&open_err(dir.path()), &["model.norm.weight", shard, "no tensor of that name"]);
+    assert_mentions(
+        &open_err(dir.path()),
+        &["model.norm.weight", shard, "no tensor of that name"],
+    );
 }
 
 #[test]
 fn malformed_index() {
     let dir = tempfile::tempdir().unwrap();
     common::write_config(dir.path(), &common::tiny_config());
-    write_index(dir.path(), json!({"model.norm.weight": "../outside.safetensors"}));
-    assert_mentions(&open_err(dir.path()), &["../outside.safetensors", "inside the checkpoint directory"]);
+    write_index(
+        dir.path(),
+        json!({"model.norm.weight": "../outside.safetensors"}),
+    );
+    assert_mentions(
+        &open_err(dir.path()),
+        &["../outside.safetensors", "inside the checkpoint directory"],
+    );
     write_index(dir.path(), json!({"model.norm.weight": 3}));
-    assert_mentions(&open_err(dir.path()), &["model.norm.weight", "expected a file name"]);
-    std::fs::write(dir.path().join("model.safetensors.index.json"), "{\"metadata\": {}}").unwrap();
+    assert_mentions(
+        &open_err(dir.path()),
+        &["model.norm.weight", "expected a file name"],
+    );
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        "{\"metadata\": {}}",
+    )
+    .unwrap();
     assert_mentions(&open_err(dir.path()), &["index.json", "weight_map"]);
 }
 
@@ -472,9 +635,16 @@ fn shard_tensors_missing_from_the_index_are_ignored_with_a_warning() {
     common::write_config(dir.path(), &common::tiny_config());
     let shard = "model-00001-of-00001.safetensors";
     let mut tensors = common::make_tensors(&common::tiny_tensors(), Dtype::BF16);
-    let map: serde_json::Map<String, serde_json::Value> =
-        tensors.iter().map(|t| (t.0.clone(), json!(shard))).collect();
-    tensors.push(("stray".into(), Dtype::F32, vec![1], common::encode(&[1.0], Dtype::F32)));
+    let map: serde_json::Map<String, serde_json::Value> = tensors
+        .iter()
+        .map(|t| (t.0.clone(), json!(shard)))
+        .collect();
+    tensors.push((
+        "stray".into(),
+        Dtype::F32,
+        vec![1],
+        common::encode(&[1.0], Dtype::F32),
+    ));
     common::write_safetensors(&dir.path().join(shard), &tensors);
     write_index(dir.path(), map.into());
     let ck = Checkpoint::open(dir.path()).unwrap();

@@ -132,14 +132,26 @@ fn missing_model_type_is_a_warning() {
 #[test]
 fn unsupported_settings_are_refused_naming_key_and_value() {
     let cases: Vec<(&str, Value, &[&str])> = vec![
-        ("model_type", json!("llama"), &["model_type", "\"llama\"", "unsupported"]),
-        ("hidden_act", json!("gelu"), &["hidden_act", "\"gelu\"", "silu"]),
+        (
+            "model_type",
+            json!("llama"),
+            &["model_type", "\"llama\"", "unsupported"],
+        ),
+        (
+            "hidden_act",
+            json!("gelu"),
+            &["hidden_act", "\"gelu\"", "silu"],
+        ),
         (
             "rope_scaling",
             json!({"type": "linear", "factor": 2.0}),
             &["rope_scaling", "\"linear\"", "factor"],
         ),
-        ("use_sliding_window", json!(true), &["use_sliding_window", "true", "sliding-window"]),
+        (
+            "use_sliding_window",
+            json!(true),
+            &["use_sliding_window", "true", "sliding-window"],
+        ),
         ("attention_bias", json!(true), &["attention_bias", "true"]),
         ("mlp_bias", json!(true), &["mlp_bias", "true"]),
         (
@@ -158,12 +170,24 @@ fn unsupported_settings_are_refused_naming_key_and_value() {
 #[test]
 fn invalid_values_are_refused_naming_key_and_value() {
     let cases: Vec<(Value, &[&str])> = vec![
-        (with("hidden_size", json!(0)), &["hidden_size", "0", "greater than 0"]),
+        (
+            with("hidden_size", json!(0)),
+            &["hidden_size", "0", "greater than 0"],
+        ),
         (with("vocab_size", json!(0)), &["vocab_size", "0"]),
         (with("total_ut_steps", json!(0)), &["total_ut_steps", "0"]),
-        (with("early_exit_threshold", json!(0.0)), &["early_exit_threshold", "(0, 1]"]),
-        (with("early_exit_threshold", json!(1.5)), &["early_exit_threshold", "1.5", "(0, 1]"]),
-        (with("num_key_value_heads", json!(3)), &["num_key_value_heads", "3", "multiple"]),
+        (
+            with("early_exit_threshold", json!(0.0)),
+            &["early_exit_threshold", "(0, 1]"],
+        ),
+        (
+            with("early_exit_threshold", json!(1.5)),
+            &["early_exit_threshold", "1.5", "(0, 1]"],
+        ),
+        (
+            with("num_key_value_heads", json!(3)),
+            &["num_key_value_heads", "3", "multiple"],
+        ),
         (with("head_dim", json!(3)), &["head_dim", "3", "even"]),
         (
             {

@@ -53,7 +53,12 @@ pub fn tiny_config() -> Value {
 }
 
 /// Tensor names and shapes for a config with `layers` layers, q width `q`, kv width `kv`.
-pub fn tensor_list(layers: usize, q: usize, kv: usize, with_head: bool) -> Vec<(String, Vec<usize>)> {
+pub fn tensor_list(
+    layers: usize,
+    q: usize,
+    kv: usize,
+    with_head: bool,
+) -> Vec<(String, Vec<usize>)> {
     let mut t = vec![("model.embed_tokens.weight".to_string(), vec![V, H])];
     for l in 0..layers {
         let p = format!("model.layers.{l}");
@@ -90,7 +95,9 @@ pub fn tiny_tensors() -> Vec<(String, Vec<usize>)> {
 /// Deterministic values, multiples of 1/8 in [-1.75, 1.75]: exact in bf16, f16 and f32, and
 /// different for every tensor (seeded by its name).
 pub fn values_for(name: &str, n: usize) -> Vec<f32> {
-    let seed = name.bytes().fold(7usize, |a, b| a.wrapping_mul(31).wrapping_add(b as usize));
+    let seed = name
+        .bytes()
+        .fold(7usize, |a, b| a.wrapping_mul(31).wrapping_add(b as usize));
     (0..n)
         .map(|k| (seed.wrapping_add(k * 7) % 29) as f32 * 0.125 - 1.75)
         .collect()
@@ -98,8 +105,14 @@ pub fn values_for(name: &str, n: usize) -> Vec<f32> {
 
 pub fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
     match dtype {
-        Dtype::BF16 => values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
-        Dtype::F16 => values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
+        Dtype::BF16 => values
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect(),
         Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         other => panic!("test helper: no encoder for {other:?}"),
     }
@@ -113,7 +126,12 @@ pub fn make_tensors(list: &[(String, Vec<usize>)], dtype: Dtype) -> Vec<Raw> {
     list.iter()
         .map(|(name, shape)| {
             let n = shape.iter().product();
-            (name.clone(), dtype, shape.clone(), encode(&values_for(name, n), dtype))
+            (
+                name.clone(),
+                dtype,
+                shape.clone(),
+                encode(&values_for(name, n), dtype),
+            )
         })
         .collect()
 }
@@ -123,7 +141,10 @@ pub fn write_safetensors(path: &Path, tensors: &[Raw]) {
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
         .map(|(name, dtype, shape, bytes)| {
-            (name.clone(), TensorView::new(*dtype, shape.clone(), bytes).expect("valid view"))
+            (
+                name.clone(),
+                TensorView::new(*dtype, shape.clone(), bytes).expect("valid view"),
+            )
         })
         .collect();
     serialize_to_file(views, None, path).expect("write safetensors");
@@ -138,8 +159,11 @@ pub fn write_raw_safetensors(path: &Path, header: &str, data: &[u8]) {
 }
 
 pub fn write_config(dir: &Path, config: &Value) {
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(config).unwrap())
-        .expect("write config.json");
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(config).unwrap(),
+    )
+    .expect("write config.json");
 }
 
 /// A complete tiny checkpoint (config + model.safetensors) in `dtype`.

@@ -1,0 +1,123 @@
+//! Shared test support: fixture paths, the golden files written by
+//! tests/reference/gen_fixtures.py, and comparisons.
+#![allow(dead_code)]
+
+use ouroc_ir::{DType, ExitPolicy, Graph, Interpreter, Options};
+use ouroc_models::{BuildOptions, Checkpoint};
+use safetensors::SafeTensors;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+pub const FIXTURES: [&str; 6] = ["mha-r4", "gqa-hd", "tied", "r1", "sharded", "f16"];
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+pub fn open(name: &str) -> Checkpoint {
+    Checkpoint::open(&fixture(name)).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+}
+
+pub fn build(ckpt: &Checkpoint, dtype: DType, policy: ExitPolicy) -> Graph {
+    ouroc_models::build_graph(ckpt, &BuildOptions { dtype, policy, loops: None }).expect("build graph")
+}
+
+pub fn interp<'g>(g: &'g Graph, ckpt: &Checkpoint) -> Interpreter<'g> {
+    let opts = Options { round_low_precision: true, max_positions: Some(ckpt.config.max_position_embeddings) };
+    Interpreter::new(g, ckpt, opts).expect("load weights")
+}
+
+/// A golden tensor: f32 or i32 data with its shape.
+pub struct GoldenTensor {
+    pub shape: Vec<usize>,
+    pub f32: Vec<f32>,
+    pub i32: Vec<i32>,
+}
+
+pub struct Golden {
+    pub tensors: HashMap<String, GoldenTensor>,
+    pub policies: Vec<String>,
+}
+
+impl Golden {
+    pub fn load(name: &str) -> Golden {
+        let path = fixture("golden").join(format!("{name}.safetensors"));
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let (_, meta) = SafeTensors::read_metadata(&bytes).expect("golden header");
+        let policies = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("policies"))
+            .expect("golden metadata lists policies")
+            .split(',')
+            .map(String::from)
+            .collect();
+        let st = SafeTensors::deserialize(&bytes).expect("golden file");
+        let mut tensors = HashMap::new();
+        for (k, v) in st.tensors() {
+            let data = v.data();
+            let (f, i) = match v.dtype() {
+                safetensors::Dtype::F32 => {
+                    (data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(), vec![])
+                }
+                safetensors::Dtype::I32 => {
+                    (vec![], data.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect())
+                }
+                d => panic!("golden tensor {k} has dtype {d:?}"),
+            };
+            tensors.insert(k, GoldenTensor { shape: v.shape().to_vec(), f32: f, i32: i });
+        }
+        Golden { tensors, policies }
+    }
+
+    pub fn get(&self, key: &str) -> &GoldenTensor {
+        self.tensors.get(key).unwrap_or_else(|| panic!("golden has no tensor {key}"))
+    }
+
+    pub fn prompt(&self) -> Vec<u32> {
+        self.get("prompt_ids").i32.iter().map(|&x| x as u32).collect()
+    }
+}
+
+/// Largest |a - b| divided by the largest |b| (a relative error robust to
+/// elements near zero).
+pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-30);
+    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+pub fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Greedy generation through the interpreter's KV cache: prefill the
+/// prompt, then feed each chosen token back one at a time.
+pub fn greedy(g: &Graph, ckpt: &Checkpoint, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut it = interp(g, ckpt);
+    let vocab = ckpt.config.vocab_size;
+    let out = it.run_tokens(&[prompt.to_vec()]).expect("prefill");
+    let logits = &out.outputs[0].data;
+    let mut next = argmax(&logits[logits.len() - vocab..]);
+    let mut tokens = vec![next];
+    while tokens.len() < n {
+        let out = it.run_tokens(&[vec![next]]).expect("decode");
+        next = argmax(&out.outputs[0].data);
+        tokens.push(next);
+    }
+    tokens
+}
+
+pub fn dtype_of(prec: &str) -> DType {
+    match prec {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        p => panic!("unknown precision {p}"),
+    }
+}
