@@ -69,7 +69,7 @@ fn logits_command_reproduces_golden_in_prefill_and_decode() {
         let args = ["logits", dir.to_str().unwrap(), "--ids", &ids, "--mode", mode, "--precision", prec, "--exit", pol, "--out", out.to_str().unwrap()];
         let o = ouroc(&args);
         assert!(o.status.success(), "{}", stderr(&o));
-        assert!(stdout(&o).contains("exit steps:"), "prints the exit-step histogram");
+        assert!(stdout(&o).contains("tokens per exit depth:"), "prints the exit-depth histogram");
         let (logits, shape, steps) = read_out(&out);
         assert_eq!(shape, vec![12, 288]);
         let e = rel_err(&logits, &golden.get(&format!("{prec}/{pol}/logits")).f32);

@@ -44,7 +44,7 @@ fn check_fixture(name: &str) {
         for pol in &golden.policies {
             let policy = ExitPolicy::parse(pol).unwrap();
             let g = build(&ckpt, dtype, policy);
-            let out = interp(&g, &ckpt).run_tokens(&[prompt.clone()]).expect("run");
+            let out = interp(&g, &ckpt).run_tokens(std::slice::from_ref(&prompt)).expect("run");
             let trace = out.trace.expect("trace");
             let ctx = format!("{name} {prec} {pol}");
 
@@ -153,7 +153,7 @@ fn decode_through_cache_equals_prefill() {
         let prompt = Golden::load(name).prompt();
         for dtype in [ouroc_ir::DType::F32, ouroc_ir::DType::BF16] {
             let g = build(&ckpt, dtype, ExitPolicy::parse("threshold:0.5").unwrap());
-            let pre = interp(&g, &ckpt).run_tokens(&[prompt.clone()]).unwrap();
+            let pre = interp(&g, &ckpt).run_tokens(std::slice::from_ref(&prompt)).unwrap();
             let mut it = interp(&g, &ckpt);
             let (mut logits, mut steps) = (vec![], vec![]);
             for &tok in &prompt {
@@ -177,7 +177,7 @@ fn batch_rows_are_independent() {
     let other: Vec<u32> = prompt.iter().rev().copied().collect();
     let g = build(&ckpt, ouroc_ir::DType::F32, ExitPolicy::Last);
     let both = interp(&g, &ckpt).run_tokens(&[prompt.clone(), other.clone()]).unwrap();
-    let one = interp(&g, &ckpt).run_tokens(&[prompt.clone()]).unwrap();
+    let one = interp(&g, &ckpt).run_tokens(std::slice::from_ref(&prompt)).unwrap();
     let two = interp(&g, &ckpt).run_tokens(&[other]).unwrap();
     let n = one.outputs[0].numel();
     assert_eq!(both.outputs[0].shape[0], 2);

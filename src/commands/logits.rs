@@ -52,15 +52,16 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
     let t = ids.len();
     let v = cfg.vocab_size;
     println!("policy {policy}, {steps} loop steps, {:?} mode, {t} tokens", args.mode);
-    println!("{:>4} {:>6} {:>5}  {:<width$}  next", "pos", "id", "exit", "lambda per step", width = 7 * steps);
-    for p in 0..t {
+    // depth = exit step + 1: how many loop steps the chosen output went through.
+    println!("{:>4} {:>6} {:>5}  {:<width$}  argmax", "pos", "id", "depth", "exit gate lambda per step", width = 7 * steps);
+    for (p, &id) in ids.iter().enumerate() {
         let row = &c.logits[p * v..(p + 1) * v];
         let lam: Vec<String> = (0..steps).map(|r| format!("{:.3}", c.lambda[r][p])).collect();
         println!(
             "{:>4} {:>6} {:>5}  {:<width$}  {}",
             p,
-            ids[p],
-            c.exit_step[p],
+            id,
+            c.exit_step[p] + 1,
             lam.join(" "),
             argmax(row),
             width = 7 * steps
@@ -68,8 +69,8 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
     }
     let mut hist = vec![0usize; steps];
     c.exit_step.iter().for_each(|&s| hist[s] += 1);
-    let hist: Vec<String> = hist.iter().enumerate().map(|(s, n)| format!("{} step{}: {n}", s + 1, if s == 0 { "" } else { "s" })).collect();
-    println!("exit steps: {}", hist.join(", "));
+    let hist: Vec<String> = hist.iter().enumerate().map(|(s, n)| format!("depth {}: {n}", s + 1)).collect();
+    println!("tokens per exit depth: {}", hist.join(", "));
     if let Some(path) = &args.out {
         let h = cfg.hidden_size;
         let hidden: Vec<f32> = c.hidden.concat();

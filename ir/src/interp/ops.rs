@@ -119,7 +119,8 @@ pub(super) fn attention(a: &Attention, q: &Tensor, k: &Tensor, v: &Tensor, slots
     let (batch, seq) = (q.shape[0], q.shape[1]);
     let (hd, kvw, qw) = (a.head_dim, a.kv_heads * a.head_dim, a.heads * a.head_dim);
     let group = a.heads / a.kv_heads;
-    let scale = (hd as f32).powf(-0.5);
+    // The reference multiplies by the Python float hd**-0.5, i.e. f64 rounded to f32.
+    let scale = (hd as f64).powf(-0.5) as f32;
     slots.resize_with(batch, KvSlot::default);
     let mut out = Tensor::zeros(q.shape.clone());
     for (b, slot) in slots.iter_mut().enumerate() {
