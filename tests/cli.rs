@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn ouroc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ouroc")).args(args).output().expect("run ouroc")
+    Command::new(env!("CARGO_BIN_EXE_ouroc"))
+        .args(args)
+        .output()
+        .expect("run ouroc")
 }
 
 fn stdout(o: &Output) -> String {
@@ -34,7 +37,12 @@ fn fails_with(args: &[&str], needles: &[&str]) -> String {
 }
 
 fn prompt_arg(name: &str) -> String {
-    Golden::load(name).prompt().iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",")
+    Golden::load(name)
+        .prompt()
+        .iter()
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A copy of a fixture in a fresh temporary directory.
@@ -53,8 +61,18 @@ fn read_out(path: &Path) -> (Vec<f32>, Vec<usize>, Vec<i32>) {
     let bytes = std::fs::read(path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let l = st.tensor("logits").unwrap();
-    let logits = l.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-    let steps = st.tensor("exit_step").unwrap().data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect();
+    let logits = l
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let steps = st
+        .tensor("exit_step")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     (logits, l.shape().to_vec(), steps)
 }
 
@@ -63,13 +81,33 @@ fn logits_command_reproduces_golden_in_prefill_and_decode() {
     let golden = Golden::load("mha-r4");
     let ids = prompt_arg("mha-r4");
     let tmp = tempfile::tempdir().unwrap();
-    for (mode, prec, pol) in [("prefill", "f32", "threshold:0.5"), ("decode", "f32", "weighted"), ("decode", "bf16", "threshold:1.0:bf16")] {
+    for (mode, prec, pol) in [
+        ("prefill", "f32", "threshold:0.5"),
+        ("decode", "f32", "weighted"),
+        ("decode", "bf16", "threshold:1.0:bf16"),
+    ] {
         let out = tmp.path().join(format!("{mode}-{prec}.safetensors"));
         let dir = fixture("mha-r4");
-        let args = ["logits", dir.to_str().unwrap(), "--ids", &ids, "--mode", mode, "--precision", prec, "--exit", pol, "--out", out.to_str().unwrap()];
+        let args = [
+            "logits",
+            dir.to_str().unwrap(),
+            "--ids",
+            &ids,
+            "--mode",
+            mode,
+            "--precision",
+            prec,
+            "--exit",
+            pol,
+            "--out",
+            out.to_str().unwrap(),
+        ];
         let o = ouroc(&args);
         assert!(o.status.success(), "{}", stderr(&o));
-        assert!(stdout(&o).contains("tokens per exit depth:"), "prints the exit-depth histogram");
+        assert!(
+            stdout(&o).contains("tokens per exit depth:"),
+            "prints the exit-depth histogram"
+        );
         let (logits, shape, steps) = read_out(&out);
         assert_eq!(shape, vec![12, 288]);
         let e = rel_err(&logits, &golden.get(&format!("{prec}/{pol}/logits")).f32);
@@ -88,7 +126,12 @@ fn inspect_reports_shape_loop_and_kv_bytes() {
     let o = ouroc(&["inspect", dir.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let s = stdout(&o);
-    for want in ["heads 4 (kv 2), head_dim 16 (explicit)", "4 steps over the 2 layers", "threshold:1.0:bf16", "warnings          none"] {
+    for want in [
+        "heads 4 (kv 2), head_dim 16 (explicit)",
+        "4 steps over the 2 layers",
+        "threshold:1.0:bf16",
+        "warnings          none",
+    ] {
         assert!(s.contains(want), "inspect output lacks `{want}`:\n{s}");
     }
     // 4 steps * 2 layers * (k + v) * 2 kv heads * 16 dims * 2 bytes
@@ -103,9 +146,16 @@ fn inspect_counts_tied_head_once() {
     assert!(s.contains("model.embed_tokens.weight (tied)"), "{s}");
     let ckpt = open("tied");
     let c = &ckpt.config;
-    let (h, i, l) = (c.hidden_size as u64, c.intermediate_size as u64, c.num_hidden_layers as u64);
+    let (h, i, l) = (
+        c.hidden_size as u64,
+        c.intermediate_size as u64,
+        c.num_hidden_layers as u64,
+    );
     let per_layer = 4 * h * h + 3 * h * i + 4 * h;
-    assert_eq!(ckpt.parameter_count(), c.vocab_size as u64 * h + l * per_layer + h + h + 1);
+    assert_eq!(
+        ckpt.parameter_count(),
+        c.vocab_size as u64 * h + l * per_layer + h + h + 1
+    );
 }
 
 #[test]
@@ -114,7 +164,10 @@ fn emit_ir_prints_the_loop() {
     let o = ouroc(&["emit", "ir", dir.to_str().unwrap(), "--exit", "last"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = stdout(&o);
-    assert!(text.contains("loop(") && text.contains("steps = 1, policy = \"last\""), "{text}");
+    assert!(
+        text.contains("loop(") && text.contains("steps = 1, policy = \"last\""),
+        "{text}"
+    );
     assert_eq!(ouroc_ir::print(&ouroc_ir::parse(&text).unwrap()), text);
 }
 
@@ -124,8 +177,14 @@ fn loops_flag_changes_the_step_count() {
     let o = ouroc(&["emit", "ir", dir.to_str().unwrap(), "--loops", "2", "--exit", "step:1"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("steps = 2, policy = \"step:1\""));
-    fails_with(&["emit", "ir", dir.to_str().unwrap(), "--loops", "2", "--exit", "step:3"], &["step:3", "out of range"]);
-    fails_with(&["emit", "ir", dir.to_str().unwrap(), "--loops", "0"], &["--loops", "at least 1"]);
+    fails_with(
+        &["emit", "ir", dir.to_str().unwrap(), "--loops", "2", "--exit", "step:3"],
+        &["step:3", "out of range"],
+    );
+    fails_with(
+        &["emit", "ir", dir.to_str().unwrap(), "--loops", "0"],
+        &["--loops", "at least 1"],
+    );
 }
 
 #[test]
@@ -135,7 +194,10 @@ fn truncated_safetensors_is_refused() {
     let len = std::fs::metadata(&f).unwrap().len();
     let file = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
     file.set_len(len / 2).unwrap();
-    fails_with(&["logits", dir.to_str().unwrap(), "--ids", "1,2"], &["model.safetensors"]);
+    fails_with(
+        &["logits", dir.to_str().unwrap(), "--ids", "1,2"],
+        &["model.safetensors"],
+    );
     fails_with(&["inspect", dir.to_str().unwrap()], &["model.safetensors"]);
 }
 
@@ -177,12 +239,20 @@ fn rewrite_tensors(dir: &Path, edit: impl Fn(&mut Vec<(String, Vec<usize>, Vec<u
     let f = dir.join("model.safetensors");
     let bytes = std::fs::read(&f).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut ts: Vec<(String, Vec<usize>, Vec<u8>)> =
-        st.tensors().into_iter().map(|(n, v)| (n, v.shape().to_vec(), v.data().to_vec())).collect();
+    let mut ts: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.shape().to_vec(), v.data().to_vec()))
+        .collect();
     edit(&mut ts);
     let views: Vec<(String, safetensors::tensor::TensorView)> = ts
         .iter()
-        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b).unwrap()))
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &f).unwrap();
 }
@@ -190,28 +260,45 @@ fn rewrite_tensors(dir: &Path, edit: impl Fn(&mut Vec<(String, Vec<usize>, Vec<u
 #[test]
 fn missing_tensor_is_named() {
     let (_tmp, dir) = copy_fixture("mha-r4");
-    rewrite_tensors(&dir, |ts| ts.retain(|(n, _, _)| n != "model.layers.1.mlp.up_proj.weight"));
-    fails_with(&["logits", dir.to_str().unwrap(), "--ids", "1,2"], &["model.layers.1.mlp.up_proj.weight", "missing"]);
+    rewrite_tensors(&dir, |ts| {
+        ts.retain(|(n, _, _)| n != "model.layers.1.mlp.up_proj.weight")
+    });
+    fails_with(
+        &["logits", dir.to_str().unwrap(), "--ids", "1,2"],
+        &["model.layers.1.mlp.up_proj.weight", "missing"],
+    );
 }
 
 #[test]
 fn wrong_shape_is_named_with_both_shapes() {
     let (_tmp, dir) = copy_fixture("mha-r4");
     rewrite_tensors(&dir, |ts| {
-        let t = ts.iter_mut().find(|(n, _, _)| n == "model.layers.0.mlp.down_proj.weight").unwrap();
+        let t = ts
+            .iter_mut()
+            .find(|(n, _, _)| n == "model.layers.0.mlp.down_proj.weight")
+            .unwrap();
         t.1 = vec![88, 32]; // transposed: same bytes, wrong shape
     });
-    fails_with(&["inspect", dir.to_str().unwrap()], &["model.layers.0.mlp.down_proj.weight", "[32, 88]", "[88, 32]"]);
+    fails_with(
+        &["inspect", dir.to_str().unwrap()],
+        &["model.layers.0.mlp.down_proj.weight", "[32, 88]", "[88, 32]"],
+    );
 }
 
 #[test]
 fn unexpected_tensor_is_a_warning_not_an_error() {
     let (_tmp, dir) = copy_fixture("mha-r4");
-    rewrite_tensors(&dir, |ts| ts.push(("model.layers.0.self_attn.q_norm.weight".into(), vec![8], vec![0; 16])));
+    rewrite_tensors(&dir, |ts| {
+        ts.push(("model.layers.0.self_attn.q_norm.weight".into(), vec![8], vec![0; 16]))
+    });
     let o = ouroc(&["inspect", dir.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("q_norm"), "{}", stdout(&o));
-    assert!(stderr(&o).contains("warning") && stderr(&o).contains("q_norm"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("warning") && stderr(&o).contains("q_norm"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 fn edit_config(dir: &Path, edit: impl Fn(&mut serde_json::Value)) {
@@ -224,7 +311,11 @@ fn edit_config(dir: &Path, edit: impl Fn(&mut serde_json::Value)) {
 #[test]
 fn unsupported_config_keys_are_refused_by_name() {
     let cases: [(&str, serde_json::Value, &str); 4] = [
-        ("rope_scaling", serde_json::json!({"type": "linear", "factor": 2.0}), "linear"),
+        (
+            "rope_scaling",
+            serde_json::json!({"type": "linear", "factor": 2.0}),
+            "linear",
+        ),
         ("use_sliding_window", serde_json::json!(true), "true"),
         ("hidden_act", serde_json::json!("gelu"), "gelu"),
         ("model_type", serde_json::json!("llama"), "llama"),
@@ -252,10 +343,19 @@ fn bad_ids_are_refused() {
 fn bad_flags_are_refused() {
     let dir = fixture("mha-r4");
     let d = dir.to_str().unwrap();
-    fails_with(&["logits", d, "--ids", "1", "--exit", "sometimes"], &["sometimes", "last, step:K"]);
+    fails_with(
+        &["logits", d, "--ids", "1", "--exit", "sometimes"],
+        &["sometimes", "last, step:K"],
+    );
     fails_with(&["logits", d, "--ids", "1", "--exit", "threshold:2"], &["(0, 1]"]);
-    fails_with(&["logits", d, "--ids", "1", "--precision", "f64"], &["f64", "f32", "bf16"]);
-    fails_with(&["logits", d, "--ids", "1", "--mode", "stream"], &["stream", "prefill", "decode"]);
+    fails_with(
+        &["logits", d, "--ids", "1", "--precision", "f64"],
+        &["f64", "f32", "bf16"],
+    );
+    fails_with(
+        &["logits", d, "--ids", "1", "--mode", "stream"],
+        &["stream", "prefill", "decode"],
+    );
     fails_with(&["logits", "/nonexistent/ckpt", "--ids", "1"], &["/nonexistent/ckpt"]);
 }
 
@@ -265,6 +365,16 @@ fn failed_run_leaves_existing_output_untouched() {
     let out = tmp.path().join("keep.safetensors");
     std::fs::write(&out, b"precious").unwrap();
     let dir = fixture("mha-r4");
-    fails_with(&["logits", dir.to_str().unwrap(), "--ids", "999", "--out", out.to_str().unwrap()], &["999"]);
+    fails_with(
+        &[
+            "logits",
+            dir.to_str().unwrap(),
+            "--ids",
+            "999",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["999"],
+    );
     assert_eq!(std::fs::read(&out).unwrap(), b"precious");
 }

@@ -37,14 +37,21 @@ fn check_fixture(name: &str) {
     let golden = Golden::load(name);
     let prompt = golden.prompt();
     assert!(prompt.len() >= 12, "golden prompt has at least 12 tokens");
-    let (steps, t, h, v) = (ckpt.config.total_ut_steps, prompt.len(), ckpt.config.hidden_size, ckpt.config.vocab_size);
+    let (steps, t, h, v) = (
+        ckpt.config.total_ut_steps,
+        prompt.len(),
+        ckpt.config.hidden_size,
+        ckpt.config.vocab_size,
+    );
     let mut compared = vec![];
     for prec in ["f32", "bf16"] {
         let dtype = dtype_of(prec);
         for pol in &golden.policies {
             let policy = ExitPolicy::parse(pol).unwrap();
             let g = build(&ckpt, dtype, policy);
-            let out = interp(&g, &ckpt).run_tokens(std::slice::from_ref(&prompt)).expect("run");
+            let out = interp(&g, &ckpt)
+                .run_tokens(std::slice::from_ref(&prompt))
+                .expect("run");
             let trace = out.trace.expect("trace");
             let ctx = format!("{name} {prec} {pol}");
 
@@ -54,7 +61,11 @@ fn check_fixture(name: &str) {
             assert!(e <= tol(prec), "{ctx}: logits relative error {e}");
 
             let steps_chosen: Vec<i32> = trace.exit_step.iter().map(|&s| s as i32).collect();
-            assert_eq!(steps_chosen, golden.get(&format!("{prec}/{pol}/exit_step")).i32, "{ctx}: exit steps");
+            assert_eq!(
+                steps_chosen,
+                golden.get(&format!("{prec}/{pol}/exit_step")).i32,
+                "{ctx}: exit steps"
+            );
 
             let hidden: Vec<f32> = trace.step_outputs.iter().flat_map(|s| s.data.clone()).collect();
             let gh = golden.get(&format!("{prec}/hidden_states"));
@@ -66,7 +77,12 @@ fn check_fixture(name: &str) {
             let e = rel_err(&lambda, &golden.get(&format!("{prec}/exit_lambda")).f32);
             assert!(e <= tol(prec), "{ctx}: exit lambda relative error {e}");
 
-            let want: Vec<u32> = golden.get(&format!("{prec}/{pol}/greedy")).i32.iter().map(|&x| x as u32).collect();
+            let want: Vec<u32> = golden
+                .get(&format!("{prec}/{pol}/greedy"))
+                .i32
+                .iter()
+                .map(|&x| x as u32)
+                .collect();
             let margins = &golden.get(&format!("{prec}/{pol}/greedy_margin")).f32;
             let got = greedy(&g, &ckpt, &prompt, want.len());
             // Identical, except that a divergence may begin at a near-tie of the reference.
@@ -75,7 +91,11 @@ fn check_fixture(name: &str) {
                 Some(i) => {
                     let scale = logits.data.iter().fold(0.0f32, |m, x| m.max(x.abs()));
                     let near_tie = prec == "bf16" && margins[i] < 2.0 * bf16_ulp(scale);
-                    assert!(near_tie, "{ctx}: greedy tokens differ at step {i} (reference margin {}):\n ours {got:?}\n want {want:?}", margins[i]);
+                    assert!(
+                        near_tie,
+                        "{ctx}: greedy tokens differ at step {i} (reference margin {}):\n ours {got:?}\n want {want:?}",
+                        margins[i]
+                    );
                     i
                 }
             };
@@ -85,7 +105,11 @@ fn check_fixture(name: &str) {
     // Most greedy comparisons are decided in full; a fixture whose every
     // bf16 run is a near-tie would test nothing.
     let full = compared.iter().filter(|&&n| n == 16).count();
-    assert!(full * 2 > compared.len(), "{name}: only {full} of {} greedy runs compared in full: {compared:?}", compared.len());
+    assert!(
+        full * 2 > compared.len(),
+        "{name}: only {full} of {} greedy runs compared in full: {compared:?}",
+        compared.len()
+    );
 }
 
 /// Distance between adjacent bf16 values near `x`.
@@ -126,7 +150,15 @@ fn f16_storage_matches_reference() {
 #[test]
 fn golden_policies_cover_every_exit_kind() {
     let golden = Golden::load("mha-r4");
-    for want in ["last", "step:0", "step:3", "threshold:0.5", "threshold:0.5:bf16", "threshold:1.0:bf16", "weighted"] {
+    for want in [
+        "last",
+        "step:0",
+        "step:3",
+        "threshold:0.5",
+        "threshold:0.5:bf16",
+        "threshold:1.0:bf16",
+        "weighted",
+    ] {
         assert!(golden.policies.iter().any(|p| p == want), "golden lacks policy {want}");
     }
 }
@@ -137,9 +169,15 @@ fn golden_policies_cover_every_exit_kind() {
 fn fixtures_exercise_early_exit() {
     let golden = Golden::load("mha-r4");
     let t05 = &golden.get("f32/threshold:0.5/exit_step").i32;
-    assert!(t05.iter().any(|&s| s != t05[0]), "tokens exit at different steps: {t05:?}");
+    assert!(
+        t05.iter().any(|&s| s != t05[0]),
+        "tokens exit at different steps: {t05:?}"
+    );
     let bf = &golden.get("bf16/threshold:1.0:bf16/exit_step").i32;
-    assert!(bf.iter().any(|&s| s < 3), "bf16 arithmetic exits early at q = 1.0: {bf:?}");
+    assert!(
+        bf.iter().any(|&s| s < 3),
+        "bf16 arithmetic exits early at q = 1.0: {bf:?}"
+    );
     let f = &golden.get("f32/threshold:1.0:bf16/exit_step").i32;
     assert!(f.len() == 12);
 }

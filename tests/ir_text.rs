@@ -10,7 +10,11 @@ use ouroc_models::BuildOptions;
 #[test]
 fn mha_r4_ir_snapshot() {
     let ckpt = open("mha-r4");
-    let g = build(&ckpt, DType::BF16, BuildOptions::reference_policy(&ckpt.config, DType::BF16));
+    let g = build(
+        &ckpt,
+        DType::BF16,
+        BuildOptions::reference_policy(&ckpt.config, DType::BF16),
+    );
     insta::assert_snapshot!("mha_r4_bf16", ouroc_ir::print(&g));
 }
 
@@ -25,7 +29,11 @@ fn gqa_hd_ir_snapshot() {
 fn ir_text_round_trips_for_every_fixture() {
     for name in FIXTURES {
         let ckpt = open(name);
-        for (dtype, policy) in [(DType::F32, "last"), (DType::BF16, "threshold:1.0:bf16"), (DType::F32, "weighted")] {
+        for (dtype, policy) in [
+            (DType::F32, "last"),
+            (DType::BF16, "threshold:1.0:bf16"),
+            (DType::F32, "weighted"),
+        ] {
             let g = build(&ckpt, dtype, ExitPolicy::parse(policy).unwrap());
             let text = ouroc_ir::print(&g);
             let parsed = ouroc_ir::parse(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -49,5 +57,9 @@ fn loop_is_explicit_not_unrolled() {
     assert_eq!(attn, ckpt.config.num_hidden_layers);
     assert_eq!(g.find_loop().unwrap().steps, 4);
     // Weights and RoPE tables live outside the loop (loop-invariant).
-    assert!(body.ops.iter().all(|op| !matches!(op.kind.name(), "weight" | "rope_cos" | "rope_sin")));
+    assert!(
+        body.ops
+            .iter()
+            .all(|op| !matches!(op.kind.name(), "weight" | "rope_cos" | "rope_sin"))
+    );
 }

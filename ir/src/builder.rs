@@ -25,7 +25,11 @@ impl GraphBuilder {
         GraphBuilder {
             name: name.to_string(),
             types: Vec::new(),
-            stack: vec![OpenBlock { args: Vec::new(), ops: Vec::new(), loop_result: None }],
+            stack: vec![OpenBlock {
+                args: Vec::new(),
+                ops: Vec::new(),
+                loop_result: None,
+            }],
         }
     }
 
@@ -52,7 +56,11 @@ impl GraphBuilder {
 
     pub fn weight(&mut self, name: &str, ty: Type) -> ValueId {
         let v = self.fresh(ty);
-        self.top().ops.push(Op { result: v, kind: OpKind::Weight { name: name.to_string() }, inputs: vec![] });
+        self.top().ops.push(Op {
+            result: v,
+            kind: OpKind::Weight { name: name.to_string() },
+            inputs: vec![],
+        });
         v
     }
 
@@ -62,7 +70,11 @@ impl GraphBuilder {
         let tys: Vec<&Type> = inputs.iter().map(|v| &self.types[v.index()]).collect();
         let ty = infer(&kind, &tys, dtype).map_err(|e| format!("building {}: {e}", kind.name()))?;
         let v = self.fresh(ty);
-        self.top().ops.push(Op { result: v, kind, inputs: inputs.to_vec() });
+        self.top().ops.push(Op {
+            result: v,
+            kind,
+            inputs: inputs.to_vec(),
+        });
         Ok(v)
     }
 
@@ -75,7 +87,11 @@ impl GraphBuilder {
         let carried: Vec<ValueId> = init.iter().map(|v| self.fresh(self.types[v.index()].clone())).collect();
         let mut args = vec![step];
         args.extend(&carried);
-        self.stack.push(OpenBlock { args, ops: Vec::new(), loop_result: Some((result, init.to_vec())) });
+        self.stack.push(OpenBlock {
+            args,
+            ops: Vec::new(),
+            loop_result: Some((result, init.to_vec())),
+        });
         (step, carried)
     }
 
@@ -94,9 +110,21 @@ impl GraphBuilder {
         let block = Block {
             args: body.args,
             ops: body.ops,
-            term: Terminator::Yield { next: next.to_vec(), out, exit },
+            term: Terminator::Yield {
+                next: next.to_vec(),
+                out,
+                exit,
+            },
         };
-        self.top().ops.push(Op { result, kind: OpKind::Loop(Box::new(Loop { steps, policy, body: block })), inputs: init });
+        self.top().ops.push(Op {
+            result,
+            kind: OpKind::Loop(Box::new(Loop {
+                steps,
+                policy,
+                body: block,
+            })),
+            inputs: init,
+        });
         result
     }
 
@@ -106,7 +134,11 @@ impl GraphBuilder {
         Graph {
             name: self.name,
             types: self.types,
-            body: Block { args: top.args, ops: top.ops, term: Terminator::Return(outputs.to_vec()) },
+            body: Block {
+                args: top.args,
+                ops: top.ops,
+                term: Terminator::Return(outputs.to_vec()),
+            },
         }
     }
 }

@@ -48,12 +48,16 @@ pub struct Attention {
 #[derive(Clone, Debug, PartialEq)]
 pub enum OpKind {
     /// A named checkpoint tensor; no inputs.
-    Weight { name: String },
+    Weight {
+        name: String,
+    },
     /// `embedding(table[V, H], ids[..]) -> [.., H]`: row lookup.
     Embedding,
     /// `rms_norm(x[.., H], w[H])`: x * rsqrt(mean(x^2) + eps) in f32, rounded
     /// to the result dtype, then times w (rounded again).
-    RmsNorm { eps: f64 },
+    RmsNorm {
+        eps: f64,
+    },
     /// `linear(x[.., in], w[out, in] [, bias[out]]) -> [.., out]`: y = x W^T (+ b).
     Linear,
     /// `rope_cos(pos[b, s]) -> [b, s, head_dim]`: cos of the angles, both halves.
@@ -62,7 +66,10 @@ pub enum OpKind {
     RopeSin(RopeTable),
     /// `rope(x[b, s, heads*hd], cos, sin)`: x*cos + rotate_half(x)*sin per head
     /// (rotate_half: first/second halves, not interleaved).
-    Rope { heads: usize, head_dim: usize },
+    Rope {
+        heads: usize,
+        head_dim: usize,
+    },
     /// Causal attention of the new tokens over the cache slot plus themselves;
     /// appends k and v (after RoPE) to the slot.
     Attention(Attention),
@@ -112,7 +119,11 @@ pub struct Op {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Terminator {
     Return(Vec<ValueId>),
-    Yield { next: Vec<ValueId>, out: ValueId, exit: ValueId },
+    Yield {
+        next: Vec<ValueId>,
+        out: ValueId,
+        exit: ValueId,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -222,6 +233,10 @@ impl Graph {
                 },
             }
         }
-        Graph { name: self.name.clone(), types, body: remap(&self.body, &m) }
+        Graph {
+            name: self.name.clone(),
+            types,
+            body: remap(&self.body, &m),
+        }
     }
 }

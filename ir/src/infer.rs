@@ -16,7 +16,11 @@ pub fn infer(kind: &OpKind, inputs: &[&Type], dtype: DType) -> Result<Type, Stri
         }
     };
     let float = |t: &Type, what: &str| -> Result<(), String> {
-        if t.dtype.is_float() { Ok(()) } else { Err(format!("{what} must be a float tensor, got {t}")) }
+        if t.dtype.is_float() {
+            Ok(())
+        } else {
+            Err(format!("{what} must be a float tensor, got {t}"))
+        }
     };
     match kind {
         OpKind::Weight { .. } | OpKind::Loop(_) => {
@@ -40,7 +44,8 @@ pub fn infer(kind: &OpKind, inputs: &[&Type], dtype: DType) -> Result<Type, Stri
             arity(2)?;
             let (x, w) = (inputs[0], inputs[1]);
             float(x, "rms_norm input")?;
-            if !(*eps > 0.0) {
+            // Written so that NaN is rejected too.
+            if !eps.is_finite() || *eps <= 0.0 {
                 return Err(format!("rms_norm eps must be positive, got {eps}"));
             }
             if w.rank() != 1 || x.last() != Some(&w.shape[0]) {
@@ -50,7 +55,10 @@ pub fn infer(kind: &OpKind, inputs: &[&Type], dtype: DType) -> Result<Type, Stri
         }
         OpKind::Linear => {
             if !(inputs.len() == 2 || inputs.len() == 3) {
-                return Err(format!("linear takes 2 or 3 operands (x, w[, bias]), got {}", inputs.len()));
+                return Err(format!(
+                    "linear takes 2 or 3 operands (x, w[, bias]), got {}",
+                    inputs.len()
+                ));
             }
             let (x, w) = (inputs[0], inputs[1]);
             float(x, "linear input")?;
@@ -64,10 +72,10 @@ pub fn infer(kind: &OpKind, inputs: &[&Type], dtype: DType) -> Result<Type, Stri
                     w.shape[1]
                 ));
             }
-            if let Some(b) = inputs.get(2) {
-                if b.shape != vec![w.shape[0].clone()] {
-                    return Err(format!("linear bias {b} does not match out features of weight {w}"));
-                }
+            if let Some(b) = inputs.get(2)
+                && b.shape != vec![w.shape[0].clone()]
+            {
+                return Err(format!("linear bias {b} does not match out features of weight {w}"));
             }
             Ok(x.with_last(w.shape[0].clone()))
         }
@@ -78,7 +86,11 @@ pub fn infer(kind: &OpKind, inputs: &[&Type], dtype: DType) -> Result<Type, Stri
                 return Err(format!("{} positions must be i32, got {pos}", kind.name()));
             }
             if t.head_dim == 0 || t.head_dim % 2 != 0 {
-                return Err(format!("{} head_dim must be even and positive, got {}", kind.name(), t.head_dim));
+                return Err(format!(
+                    "{} head_dim must be even and positive, got {}",
+                    kind.name(),
+                    t.head_dim
+                ));
             }
             if !dtype.is_float() {
                 return Err(format!("{} result must be float, got {dtype}", kind.name()));
@@ -92,7 +104,10 @@ pub fn infer(kind: &OpKind, inputs: &[&Type], dtype: DType) -> Result<Type, Stri
             let (x, cos, sin) = (inputs[0], inputs[1], inputs[2]);
             float(x, "rope input")?;
             if x.last() != Some(&Dim::Fixed(heads * head_dim)) {
-                return Err(format!("rope input {x} must have last dim heads*head_dim = {}", heads * head_dim));
+                return Err(format!(
+                    "rope input {x} must have last dim heads*head_dim = {}",
+                    heads * head_dim
+                ));
             }
             let table = x.with_last(Dim::Fixed(*head_dim));
             for (name, t) in [("cos", cos), ("sin", sin)] {
@@ -107,7 +122,10 @@ pub fn infer(kind: &OpKind, inputs: &[&Type], dtype: DType) -> Result<Type, Stri
             let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
             float(q, "attention query")?;
             if a.kv_heads == 0 || a.heads % a.kv_heads != 0 {
-                return Err(format!("attention heads {} is not a multiple of kv_heads {}", a.heads, a.kv_heads));
+                return Err(format!(
+                    "attention heads {} is not a multiple of kv_heads {}",
+                    a.heads, a.kv_heads
+                ));
             }
             let qt = q.with_last(Dim::Fixed(a.heads * a.head_dim));
             let kvt = q.with_last(Dim::Fixed(a.kv_heads * a.head_dim));
@@ -116,7 +134,10 @@ pub fn infer(kind: &OpKind, inputs: &[&Type], dtype: DType) -> Result<Type, Stri
             }
             for (name, t) in [("key", k), ("value", v)] {
                 if t.shape != kvt.shape {
-                    return Err(format!("attention {name} {t} must have shape {:?} like {kvt}", kvt.shape));
+                    return Err(format!(
+                        "attention {name} {t} must have shape {:?} like {kvt}",
+                        kvt.shape
+                    ));
                 }
             }
             Ok(q.clone())
@@ -130,7 +151,12 @@ pub fn infer(kind: &OpKind, inputs: &[&Type], dtype: DType) -> Result<Type, Stri
             arity(2)?;
             float(inputs[0], kind.name())?;
             if inputs[0] != inputs[1] {
-                return Err(format!("{} operands differ: {} vs {}", kind.name(), inputs[0], inputs[1]));
+                return Err(format!(
+                    "{} operands differ: {} vs {}",
+                    kind.name(),
+                    inputs[0],
+                    inputs[1]
+                ));
             }
             Ok(inputs[0].clone())
         }

@@ -58,7 +58,10 @@ fn lex(src: &str) -> Result<Lexer, ParseError> {
                 i += 1;
                 let w = word(&mut i);
                 if w.is_empty() {
-                    return Err(ParseError { line, msg: format!("expected a name after `{c}`") });
+                    return Err(ParseError {
+                        line,
+                        msg: format!("expected a name after `{c}`"),
+                    });
                 }
                 toks.push((
                     match c {
@@ -74,7 +77,12 @@ fn lex(src: &str) -> Result<Lexer, ParseError> {
                 let mut s = String::new();
                 loop {
                     match chars.get(i) {
-                        None | Some('\n') => return Err(ParseError { line, msg: "unterminated string".into() }),
+                        None | Some('\n') => {
+                            return Err(ParseError {
+                                line,
+                                msg: "unterminated string".into(),
+                            });
+                        }
                         Some('"') => break,
                         Some('\\') => {
                             s.push(*chars.get(i + 1).unwrap_or(&'\\'));
@@ -109,7 +117,12 @@ fn lex(src: &str) -> Result<Lexer, ParseError> {
                 toks.push((Tok::Punct(c), line));
                 i += 1;
             }
-            other => return Err(ParseError { line, msg: format!("unexpected character `{other}`") }),
+            other => {
+                return Err(ParseError {
+                    line,
+                    msg: format!("unexpected character `{other}`"),
+                });
+            }
         }
     }
     Ok(Lexer { toks })
@@ -141,7 +154,21 @@ impl Parser {
     }
 
     fn err<T>(&self, msg: impl Into<String>) -> Result<T, ParseError> {
-        Err(ParseError { line: self.line(), msg: msg.into() })
+        Err(ParseError {
+            line: self.line(),
+            msg: msg.into(),
+        })
+    }
+
+    /// An error about what was just read: reported at the line of the last
+    /// consumed token, not of the next one (which may be on a later line).
+    fn err_prev<T>(&self, msg: impl Into<String>) -> Result<T, ParseError> {
+        let line = self
+            .pos
+            .checked_sub(1)
+            .and_then(|i| self.toks.get(i))
+            .map_or_else(|| self.line(), |t| t.1);
+        Err(ParseError { line, msg: msg.into() })
     }
 
     fn peek(&self) -> Option<&Tok> {
@@ -186,9 +213,9 @@ impl Parser {
         let dtype = match self.next()? {
             Tok::Ident(d) => match DType::parse(&d) {
                 Some(d) => d,
-                None => return self.err(format!("unknown dtype `{d}`")),
+                None => return self.err_prev(format!("unknown dtype `{d}`")),
             },
-            t => return self.err(format!("expected a type, found `{}`", show(&t))),
+            t => return self.err_prev(format!("expected a type, found `{}`", show(&t))),
         };
         self.punct('[')?;
         let mut shape = Vec::new();
@@ -199,10 +226,10 @@ impl Parser {
             shape.push(match self.next()? {
                 Tok::Num(n) => match n.parse() {
                     Ok(v) => Dim::Fixed(v),
-                    Err(_) => return self.err(format!("invalid dimension `{n}`")),
+                    Err(_) => return self.err_prev(format!("invalid dimension `{n}`")),
                 },
                 Tok::Ident(s) => Dim::Sym(s),
-                t => return self.err(format!("expected a dimension, found `{}`", show(&t))),
+                t => return self.err_prev(format!("expected a dimension, found `{}`", show(&t))),
             });
         }
         self.punct(']')?;
@@ -211,7 +238,7 @@ impl Parser {
 
     fn define(&mut self, name: &str, ty: Type) -> Result<ValueId, ParseError> {
         if self.scopes.iter().any(|s| s.contains_key(name)) {
-            return self.err(format!("value %{name} is defined twice"));
+            return self.err_prev(format!("value %{name} is defined twice"));
         }
         self.types.push(ty);
         let v = ValueId((self.types.len() - 1) as u32);
@@ -223,9 +250,9 @@ impl Parser {
         match self.next()? {
             Tok::Value(n) => match self.scopes.iter().rev().find_map(|s| s.get(&n)) {
                 Some(v) => Ok(*v),
-                None => self.err(format!("use of undefined value %{n}")),
+                None => self.err_prev(format!("use of undefined value %{n}")),
             },
-            t => self.err(format!("expected a value, found `{}`", show(&t))),
+            t => self.err_prev(format!("expected a value, found `{}`", show(&t))),
         }
     }
 
@@ -251,7 +278,7 @@ impl Parser {
             }
             let name = match self.next()? {
                 Tok::Value(n) => n,
-                t => return self.err(format!("expected an argument, found `{}`", show(&t))),
+                t => return self.err_prev(format!("expected an argument, found `{}`", show(&t))),
             };
             self.punct(':')?;
             let ty = self.ty()?;
@@ -273,13 +300,13 @@ impl Parser {
             }
             let key = match self.next()? {
                 Tok::Ident(k) => k,
-                t => return self.err(format!("expected an attribute name, found `{}`", show(&t))),
+                t => return self.err_prev(format!("expected an attribute name, found `{}`", show(&t))),
             };
             self.punct('=')?;
             let line = self.line();
             let val = self.next()?;
             if a.insert(key.clone(), (val, line)).is_some() {
-                return self.err(format!("attribute `{key}` given twice"));
+                return self.err_prev(format!("attribute `{key}` given twice"));
             }
         }
         self.punct('}')?;
@@ -327,22 +354,26 @@ impl Parser {
     fn op(&mut self) -> Result<Op, ParseError> {
         let name = match self.next()? {
             Tok::Value(n) => n,
-            t => return self.err(format!("expected a value, found `{}`", show(&t))),
+            t => return self.err_prev(format!("expected a value, found `{}`", show(&t))),
         };
         self.punct('=')?;
         let opname = match self.next()? {
             Tok::Ident(o) => o,
-            t => return self.err(format!("expected an op name, found `{}`", show(&t))),
+            t => return self.err_prev(format!("expected an op name, found `{}`", show(&t))),
         };
         if opname == "weight" {
             let wname = match self.next()? {
                 Tok::Str(s) => s,
-                t => return self.err(format!("weight needs a quoted tensor name, found `{}`", show(&t))),
+                t => return self.err_prev(format!("weight needs a quoted tensor name, found `{}`", show(&t))),
             };
             self.punct(':')?;
             let ty = self.ty()?;
             let result = self.define(&name, ty)?;
-            return Ok(Op { result, kind: OpKind::Weight { name: wname }, inputs: vec![] });
+            return Ok(Op {
+                result,
+                kind: OpKind::Weight { name: wname },
+                inputs: vec![],
+            });
         }
         let inputs = self.value_list()?;
         let mut attrs = self.attrs()?;
@@ -354,15 +385,18 @@ impl Parser {
             let policy = match attrs.remove("policy") {
                 Some((Tok::Str(s), line)) => ExitPolicy::parse(&s).map_err(|msg| ParseError { line, msg })?,
                 Some((t, line)) => {
-                    return Err(ParseError { line, msg: format!("policy must be a quoted string, found `{}`", show(&t)) });
+                    return Err(ParseError {
+                        line,
+                        msg: format!("policy must be a quoted string, found `{}`", show(&t)),
+                    });
                 }
-                None => return self.err("loop needs attribute `policy`"),
+                None => return self.err_prev("loop needs attribute `policy`"),
             };
             self.no_more(attrs, "loop")?;
             self.punct('{')?;
             match self.next()? {
                 Tok::Caret(b) if b == "body" => {}
-                t => return self.err(format!("expected `^body`, found `{}`", show(&t))),
+                t => return self.err_prev(format!("expected `^body`, found `{}`", show(&t))),
             }
             self.scopes.push(HashMap::new());
             let args = self.arg_list()?;
@@ -371,7 +405,11 @@ impl Parser {
             self.scopes.pop();
             self.punct('}')?;
             let body = Block { args, ops, term };
-            return Ok(Op { result, kind: OpKind::Loop(Box::new(Loop { steps, policy, body })), inputs });
+            return Ok(Op {
+                result,
+                kind: OpKind::Loop(Box::new(Loop { steps, policy, body })),
+                inputs,
+            });
         }
         let kind = match opname.as_str() {
             "embedding" => OpKind::Embedding,
@@ -380,13 +418,19 @@ impl Parser {
             "sigmoid" => OpKind::Sigmoid,
             "add" => OpKind::Add,
             "mul" => OpKind::Mul,
-            "rms_norm" => OpKind::RmsNorm { eps: self.attr_num(&mut attrs, "eps")? },
+            "rms_norm" => OpKind::RmsNorm {
+                eps: self.attr_num(&mut attrs, "eps")?,
+            },
             "rope_cos" | "rope_sin" => {
                 let t = RopeTable {
                     head_dim: self.attr_num(&mut attrs, "head_dim")?,
                     theta: self.attr_num(&mut attrs, "theta")?,
                 };
-                if opname == "rope_cos" { OpKind::RopeCos(t) } else { OpKind::RopeSin(t) }
+                if opname == "rope_cos" {
+                    OpKind::RopeCos(t)
+                } else {
+                    OpKind::RopeSin(t)
+                }
             }
             "rope" => OpKind::Rope {
                 heads: self.attr_num(&mut attrs, "heads")?,
@@ -398,7 +442,7 @@ impl Parser {
                 kv_heads: self.attr_num(&mut attrs, "kv_heads")?,
                 head_dim: self.attr_num(&mut attrs, "head_dim")?,
             }),
-            other => return self.err(format!("unknown op `{other}`")),
+            other => return self.err_prev(format!("unknown op `{other}`")),
         };
         self.no_more(attrs, &opname)?;
         let result = self.define(&name, ty)?;
@@ -407,17 +451,24 @@ impl Parser {
 
     fn attr_num<T: std::str::FromStr>(&self, attrs: &mut Attrs, key: &str) -> Result<T, ParseError> {
         match attrs.remove(key) {
-            Some((Tok::Num(n), line)) => {
-                n.parse().map_err(|_| ParseError { line, msg: format!("invalid value `{n}` for attribute `{key}`") })
-            }
-            Some((t, line)) => Err(ParseError { line, msg: format!("attribute `{key}` needs a number, found `{}`", show(&t)) }),
-            None => self.err(format!("missing attribute `{key}`")),
+            Some((Tok::Num(n), line)) => n.parse().map_err(|_| ParseError {
+                line,
+                msg: format!("invalid value `{n}` for attribute `{key}`"),
+            }),
+            Some((t, line)) => Err(ParseError {
+                line,
+                msg: format!("attribute `{key}` needs a number, found `{}`", show(&t)),
+            }),
+            None => self.err_prev(format!("missing attribute `{key}`")),
         }
     }
 
     fn no_more(&self, attrs: Attrs, op: &str) -> Result<(), ParseError> {
         match attrs.into_iter().min_by_key(|(_, (_, line))| *line) {
-            Some((k, (_, line))) => Err(ParseError { line, msg: format!("unknown attribute `{k}` for {op}") }),
+            Some((k, (_, line))) => Err(ParseError {
+                line,
+                msg: format!("unknown attribute `{k}` for {op}"),
+            }),
             None => Ok(()),
         }
     }
@@ -426,11 +477,16 @@ impl Parser {
 /// Parse a graph from its text form.
 pub fn parse(src: &str) -> Result<Graph, ParseError> {
     let lx = lex(src)?;
-    let mut p = Parser { toks: lx.toks, pos: 0, types: Vec::new(), scopes: vec![HashMap::new()] };
+    let mut p = Parser {
+        toks: lx.toks,
+        pos: 0,
+        types: Vec::new(),
+        scopes: vec![HashMap::new()],
+    };
     p.keyword("graph")?;
     let name = match p.next()? {
         Tok::Global(n) => n,
-        t => return p.err(format!("expected `@name`, found `{}`", show(&t))),
+        t => return p.err_prev(format!("expected `@name`, found `{}`", show(&t))),
     };
     let args = p.arg_list()?;
     p.punct('{')?;
@@ -440,5 +496,9 @@ pub fn parse(src: &str) -> Result<Graph, ParseError> {
         let t = show(t);
         return p.err(format!("unexpected `{t}` after the end of the graph"));
     }
-    Ok(Graph { name, types: p.types, body: Block { args, ops, term } })
+    Ok(Graph {
+        name,
+        types: p.types,
+        body: Block { args, ops, term },
+    })
 }

@@ -25,9 +25,8 @@ impl ExitPolicy {
     /// Parse `last | step:K | threshold:Q[:f32|:bf16] | weighted`.
     pub fn parse(s: &str) -> Result<ExitPolicy, String> {
         let parts: Vec<&str> = s.split(':').collect();
-        let bad = || {
-            format!("invalid exit policy `{s}`: expected last, step:K, threshold:Q, threshold:Q:bf16 or weighted")
-        };
+        let bad =
+            || format!("invalid exit policy `{s}`: expected last, step:K, threshold:Q, threshold:Q:bf16 or weighted");
         match parts.as_slice() {
             ["last"] => Ok(ExitPolicy::Last),
             ["weighted"] => Ok(ExitPolicy::Weighted),
@@ -35,7 +34,9 @@ impl ExitPolicy {
             ["threshold", q] | ["threshold", q, _] => {
                 let q: f32 = q.parse().map_err(|_| bad())?;
                 if !(q > 0.0 && q <= 1.0) {
-                    return Err(format!("invalid exit policy `{s}`: threshold must be in (0, 1], got {q}"));
+                    return Err(format!(
+                        "invalid exit policy `{s}`: threshold must be in (0, 1], got {q}"
+                    ));
                 }
                 let arith = match parts.get(2) {
                     None | Some(&"f32") => DType::F32,
@@ -55,9 +56,10 @@ impl ExitPolicy {
     /// Check the policy against a loop of `steps` iterations.
     pub fn check(&self, steps: usize) -> Result<(), String> {
         match self {
-            ExitPolicy::Step(k) if *k >= steps => {
-                Err(format!("exit policy step:{k} is out of range for a loop of {steps} steps (0..{})", steps - 1))
-            }
+            ExitPolicy::Step(k) if *k >= steps => Err(format!(
+                "exit policy step:{k} is out of range for a loop of {steps} steps (0..{})",
+                steps - 1
+            )),
             _ => Ok(()),
         }
     }
@@ -133,7 +135,10 @@ mod tests {
         for s in ["last", "weighted", "step:2", "threshold:0.5", "threshold:1.0:bf16"] {
             assert_eq!(ExitPolicy::parse(s).unwrap().to_string(), s);
         }
-        assert_eq!(ExitPolicy::parse("threshold:0.5:f32").unwrap().to_string(), "threshold:0.5");
+        assert_eq!(
+            ExitPolicy::parse("threshold:0.5:f32").unwrap().to_string(),
+            "threshold:0.5"
+        );
     }
 
     #[test]
@@ -167,8 +172,14 @@ mod tests {
         // sigmoid(7) = 0.99909 rounds to 1.0 in bf16: the reference exits at step 0
         // even with q = 1.0, while exact arithmetic runs to the last step.
         let lam = [1.0 / (1.0 + (-7.0f32).exp()), 0.5, 0.5, 0.5];
-        let bf = ExitPolicy::Threshold { q: 1.0, arith: DType::BF16 };
-        let f = ExitPolicy::Threshold { q: 1.0, arith: DType::F32 };
+        let bf = ExitPolicy::Threshold {
+            q: 1.0,
+            arith: DType::BF16,
+        };
+        let f = ExitPolicy::Threshold {
+            q: 1.0,
+            arith: DType::F32,
+        };
         assert_eq!(bf.exit_step(&lam), 0);
         assert_eq!(f.exit_step(&lam), 3);
     }
@@ -177,8 +188,14 @@ mod tests {
     fn bf16_threshold_is_itself_rounded() {
         // 0.899 reaches bf16(0.9) = 0.8984375 but not 0.9.
         let lam = [0.899, 0.0, 0.0, 0.0];
-        let bf = ExitPolicy::Threshold { q: 0.9, arith: DType::BF16 };
-        let f = ExitPolicy::Threshold { q: 0.9, arith: DType::F32 };
+        let bf = ExitPolicy::Threshold {
+            q: 0.9,
+            arith: DType::BF16,
+        };
+        let f = ExitPolicy::Threshold {
+            q: 0.9,
+            arith: DType::F32,
+        };
         assert_eq!(bf.exit_step(&lam), 0);
         assert_eq!(f.exit_step(&lam), 3);
     }

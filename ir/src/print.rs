@@ -34,7 +34,10 @@ pub fn attrs(kind: &OpKind) -> Vec<(&'static str, String)> {
     match kind {
         OpKind::RmsNorm { eps } => vec![("eps", format!("{eps:?}"))],
         OpKind::RopeCos(t) | OpKind::RopeSin(t) => {
-            vec![("head_dim", t.head_dim.to_string()), ("theta", format!("{:?}", t.theta))]
+            vec![
+                ("head_dim", t.head_dim.to_string()),
+                ("theta", format!("{:?}", t.theta)),
+            ]
         }
         OpKind::Rope { heads, head_dim } => vec![("heads", heads.to_string()), ("head_dim", head_dim.to_string())],
         OpKind::Attention(a) => vec![
@@ -58,7 +61,8 @@ fn op(s: &mut String, g: &Graph, op: &Op, depth: usize) {
     let pad = "  ".repeat(depth);
     write!(s, "{pad}{} = {}", op.result, op.kind.name()).unwrap();
     if let OpKind::Weight { name } = &op.kind {
-        write!(s, " {name:?}").unwrap();
+        // Only `"` and `\` are escaped; the parser reads `\x` as `x`.
+        write!(s, " \"{}\"", name.replace('\\', "\\\\").replace('"', "\\\"")).unwrap();
     } else {
         write!(s, "({})", list(&op.inputs)).unwrap();
     }

@@ -126,7 +126,10 @@ impl Type {
     }
 
     pub fn with_dtype(&self, dtype: DType) -> Type {
-        Type { dtype, shape: self.shape.clone() }
+        Type {
+            dtype,
+            shape: self.shape.clone(),
+        }
     }
 
     /// The same shape with the last dim replaced.
@@ -135,7 +138,10 @@ impl Type {
         if let Some(l) = shape.last_mut() {
             *l = last;
         }
-        Type { dtype: self.dtype, shape }
+        Type {
+            dtype: self.dtype,
+            shape,
+        }
     }
 
     /// Number of elements when every dim is fixed.
@@ -170,9 +176,11 @@ mod tests {
         // 1 + 2^-8 lies exactly between two bf16 values (1 and 1 + 2^-7): ties go to even (1.0).
         assert_eq!(DType::BF16.round(1.0 + 1.0 / 256.0), 1.0);
         assert_eq!(DType::BF16.round(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
-        // 0.998 rounds to 1.0 in bf16: the reason the reference can exit at threshold 1.0.
-        assert_eq!(DType::BF16.round(0.998), 1.0);
-        assert_eq!(DType::F32.round(0.998), 0.998);
+        // 0.999 rounds to 1.0 in bf16 (anything above 1 - 2^-9): the reason the reference can exit
+        // at threshold 1.0. 0.998 is below that midpoint and rounds down to 1 - 2^-8.
+        assert_eq!(DType::BF16.round(0.999), 1.0);
+        assert_eq!(DType::BF16.round(0.998), 1.0 - 1.0 / 256.0);
+        assert_eq!(DType::F32.round(0.999), 0.999);
     }
 
     #[test]

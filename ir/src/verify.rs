@@ -19,7 +19,11 @@ fn fail<T>(value: Option<ValueId>, msg: String) -> Result<T, VerifyError> {
 }
 
 pub fn verify(g: &Graph) -> Result<(), VerifyError> {
-    let mut v = Verifier { g, defined: vec![false; g.types.len()], layers: HashMap::new() };
+    let mut v = Verifier {
+        g,
+        defined: vec![false; g.types.len()],
+        layers: HashMap::new(),
+    };
     if g.outputs().is_empty() {
         return fail(None, "graph must end in `return` with at least one value".into());
     }
@@ -36,7 +40,10 @@ struct Verifier<'g> {
 impl Verifier<'_> {
     fn define(&mut self, v: ValueId, what: &str) -> Result<(), VerifyError> {
         match self.defined.get_mut(v.index()) {
-            None => fail(Some(v), format!("{v} ({what}) has no type: the graph has {} values", self.g.types.len())),
+            None => fail(
+                Some(v),
+                format!("{v} ({what}) has no type: the graph has {} values", self.g.types.len()),
+            ),
             Some(true) => fail(Some(v), format!("{v} ({what}) is defined more than once")),
             Some(d) => {
                 *d = true;
@@ -47,7 +54,10 @@ impl Verifier<'_> {
 
     fn check_use(&self, user: &str, v: ValueId, visible: &[ValueId]) -> Result<(), VerifyError> {
         if !visible.contains(&v) {
-            return fail(Some(v), format!("{user} uses {v}, which is not defined before it in scope"));
+            return fail(
+                Some(v),
+                format!("{user} uses {v}, which is not defined before it in scope"),
+            );
         }
         Ok(())
     }
@@ -72,7 +82,10 @@ impl Verifier<'_> {
             match &op.kind {
                 OpKind::Weight { name } => {
                     if declared.fixed_dims().is_none() || !declared.dtype.is_float() {
-                        return fail(Some(r), format!("{what} \"{name}\" must be a float tensor with fixed dims, got {declared}"));
+                        return fail(
+                            Some(r),
+                            format!("{what} \"{name}\" must be a float tensor with fixed dims, got {declared}"),
+                        );
                     }
                 }
                 OpKind::Loop(l) => {
@@ -82,20 +95,41 @@ impl Verifier<'_> {
                     if l.steps == 0 {
                         return fail(Some(r), format!("{what}: steps must be at least 1"));
                     }
-                    l.policy.check(l.steps).map_err(|m| VerifyError { value: Some(r), msg: format!("{what}: {m}") })?;
+                    l.policy.check(l.steps).map_err(|m| VerifyError {
+                        value: Some(r),
+                        msg: format!("{what}: {m}"),
+                    })?;
                     let args = &l.body.args;
                     if args.len() != op.inputs.len() + 1 {
-                        return fail(Some(r), format!(
-                            "{what}: body takes {} arguments but the loop carries {} values (plus the step index)",
-                            args.len(), op.inputs.len()));
+                        return fail(
+                            Some(r),
+                            format!(
+                                "{what}: body takes {} arguments but the loop carries {} values (plus the step index)",
+                                args.len(),
+                                op.inputs.len()
+                            ),
+                        );
                     }
                     if self.g.ty(args[0]) != &Type::scalar(DType::I32) {
-                        return fail(Some(args[0]), format!("{what}: step index {} must be i32[], got {}", args[0], self.g.ty(args[0])));
+                        return fail(
+                            Some(args[0]),
+                            format!(
+                                "{what}: step index {} must be i32[], got {}",
+                                args[0],
+                                self.g.ty(args[0])
+                            ),
+                        );
                     }
                     for (init, arg) in op.inputs.iter().zip(&args[1..]) {
                         if self.g.ty(*init) != self.g.ty(*arg) {
-                            return fail(Some(*arg), format!("{what}: carried {arg} has type {} but its initial value {init} has {}",
-                                self.g.ty(*arg), self.g.ty(*init)));
+                            return fail(
+                                Some(*arg),
+                                format!(
+                                    "{what}: carried {arg} has type {} but its initial value {init} has {}",
+                                    self.g.ty(*arg),
+                                    self.g.ty(*init)
+                                ),
+                            );
                         }
                     }
                     // The body is checked with outer values visible; its own values go out of scope after.
@@ -108,36 +142,63 @@ impl Verifier<'_> {
                         self.check_use(&format!("{what} yield"), y, visible)?;
                     }
                     if next.len() != op.inputs.len() {
-                        return fail(Some(r), format!("{what}: yields {} next values for {} carried", next.len(), op.inputs.len()));
+                        return fail(
+                            Some(r),
+                            format!(
+                                "{what}: yields {} next values for {} carried",
+                                next.len(),
+                                op.inputs.len()
+                            ),
+                        );
                     }
                     for (n, arg) in next.iter().zip(&args[1..]) {
                         if self.g.ty(*n) != self.g.ty(*arg) {
-                            return fail(Some(*n), format!("{what}: next value {n} has type {} but carried {arg} has {}",
-                                self.g.ty(*n), self.g.ty(*arg)));
+                            return fail(
+                                Some(*n),
+                                format!(
+                                    "{what}: next value {n} has type {} but carried {arg} has {}",
+                                    self.g.ty(*n),
+                                    self.g.ty(*arg)
+                                ),
+                            );
                         }
                     }
                     let out_t = self.g.ty(*out);
                     let exit_t = self.g.ty(*exit);
                     let want_exit = out_t.with_last(Dim::Fixed(1));
                     if !exit_t.dtype.is_float() || exit_t.shape != want_exit.shape {
-                        return fail(Some(*exit), format!("{what}: exit signal {exit} has type {exit_t}, expected shape like {want_exit}"));
+                        return fail(
+                            Some(*exit),
+                            format!("{what}: exit signal {exit} has type {exit_t}, expected shape like {want_exit}"),
+                        );
                     }
                     if &declared != out_t {
-                        return fail(Some(r), format!("{what} is declared {declared} but its output {out} has type {out_t}"));
+                        return fail(
+                            Some(r),
+                            format!("{what} is declared {declared} but its output {out} has type {out_t}"),
+                        );
                     }
                     visible.truncate(mark);
                 }
                 kind => {
-                    if let OpKind::Attention(a) = kind {
-                        if let Some(prev) = self.layers.insert(a.layer, r) {
-                            return fail(Some(r), format!("{what} uses KV layer {} already used by {prev}", a.layer));
-                        }
+                    if let OpKind::Attention(a) = kind
+                        && let Some(prev) = self.layers.insert(a.layer, r)
+                    {
+                        return fail(
+                            Some(r),
+                            format!("{what} uses KV layer {} already used by {prev}", a.layer),
+                        );
                     }
                     let tys: Vec<&Type> = op.inputs.iter().map(|i| self.g.ty(*i)).collect();
-                    let inferred = infer(kind, &tys, declared.dtype)
-                        .map_err(|m| VerifyError { value: Some(r), msg: format!("{what}: {m}") })?;
+                    let inferred = infer(kind, &tys, declared.dtype).map_err(|m| VerifyError {
+                        value: Some(r),
+                        msg: format!("{what}: {m}"),
+                    })?;
                     if inferred != declared {
-                        return fail(Some(r), format!("{what} is declared {declared} but its operands give {inferred}"));
+                        return fail(
+                            Some(r),
+                            format!("{what} is declared {declared} but its operands give {inferred}"),
+                        );
                     }
                 }
             }

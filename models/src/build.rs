@@ -22,7 +22,10 @@ impl BuildOptions {
     /// early_exit_threshold, summed in the model dtype's arithmetic.
     pub fn reference_policy(cfg: &OuroConfig, dtype: DType) -> ExitPolicy {
         let arith = if dtype == DType::F32 { DType::F32 } else { DType::BF16 };
-        ExitPolicy::Threshold { q: cfg.early_exit_threshold as f32, arith }
+        ExitPolicy::Threshold {
+            q: cfg.early_exit_threshold as f32,
+            arith,
+        }
     }
 }
 
@@ -51,7 +54,10 @@ pub fn build_from_config(cfg: &OuroConfig, head: &str, opts: &BuildOptions) -> R
 
     let embed = w(&mut b, "model.embed_tokens.weight", &[v, h]);
     let x0 = b.op(OpKind::Embedding, &[embed, ids], d)?;
-    let table = RopeTable { head_dim: hd, theta: cfg.rope_theta };
+    let table = RopeTable {
+        head_dim: hd,
+        theta: cfg.rope_theta,
+    };
     let cos = b.op(OpKind::RopeCos(table), &[pos], d)?;
     let sin = b.op(OpKind::RopeSin(table), &[pos], d)?;
 
@@ -99,8 +105,20 @@ pub fn build_from_config(cfg: &OuroConfig, head: &str, opts: &BuildOptions) -> R
         let k = b.op(OpKind::Linear, &[n1, l.k], d)?;
         let vv = b.op(OpKind::Linear, &[n1, l.v], d)?;
         let q = b.op(OpKind::Rope { heads, head_dim: hd }, &[q, cos, sin], d)?;
-        let k = b.op(OpKind::Rope { heads: kvh, head_dim: hd }, &[k, cos, sin], d)?;
-        let attn = Attention { layer: i, heads, kv_heads: kvh, head_dim: hd };
+        let k = b.op(
+            OpKind::Rope {
+                heads: kvh,
+                head_dim: hd,
+            },
+            &[k, cos, sin],
+            d,
+        )?;
+        let attn = Attention {
+            layer: i,
+            heads,
+            kv_heads: kvh,
+            head_dim: hd,
+        };
         let a = b.op(OpKind::Attention(attn), &[q, k, vv], d)?;
         let a = b.op(OpKind::Linear, &[a, l.o], d)?;
         let a = b.op(OpKind::RmsNorm { eps }, &[a, l.ln2], d)?;

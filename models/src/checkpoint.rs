@@ -112,15 +112,11 @@ pub struct Checkpoint {
 impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Self, ModelError> {
         if !dir.is_dir() {
-            return Err(ModelError::NotADirectory {
-                dir: dir.to_path_buf(),
-            });
+            return Err(ModelError::NotADirectory { dir: dir.to_path_buf() });
         }
         let config_path = dir.join("config.json");
         if !config_path.exists() {
-            return Err(ModelError::ConfigNotFound {
-                dir: dir.to_path_buf(),
-            });
+            return Err(ModelError::ConfigNotFound { dir: dir.to_path_buf() });
         }
         let (config, mut warnings) = OuroConfig::load(&config_path)?;
         let wf = weights::load(dir, &mut warnings)?;
@@ -131,11 +127,7 @@ impl Checkpoint {
         let mut unreadable: BTreeMap<String, (String, PathBuf)> = BTreeMap::new();
         for (file, raw) in wf.tensors {
             let Some(dtype) = StorageDtype::from_safetensors(&raw.dtype) else {
-                let path = wf
-                    .files
-                    .get(file)
-                    .map(|f| f.path.clone())
-                    .unwrap_or_default();
+                let path = wf.files.get(file).map(|f| f.path.clone()).unwrap_or_default();
                 unreadable.insert(raw.name, (raw.dtype, path));
                 continue;
             };
@@ -160,10 +152,7 @@ impl Checkpoint {
         for name in tensors.keys().chain(unreadable.keys()) {
             if !used_set.contains(name.as_str()) {
                 let what = match (tensors.get(name), unreadable.get(name)) {
-                    (Some(s), _) => format!(
-                        "{}, shape {:?}, in {}",
-                        s.info.dtype, s.info.shape, s.info.file
-                    ),
+                    (Some(s), _) => format!("{}, shape {:?}, in {}", s.info.dtype, s.info.shape, s.info.file),
                     (None, Some((dtype, path))) => format!("{dtype}, in {}", path.display()),
                     (None, None) => String::new(),
                 };
@@ -321,11 +310,7 @@ fn validate(
     let mut used = expected_tensors(cfg);
     let present = |n: &str| tensors.contains_key(n) || unreadable.contains_key(n);
 
-    let missing: Vec<&str> = used
-        .iter()
-        .map(|(n, _)| n.as_str())
-        .filter(|n| !present(n))
-        .collect();
+    let missing: Vec<&str> = used.iter().map(|(n, _)| n.as_str()).filter(|n| !present(n)).collect();
     if !missing.is_empty() {
         let hint = if missing.contains(&LM_HEAD) {
             format!("; {LM_HEAD} is required because tie_word_embeddings is false")

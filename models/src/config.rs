@@ -54,10 +54,7 @@ impl OuroConfig {
     }
 
     /// Parses config.json text; `source_name` (usually the file path) prefixes every message.
-    pub fn from_json_str(
-        text: &str,
-        source_name: &str,
-    ) -> Result<(OuroConfig, Vec<String>), ModelError> {
+    pub fn from_json_str(text: &str, source_name: &str) -> Result<(OuroConfig, Vec<String>), ModelError> {
         let value: Value = serde_json::from_str(text).map_err(|e| ModelError::ConfigJson {
             source_name: source_name.to_string(),
             message: e.to_string(),
@@ -160,11 +157,7 @@ impl Parser<'_> {
             ("num_key_value_heads", num_key_value_heads),
         ] {
             if n.checked_mul(head_dim).is_none() {
-                return Err(self.invalid(
-                    key,
-                    n,
-                    format!("{key} * head_dim ({head_dim}) overflows"),
-                ));
+                return Err(self.invalid(key, n, format!("{key} * head_dim ({head_dim}) overflows")));
             }
         }
 
@@ -225,10 +218,8 @@ impl Parser<'_> {
                 "ouroc compiles Ouro checkpoints (model_type \"ouro\") only",
             )),
             None => {
-                self.warnings.push(format!(
-                    "{}: `model_type` is missing; assuming \"ouro\"",
-                    self.src
-                ));
+                self.warnings
+                    .push(format!("{}: `model_type` is missing; assuming \"ouro\"", self.src));
                 Ok("ouro".to_string())
             }
         }
@@ -239,11 +230,7 @@ impl Parser<'_> {
         if let Some(v) = self.get("hidden_act")
             && v.as_str() != Some("silu")
         {
-            return Err(self.unsupported(
-                "hidden_act",
-                v,
-                "only \"silu\" (SwiGLU MLP) is implemented",
-            ));
+            return Err(self.unsupported("hidden_act", v, "only \"silu\" (SwiGLU MLP) is implemented"));
         }
         if let Some(v) = self.get("rope_scaling") {
             return Err(self.unsupported(
@@ -253,18 +240,12 @@ impl Parser<'_> {
             ));
         }
         for (key, what) in [
-            (
-                "use_sliding_window",
-                "sliding-window attention is not implemented",
-            ),
+            ("use_sliding_window", "sliding-window attention is not implemented"),
             (
                 "attention_bias",
                 "attention projections with biases are not implemented",
             ),
-            (
-                "mlp_bias",
-                "MLP projections with biases are not implemented",
-            ),
+            ("mlp_bias", "MLP projections with biases are not implemented"),
         ] {
             if let Some(v) = self.get(key) {
                 match v.as_bool() {
@@ -286,11 +267,7 @@ impl Parser<'_> {
         };
         for item in items {
             if item.as_str() != Some("full_attention") {
-                return Err(self.unsupported(
-                    "layer_types",
-                    item,
-                    "only \"full_attention\" layers are implemented",
-                ));
+                return Err(self.unsupported("layer_types", item, "only \"full_attention\" layers are implemented"));
             }
         }
         if items.len() != layers {
@@ -317,11 +294,7 @@ impl Parser<'_> {
         if let Some(t) = obj.get("rope_type").filter(|t| !t.is_null())
             && t.as_str() != Some("default")
         {
-            return Err(self.unsupported(
-                "rope_parameters.rope_type",
-                t,
-                "only the default RoPE is implemented",
-            ));
+            return Err(self.unsupported("rope_parameters.rope_type", t, "only the default RoPE is implemented"));
         }
         match obj.get("rope_theta").and_then(Value::as_f64) {
             Some(t) if t.is_finite() && t > 0.0 => Ok(t),
@@ -354,9 +327,7 @@ impl Parser<'_> {
             Some(Value::Array(items)) => items
                 .iter()
                 .map(|item| {
-                    token_id(item).ok_or_else(|| {
-                        self.wrong_type(key, "a token id or a list of token ids", item)
-                    })
+                    token_id(item).ok_or_else(|| self.wrong_type(key, "a token id or a list of token ids", item))
                 })
                 .collect(),
             Some(v) => token_id(v)
@@ -390,9 +361,7 @@ impl Parser<'_> {
     /// A required finite number > 0 (integers accepted: rope_theta is often written 1000000).
     fn positive_float(&self, key: &str) -> Result<f64, ModelError> {
         let v = self.get(key).ok_or_else(|| self.missing(key))?;
-        let x = v
-            .as_f64()
-            .ok_or_else(|| self.wrong_type(key, "a number", v))?;
+        let x = v.as_f64().ok_or_else(|| self.wrong_type(key, "a number", v))?;
         if !(x.is_finite() && x > 0.0) {
             return Err(self.invalid(key, v, "must be greater than 0".into()));
         }

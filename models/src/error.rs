@@ -28,10 +28,7 @@ pub enum ModelError {
 
     /// config.json is not valid JSON, or not a JSON object.
     #[error("{source_name}: not a valid config (expected a JSON object): {message}")]
-    ConfigJson {
-        source_name: String,
-        message: String,
-    },
+    ConfigJson { source_name: String, message: String },
 
     /// A key the model cannot do without is absent (or null).
     #[error("{source_name}: required key `{key}` is missing")]
@@ -92,9 +89,7 @@ pub enum ModelError {
     },
 
     /// The index maps a tensor to a shard whose header does not contain it.
-    #[error(
-        "{index}: tensor `{tensor}` is mapped to shard `{shard}`, but that shard has no tensor of that name"
-    )]
+    #[error("{index}: tensor `{tensor}` is mapped to shard `{shard}`, but that shard has no tensor of that name")]
     TensorNotInShard {
         index: PathBuf,
         shard: String,
@@ -102,9 +97,7 @@ pub enum ModelError {
     },
 
     /// A safetensors file too short to hold even its 8-byte header length.
-    #[error(
-        "{path}: not a safetensors file: {len} bytes long, a safetensors file starts with an 8-byte header length"
-    )]
+    #[error("{path}: not a safetensors file: {len} bytes long, a safetensors file starts with an 8-byte header length")]
     FileTooShort { path: PathBuf, len: u64 },
 
     /// The 8-byte header length claims more bytes than the file has.
@@ -157,9 +150,7 @@ pub enum ModelError {
     },
 
     /// A tensor the model uses is stored in a dtype ouroc does not read.
-    #[error(
-        "{path}: tensor `{tensor}` has dtype {dtype}; only BF16, F16 and F32 weights are supported"
-    )]
+    #[error("{path}: tensor `{tensor}` has dtype {dtype}; only BF16, F16 and F32 weights are supported")]
     UnsupportedDtype {
         path: PathBuf,
         tensor: String,

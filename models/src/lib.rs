@@ -6,14 +6,14 @@
 //! - [`checkpoint`]: the validated checkpoint;
 //! - [`error`]: the error type.
 
+pub mod build;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod safetensors_file;
 pub mod weights;
-pub mod build;
 
-pub use checkpoint::{Checkpoint, StorageDtype, TensorInfo, expected_tensors};
 pub use build::{BuildOptions, build_from_config, build_graph};
+pub use checkpoint::{Checkpoint, StorageDtype, TensorInfo, expected_tensors};
 pub use config::OuroConfig;
 pub use error::ModelError;

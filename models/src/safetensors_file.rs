@@ -158,15 +158,11 @@ fn parse_entry(path: &Path, name: &str, v: &Value, data_len: u64) -> Result<Entr
     let (begin, end) = match offsets.as_deref() {
         Some(&[begin, end]) => (begin, end),
         _ => {
-            return Err(bad(
-                "`data_offsets` must be a list of two non-negative integers".into(),
-            ));
+            return Err(bad("`data_offsets` must be a list of two non-negative integers".into()));
         }
     };
     if begin > end {
-        return Err(bad(format!(
-            "data_offsets [{begin}, {end}) has begin > end"
-        )));
+        return Err(bad(format!("data_offsets [{begin}, {end}) has begin > end")));
     }
     if end > data_len {
         return Err(ModelError::DataOutOfBounds {
@@ -181,11 +177,7 @@ fn parse_entry(path: &Path, name: &str, v: &Value, data_len: u64) -> Result<Entr
         let expected = shape
             .iter()
             .try_fold(elem, |acc, &d| acc.checked_mul(d as u64))
-            .ok_or_else(|| {
-                bad(format!(
-                    "shape {shape:?} of {dtype} is too large (byte size overflows)"
-                ))
-            })?;
+            .ok_or_else(|| bad(format!("shape {shape:?} of {dtype} is too large (byte size overflows)")))?;
         if expected != end - begin {
             return Err(ModelError::DataSizeMismatch {
                 path: path.to_path_buf(),

@@ -48,11 +48,7 @@ pub(crate) fn load(dir: &Path, warnings: &mut Vec<String>) -> Result<WeightFiles
     })
 }
 
-fn load_sharded(
-    dir: &Path,
-    index: &Path,
-    warnings: &mut Vec<String>,
-) -> Result<WeightFiles, ModelError> {
+fn load_sharded(dir: &Path, index: &Path, warnings: &mut Vec<String>) -> Result<WeightFiles, ModelError> {
     let by_shard = read_index(index)?;
     let mut out = WeightFiles {
         files: Vec::with_capacity(by_shard.len()),
@@ -72,8 +68,7 @@ fn load_sharded(
             });
         }
         let file = SafetensorsFile::open(&path)?;
-        let mut in_file: HashMap<&str, &RawEntry> =
-            file.entries.iter().map(|e| (e.name.as_str(), e)).collect();
+        let mut in_file: HashMap<&str, &RawEntry> = file.entries.iter().map(|e| (e.name.as_str(), e)).collect();
         let file_idx = out.files.len();
         for name in &names {
             let Some(entry) = in_file.remove(name.as_str()) else {
@@ -121,18 +116,13 @@ fn read_index(index: &Path) -> Result<BTreeMap<String, Vec<String>>, ModelError>
             ))
         })?;
         // Shard names come from a file we do not control: keep them inside the directory.
-        let inside = Path::new(shard)
-            .components()
-            .all(|c| matches!(c, Component::Normal(_)));
+        let inside = Path::new(shard).components().all(|c| matches!(c, Component::Normal(_)));
         if shard.is_empty() || !inside {
             return Err(bad(format!(
                 "weight_map maps `{tensor}` to `{shard}`, which is not a file name inside the checkpoint directory"
             )));
         }
-        by_shard
-            .entry(shard.to_string())
-            .or_default()
-            .push(tensor.clone());
+        by_shard.entry(shard.to_string()).or_default().push(tensor.clone());
     }
     for names in by_shard.values_mut() {
         names.sort_unstable();

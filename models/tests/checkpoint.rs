@@ -11,8 +11,7 @@ use safetensors::Dtype;
 use serde_json::json;
 
 /// Parameters of the tiny model (untied): embed + layer + norm + gate + head.
-const TINY_PARAMS: u64 =
-    (V * H) as u64 + (4 * H * H + 3 * I * H + 4 * H) as u64 + (H + H + 1) as u64 + (V * H) as u64;
+const TINY_PARAMS: u64 = (V * H) as u64 + (4 * H * H + 3 * I * H + 4 * H) as u64 + (H + H + 1) as u64 + (V * H) as u64;
 
 fn open_err(dir: &Path) -> String {
     match Checkpoint::open(dir) {
@@ -31,11 +30,7 @@ fn assert_mentions(text: &str, fragments: &[&str]) {
 fn assert_values(ck: &Checkpoint, list: &[(String, Vec<usize>)]) {
     for (name, shape) in list {
         let n = shape.iter().product();
-        assert_eq!(
-            ck.read_f32(name).unwrap(),
-            common::values_for(name, n),
-            "{name}"
-        );
+        assert_eq!(ck.read_f32(name).unwrap(), common::values_for(name, n), "{name}");
     }
 }
 
@@ -67,14 +62,8 @@ fn load_and_check(dtype: Dtype, expected: StorageDtype) {
     assert_eq!(names, sorted, "tensors() is sorted by name");
     assert_eq!(ck.head_tensor_name(), "lm_head.weight");
     assert_eq!(ck.parameter_count(), TINY_PARAMS);
-    assert_eq!(
-        ck.weight_bytes(),
-        TINY_PARAMS * expected.size_bytes() as u64
-    );
-    assert_eq!(
-        ck.dtypes().into_iter().collect::<Vec<_>>(),
-        vec![(expected, 16)]
-    );
+    assert_eq!(ck.weight_bytes(), TINY_PARAMS * expected.size_bytes() as u64);
+    assert_eq!(ck.dtypes().into_iter().collect::<Vec<_>>(), vec![(expected, 16)]);
     let q = ck.tensor("model.layers.0.self_attn.q_proj.weight").unwrap();
     assert_eq!(
         (q.dtype, q.shape.as_slice(), q.file.as_str()),
@@ -127,9 +116,7 @@ fn loads_two_shards_through_the_index() {
     let dir = tempfile::tempdir().unwrap();
     common::write_config(dir.path(), &common::tiny_config());
     let all = common::make_tensors(&common::tiny_tensors(), Dtype::BF16);
-    let (layers, rest): (Vec<Raw>, Vec<Raw>) = all
-        .into_iter()
-        .partition(|t| t.0.starts_with("model.layers."));
+    let (layers, rest): (Vec<Raw>, Vec<Raw>) = all.into_iter().partition(|t| t.0.starts_with("model.layers."));
     let s1 = "model-00001-of-00002.safetensors";
     let s2 = "model-00002-of-00002.safetensors";
     common::write_safetensors(&dir.path().join(s1), &rest);
@@ -142,20 +129,13 @@ fn loads_two_shards_through_the_index() {
         map.insert(t.0.clone(), json!(s2));
     }
     let index = json!({"metadata": {"total_size": 1890}, "weight_map": map});
-    std::fs::write(
-        dir.path().join("model.safetensors.index.json"),
-        index.to_string(),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
 
     let ck = Checkpoint::open(dir.path()).unwrap();
     assert!(ck.warnings.is_empty(), "{:?}", ck.warnings);
     assert_values(&ck, &common::tiny_tensors());
     assert_eq!(ck.tensor("model.norm.weight").unwrap().file, s1);
-    assert_eq!(
-        ck.tensor("model.layers.0.mlp.up_proj.weight").unwrap().file,
-        s2
-    );
+    assert_eq!(ck.tensor("model.layers.0.mlp.up_proj.weight").unwrap().file, s2);
     assert_eq!(ck.parameter_count(), TINY_PARAMS);
 }
 
@@ -210,9 +190,7 @@ fn gqa_and_explicit_head_dim_shapes() {
     let ck = Checkpoint::open(dir.path()).unwrap();
     assert_values(&ck, &list);
     assert_eq!(
-        ck.tensor("model.layers.0.self_attn.o_proj.weight")
-            .unwrap()
-            .shape,
+        ck.tensor("model.layers.0.self_attn.o_proj.weight").unwrap().shape,
         vec![H, 16]
     );
 
@@ -228,9 +206,7 @@ fn gqa_and_explicit_head_dim_shapes() {
     );
     let ck = Checkpoint::open(dir.path()).unwrap();
     assert_eq!(
-        ck.tensor("model.layers.0.self_attn.k_proj.weight")
-            .unwrap()
-            .shape,
+        ck.tensor("model.layers.0.self_attn.k_proj.weight").unwrap().shape,
         vec![4, H]
     );
     assert_eq!(ck.config.kv_dim(), 4);
@@ -254,18 +230,10 @@ fn unexpected_tensors_load_with_a_warning() {
     let all = ck.warnings.join("\n");
     assert_mentions(
         &all,
-        &[
-            "model.rotary_emb.inv_freq",
-            "position_ids",
-            "I64",
-            "unexpected",
-        ],
+        &["model.rotary_emb.inv_freq", "position_ids", "I64", "unexpected"],
     );
     // Readable extras stay accessible but do not count as model parameters.
-    assert_eq!(
-        ck.read_f32("model.rotary_emb.inv_freq").unwrap(),
-        vec![1.0, 0.5]
-    );
+    assert_eq!(ck.read_f32("model.rotary_emb.inv_freq").unwrap(), vec![1.0, 0.5]);
     assert_eq!(ck.parameter_count(), TINY_PARAMS);
 }
 
@@ -273,13 +241,8 @@ fn unexpected_tensors_load_with_a_warning() {
 fn unknown_tensor_names_are_errors() {
     let dir = common::tiny_checkpoint(Dtype::BF16);
     let ck = Checkpoint::open(dir.path()).unwrap();
-    let e = ck
-        .read_f32("model.layers.7.mlp.up_proj.weight")
-        .unwrap_err();
-    assert_mentions(
-        &e.to_string(),
-        &["model.layers.7.mlp.up_proj.weight", "no tensor"],
-    );
+    let e = ck.read_f32("model.layers.7.mlp.up_proj.weight").unwrap_err();
+    assert_mentions(&e.to_string(), &["model.layers.7.mlp.up_proj.weight", "no tensor"]);
     assert!(ck.raw_bytes("nope").is_err());
 }
 
@@ -315,31 +278,18 @@ fn header_length_claims_more_than_the_file() {
     let mut bytes = 1_000_000u64.to_le_bytes().to_vec();
     bytes.extend_from_slice(b"{}");
     std::fs::write(dir.path().join("model.safetensors"), bytes).unwrap();
-    assert_mentions(
-        &open_err(dir.path()),
-        &["model.safetensors", "1000000", "only 2 bytes"],
-    );
+    assert_mentions(&open_err(dir.path()), &["model.safetensors", "1000000", "only 2 bytes"]);
 
     // A length that would overflow any addition.
     std::fs::write(dir.path().join("model.safetensors"), u64::MAX.to_le_bytes()).unwrap();
-    assert_mentions(
-        &open_err(dir.path()),
-        &["header length", &u64::MAX.to_string()],
-    );
+    assert_mentions(&open_err(dir.path()), &["header length", &u64::MAX.to_string()]);
 }
 
 #[test]
 fn header_that_is_not_json() {
     let dir = common::tiny_checkpoint(Dtype::BF16);
-    common::write_raw_safetensors(
-        &dir.path().join("model.safetensors"),
-        "{this is not json",
-        &[],
-    );
-    assert_mentions(
-        &open_err(dir.path()),
-        &["model.safetensors", "not a valid JSON object"],
-    );
+    common::write_raw_safetensors(&dir.path().join("model.safetensors"), "{this is not json", &[]);
+    assert_mentions(&open_err(dir.path()), &["model.safetensors", "not a valid JSON object"]);
     common::write_raw_safetensors(&dir.path().join("model.safetensors"), "[1, 2]", &[]);
     assert_mentions(&open_err(dir.path()), &["not a valid JSON object"]);
     // Not UTF-8 at all.
@@ -354,10 +304,7 @@ fn malformed_header_entries() {
     let dir = common::tiny_checkpoint(Dtype::BF16);
     let path = dir.path().join("model.safetensors");
     let cases = [
-        (
-            r#"{"w": {"shape": [2], "data_offsets": [0, 4]}}"#,
-            "`dtype`",
-        ),
+        (r#"{"w": {"shape": [2], "data_offsets": [0, 4]}}"#, "`dtype`"),
         (
             r#"{"w": {"dtype": "F16", "shape": [-2], "data_offsets": [0, 4]}}"#,
             "`shape`",
@@ -404,8 +351,7 @@ fn data_offsets_past_the_end() {
 #[test]
 fn data_size_not_matching_dtype_and_shape() {
     let dir = common::tiny_checkpoint(Dtype::BF16);
-    let header =
-        r#"{"model.norm.weight": {"dtype": "BF16", "shape": [8], "data_offsets": [0, 12]}}"#;
+    let header = r#"{"model.norm.weight": {"dtype": "BF16", "shape": [8], "data_offsets": [0, 12]}}"#;
     common::write_raw_safetensors(&dir.path().join("model.safetensors"), header, &[0; 12]);
     assert_mentions(
         &open_err(dir.path()),
@@ -445,10 +391,7 @@ fn many_missing_tensors_are_listed_briefly() {
             "and 12 more",
         ],
     );
-    assert!(
-        !text.contains("model.layers.2.mlp.down_proj.weight"),
-        "{text}"
-    );
+    assert!(!text.contains("model.layers.2.mlp.down_proj.weight"), "{text}");
 }
 
 #[test]
@@ -515,10 +458,7 @@ fn unsupported_config_key_through_open() {
     let mut cfg = common::tiny_config();
     cfg["rope_scaling"] = json!({"rope_type": "dynamic", "factor": 2.0});
     common::write_config(dir.path(), &cfg);
-    assert_mentions(
-        &open_err(dir.path()),
-        &["config.json", "rope_scaling", "dynamic"],
-    );
+    assert_mentions(&open_err(dir.path()), &["config.json", "rope_scaling", "dynamic"]);
 }
 
 #[test]
@@ -544,11 +484,7 @@ fn missing_weights() {
     common::write_config(dir.path(), &common::tiny_config());
     assert_mentions(
         &open_err(dir.path()),
-        &[
-            "no weights",
-            "model.safetensors",
-            "model.safetensors.index.json",
-        ],
+        &["no weights", "model.safetensors", "model.safetensors.index.json"],
     );
     std::fs::write(dir.path().join("pytorch_model.bin"), b"x").unwrap();
     assert_mentions(&open_err(dir.path()), &["pytorch_model.bin"]);
@@ -588,15 +524,9 @@ fn index_tensor_absent_from_its_shard() {
     common::write_config(dir.path(), &common::tiny_config());
     let shard = "model-00001-of-00001.safetensors";
     let mut list = common::tiny_tensors();
-    let map: serde_json::Map<String, serde_json::Value> = list
-        .iter()
-        .map(|(n, _)| (n.clone(), json!(shard)))
-        .collect();
+    let map: serde_json::Map<String, serde_json::Value> = list.iter().map(|(n, _)| (n.clone(), json!(shard))).collect();
     list.retain(|(n, _)| n != "model.norm.weight");
-    common::write_safetensors(
-        &dir.path().join(shard),
-        &common::make_tensors(&list, Dtype::BF16),
-    );
+    common::write_safetensors(&dir.path().join(shard), &common::make_tensors(&list, Dtype::BF16));
     write_index(dir.path(), map.into());
     assert_mentions(
         &open_err(dir.path()),
@@ -608,24 +538,14 @@ fn index_tensor_absent_from_its_shard() {
 fn malformed_index() {
     let dir = tempfile::tempdir().unwrap();
     common::write_config(dir.path(), &common::tiny_config());
-    write_index(
-        dir.path(),
-        json!({"model.norm.weight": "../outside.safetensors"}),
-    );
+    write_index(dir.path(), json!({"model.norm.weight": "../outside.safetensors"}));
     assert_mentions(
         &open_err(dir.path()),
         &["../outside.safetensors", "inside the checkpoint directory"],
     );
     write_index(dir.path(), json!({"model.norm.weight": 3}));
-    assert_mentions(
-        &open_err(dir.path()),
-        &["model.norm.weight", "expected a file name"],
-    );
-    std::fs::write(
-        dir.path().join("model.safetensors.index.json"),
-        "{\"metadata\": {}}",
-    )
-    .unwrap();
+    assert_mentions(&open_err(dir.path()), &["model.norm.weight", "expected a file name"]);
+    std::fs::write(dir.path().join("model.safetensors.index.json"), "{\"metadata\": {}}").unwrap();
     assert_mentions(&open_err(dir.path()), &["index.json", "weight_map"]);
 }
 
@@ -635,16 +555,8 @@ fn shard_tensors_missing_from_the_index_are_ignored_with_a_warning() {
     common::write_config(dir.path(), &common::tiny_config());
     let shard = "model-00001-of-00001.safetensors";
     let mut tensors = common::make_tensors(&common::tiny_tensors(), Dtype::BF16);
-    let map: serde_json::Map<String, serde_json::Value> = tensors
-        .iter()
-        .map(|t| (t.0.clone(), json!(shard)))
-        .collect();
-    tensors.push((
-        "stray".into(),
-        Dtype::F32,
-        vec![1],
-        common::encode(&[1.0], Dtype::F32),
-    ));
+    let map: serde_json::Map<String, serde_json::Value> = tensors.iter().map(|t| (t.0.clone(), json!(shard))).collect();
+    tensors.push(("stray".into(), Dtype::F32, vec![1], common::encode(&[1.0], Dtype::F32)));
     common::write_safetensors(&dir.path().join(shard), &tensors);
     write_index(dir.path(), map.into());
     let ck = Checkpoint::open(dir.path()).unwrap();

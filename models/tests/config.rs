@@ -137,11 +137,7 @@ fn unsupported_settings_are_refused_naming_key_and_value() {
             json!("llama"),
             &["model_type", "\"llama\"", "unsupported"],
         ),
-        (
-            "hidden_act",
-            json!("gelu"),
-            &["hidden_act", "\"gelu\"", "silu"],
-        ),
+        ("hidden_act", json!("gelu"), &["hidden_act", "\"gelu\"", "silu"]),
         (
             "rope_scaling",
             json!({"type": "linear", "factor": 2.0}),
@@ -170,10 +166,7 @@ fn unsupported_settings_are_refused_naming_key_and_value() {
 #[test]
 fn invalid_values_are_refused_naming_key_and_value() {
     let cases: Vec<(Value, &[&str])> = vec![
-        (
-            with("hidden_size", json!(0)),
-            &["hidden_size", "0", "greater than 0"],
-        ),
+        (with("hidden_size", json!(0)), &["hidden_size", "0", "greater than 0"]),
         (with("vocab_size", json!(0)), &["vocab_size", "0"]),
         (with("total_ut_steps", json!(0)), &["total_ut_steps", "0"]),
         (
@@ -275,10 +268,7 @@ fn released_1_4b_shapes_match_the_published_counts() {
     let (c, _) = parse(&cfg).unwrap();
     let tensors = expected_tensors(&c);
     assert_eq!(tensors.len(), 269);
-    let params: u64 = tensors
-        .iter()
-        .map(|(_, s)| s.iter().product::<usize>() as u64)
-        .sum();
+    let params: u64 = tensors.iter().map(|(_, s)| s.iter().product::<usize>() as u64).sum();
     assert_eq!(params, 1_434_652_673);
     // 4 steps * 24 layers * K,V * 16 heads * 128 * 2 bytes
     assert_eq!(c.kv_bytes_per_token(2), 4 * 24 * 2 * 16 * 128 * 2);

@@ -35,8 +35,16 @@ pub fn run(dir: &Path) -> Result<()> {
         BuildOptions::reference_policy(c, DType::F32)
     );
     println!("parameters        {}", group(ckpt.parameter_count()));
-    println!("weights           {} bytes stored ({})", group(ckpt.weight_bytes()), dtypes.join(", "));
-    println!("lm_head           {}{}", ckpt.head_tensor_name(), if c.tie_word_embeddings { " (tied)" } else { "" });
+    println!(
+        "weights           {} bytes stored ({})",
+        group(ckpt.weight_bytes()),
+        dtypes.join(", ")
+    );
+    println!(
+        "lm_head           {}{}",
+        ckpt.head_tensor_name(),
+        if c.tie_word_embeddings { " (tied)" } else { "" }
+    );
     println!(
         "KV cache          {} bytes per token in bf16 ({} slots = {} steps x {} layers); {} bytes at {} positions",
         group(kv),
@@ -46,7 +54,10 @@ pub fn run(dir: &Path) -> Result<()> {
         group(kv * c.max_position_embeddings as u64),
         c.max_position_embeddings
     );
-    println!("context           {} positions (rope_theta {})", c.max_position_embeddings, c.rope_theta);
+    println!(
+        "context           {} positions (rope_theta {})",
+        c.max_position_embeddings, c.rope_theta
+    );
     if ckpt.warnings.is_empty() {
         println!("warnings          none");
     } else {

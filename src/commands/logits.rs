@@ -21,7 +21,10 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
     let graph = build(&ckpt, &args.model)?;
     let cfg = &ckpt.config;
     if let Some(bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-        bail!("token id {bad} is out of the vocabulary: ids must be below vocab_size = {}", cfg.vocab_size);
+        bail!(
+            "token id {bad} is out of the vocabulary: ids must be below vocab_size = {}",
+            cfg.vocab_size
+        );
     }
     if ids.len() > cfg.max_position_embeddings {
         bail!(
@@ -30,7 +33,10 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
             cfg.max_position_embeddings
         );
     }
-    let opts = Options { round_low_precision: true, max_positions: Some(cfg.max_position_embeddings) };
+    let opts = Options {
+        round_low_precision: true,
+        max_positions: Some(cfg.max_position_embeddings),
+    };
     let mut interp = Interpreter::new(&graph, &ckpt, opts)?;
     let lp = graph.find_loop().context("the graph has no loop")?;
     let (steps, policy) = (lp.steps, lp.policy);
@@ -38,7 +44,12 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
         Mode::Prefill => vec![ids.clone()],
         Mode::Decode => ids.iter().map(|&t| vec![t]).collect(),
     };
-    let mut c = Collected { logits: vec![], hidden: vec![vec![]; steps], lambda: vec![vec![]; steps], exit_step: vec![] };
+    let mut c = Collected {
+        logits: vec![],
+        hidden: vec![vec![]; steps],
+        lambda: vec![vec![]; steps],
+        exit_step: vec![],
+    };
     for chunk in chunks {
         let out = interp.run_tokens(&[chunk])?;
         let trace: LoopTrace = out.trace.context("the loop left no trace")?;
@@ -53,7 +64,14 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
     let v = cfg.vocab_size;
     println!("policy {policy}, {steps} loop steps, {:?} mode, {t} tokens", args.mode);
     // depth = exit step + 1: how many loop steps the chosen output went through.
-    println!("{:>4} {:>6} {:>5}  {:<width$}  argmax", "pos", "id", "depth", "exit gate lambda per step", width = 7 * steps);
+    println!(
+        "{:>4} {:>6} {:>5}  {:<width$}  argmax",
+        "pos",
+        "id",
+        "depth",
+        "exit gate lambda per step",
+        width = 7 * steps
+    );
     for (p, &id) in ids.iter().enumerate() {
         let row = &c.logits[p * v..(p + 1) * v];
         let lam: Vec<String> = (0..steps).map(|r| format!("{:.3}", c.lambda[r][p])).collect();
@@ -69,7 +87,11 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
     }
     let mut hist = vec![0usize; steps];
     c.exit_step.iter().for_each(|&s| hist[s] += 1);
-    let hist: Vec<String> = hist.iter().enumerate().map(|(s, n)| format!("depth {}: {n}", s + 1)).collect();
+    let hist: Vec<String> = hist
+        .iter()
+        .enumerate()
+        .map(|(s, n)| format!("depth {}: {n}", s + 1))
+        .collect();
     println!("tokens per exit depth: {}", hist.join(", "));
     if let Some(path) = &args.out {
         let h = cfg.hidden_size;
@@ -83,16 +105,33 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
         ];
         let mut bytes: BTreeMap<&str, (Dtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();
         for (name, tensor) in &tensors {
-            bytes.insert(name, (Dtype::F32, tensor.shape.clone(), tensor.data.iter().flat_map(|x| x.to_le_bytes()).collect()));
+            bytes.insert(
+                name,
+                (
+                    Dtype::F32,
+                    tensor.shape.clone(),
+                    tensor.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                ),
+            );
         }
-        bytes.insert("exit_step", (Dtype::I32, vec![t], exit_i32.iter().flat_map(|x| x.to_le_bytes()).collect()));
+        bytes.insert(
+            "exit_step",
+            (
+                Dtype::I32,
+                vec![t],
+                exit_i32.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ),
+        );
         let views: Vec<(&str, TensorView)> = bytes
             .iter()
             .map(|(n, (d, s, b))| Ok((*n, TensorView::new(*d, s.clone(), b)?)))
             .collect::<Result<_, safetensors::SafeTensorError>>()?;
         let mut meta = std::collections::HashMap::new();
         meta.insert("policy".to_string(), policy.to_string());
-        meta.insert("precision".to_string(), format!("{:?}", args.model.precision).to_lowercase());
+        meta.insert(
+            "precision".to_string(),
+            format!("{:?}", args.model.precision).to_lowercase(),
+        );
         meta.insert("mode".to_string(), format!("{:?}", args.mode).to_lowercase());
         // Write to a temporary name, then rename: a failed run never leaves half a file.
         let tmp = path.with_extension("safetensors.tmp");
@@ -123,7 +162,8 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
     s.split(',')
         .map(|item| {
             let item = item.trim();
-            item.parse::<u32>().with_context(|| format!("--ids: `{item}` is not a token id (a non-negative integer)"))
+            item.parse::<u32>()
+                .with_context(|| format!("--ids: `{item}` is not a token id (a non-negative integer)"))
         })
         .collect()
 }

@@ -13,7 +13,9 @@ use std::path::Path;
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect { ckpt } => inspect::run(&ckpt),
-        Command::Emit { what: Emit::Ir { ckpt, model } } => emit::ir(&ckpt, &model),
+        Command::Emit {
+            what: Emit::Ir { ckpt, model },
+        } => emit::ir(&ckpt, &model),
         Command::Logits(args) => logits::run(&args),
     }
 }
@@ -37,6 +39,10 @@ pub fn build(ckpt: &Checkpoint, flags: &ModelFlags) -> Result<Graph> {
         Some(s) => ExitPolicy::parse(s).map_err(anyhow::Error::msg)?,
         None => BuildOptions::reference_policy(&ckpt.config, dtype),
     };
-    let opts = BuildOptions { dtype, policy, loops: flags.loops };
+    let opts = BuildOptions {
+        dtype,
+        policy,
+        loops: flags.loops,
+    };
     ouroc_models::build_graph(ckpt, &opts).map_err(anyhow::Error::msg)
 }

@@ -11,7 +11,9 @@ use std::path::PathBuf;
 pub const FIXTURES: [&str; 6] = ["mha-r4", "gqa-hd", "tied", "r1", "sharded", "f16"];
 
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 pub fn open(name: &str) -> Checkpoint {
@@ -19,11 +21,22 @@ pub fn open(name: &str) -> Checkpoint {
 }
 
 pub fn build(ckpt: &Checkpoint, dtype: DType, policy: ExitPolicy) -> Graph {
-    ouroc_models::build_graph(ckpt, &BuildOptions { dtype, policy, loops: None }).expect("build graph")
+    ouroc_models::build_graph(
+        ckpt,
+        &BuildOptions {
+            dtype,
+            policy,
+            loops: None,
+        },
+    )
+    .expect("build graph")
 }
 
 pub fn interp<'g>(g: &'g Graph, ckpt: &Checkpoint) -> Interpreter<'g> {
-    let opts = Options { round_low_precision: true, max_positions: Some(ckpt.config.max_position_embeddings) };
+    let opts = Options {
+        round_low_precision: true,
+        max_positions: Some(ckpt.config.max_position_embeddings),
+    };
     Interpreter::new(g, ckpt, opts).expect("load weights")
 }
 
@@ -57,21 +70,36 @@ impl Golden {
         for (k, v) in st.tensors() {
             let data = v.data();
             let (f, i) = match v.dtype() {
-                safetensors::Dtype::F32 => {
-                    (data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(), vec![])
-                }
-                safetensors::Dtype::I32 => {
-                    (vec![], data.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect())
-                }
+                safetensors::Dtype::F32 => (
+                    data.chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
+                    vec![],
+                ),
+                safetensors::Dtype::I32 => (
+                    vec![],
+                    data.chunks_exact(4)
+                        .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
+                ),
                 d => panic!("golden tensor {k} has dtype {d:?}"),
             };
-            tensors.insert(k, GoldenTensor { shape: v.shape().to_vec(), f32: f, i32: i });
+            tensors.insert(
+                k,
+                GoldenTensor {
+                    shape: v.shape().to_vec(),
+                    f32: f,
+                    i32: i,
+                },
+            );
         }
         Golden { tensors, policies }
     }
 
     pub fn get(&self, key: &str) -> &GoldenTensor {
-        self.tensors.get(key).unwrap_or_else(|| panic!("golden has no tensor {key}"))
+        self.tensors
+            .get(key)
+            .unwrap_or_else(|| panic!("golden has no tensor {key}"))
     }
 
     pub fn prompt(&self) -> Vec<u32> {

@@ -54,7 +54,10 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { round_low_precision: true, max_positions: None }
+        Options {
+            round_low_precision: true,
+            max_positions: None,
+        }
     }
 }
 
@@ -110,7 +113,10 @@ impl<'g> Interpreter<'g> {
                     name: name.clone(),
                     msg: format!("type {ty} has symbolic dims"),
                 })?;
-                let mut data = source.read_f32(name).map_err(|msg| InterpError::Weight { name: name.clone(), msg })?;
+                let mut data = source.read_f32(name).map_err(|msg| InterpError::Weight {
+                    name: name.clone(),
+                    msg,
+                })?;
                 let n: usize = dims.iter().product();
                 if data.len() != n {
                     return Err(InterpError::Weight {
@@ -124,7 +130,14 @@ impl<'g> Interpreter<'g> {
                 weights.insert(op.result, Tensor::new(dims, data));
             }
         }
-        Ok(Interpreter { graph, opts, weights, cache: HashMap::new(), past: 0, batch: None })
+        Ok(Interpreter {
+            graph,
+            opts,
+            weights,
+            cache: HashMap::new(),
+            past: 0,
+            batch: None,
+        })
     }
 
     /// Number of positions already in the KV cache.
@@ -148,10 +161,14 @@ impl<'g> Interpreter<'g> {
             return Err(InterpError::Input("no tokens given (empty prompt)".into()));
         }
         if ids.iter().any(|s| s.len() != seq) {
-            return Err(InterpError::Input("all sequences of a batch must have the same length".into()));
+            return Err(InterpError::Input(
+                "all sequences of a batch must have the same length".into(),
+            ));
         }
         let flat: Vec<f32> = ids.iter().flatten().map(|&t| t as f32).collect();
-        let pos: Vec<f32> = (0..batch).flat_map(|_| (0..seq).map(|i| (self.past + i) as f32)).collect();
+        let pos: Vec<f32> = (0..batch)
+            .flat_map(|_| (0..seq).map(|i| (self.past + i) as f32))
+            .collect();
         self.run(&[Tensor::new(vec![batch, seq], flat), Tensor::new(vec![batch, seq], pos)])
     }
 
@@ -159,35 +176,48 @@ impl<'g> Interpreter<'g> {
     pub fn run(&mut self, inputs: &[Tensor]) -> Result<RunOutput, InterpError> {
         let g = self.graph;
         if inputs.len() != g.inputs().len() {
-            return Err(InterpError::Input(format!("graph takes {} inputs, got {}", g.inputs().len(), inputs.len())));
+            return Err(InterpError::Input(format!(
+                "graph takes {} inputs, got {}",
+                g.inputs().len(),
+                inputs.len()
+            )));
         }
-        let mut frame = Frame { vals: HashMap::new(), syms: HashMap::new() };
+        let mut frame = Frame {
+            vals: HashMap::new(),
+            syms: HashMap::new(),
+        };
         for (&arg, t) in g.inputs().iter().zip(inputs) {
             bind(&mut frame.syms, arg, g.ty(arg), &t.shape)?;
             frame.vals.insert(arg, t.clone());
         }
         let seq = frame.syms.get("seq").copied().unwrap_or(0);
         let batch = frame.syms.get("batch").copied();
-        if let (Some(b), Some(prev)) = (batch, self.batch) {
-            if b != prev {
-                return Err(InterpError::Input(format!("batch size {b} differs from the cached batch size {prev}")));
-            }
+        if let (Some(b), Some(prev)) = (batch, self.batch)
+            && b != prev
+        {
+            return Err(InterpError::Input(format!(
+                "batch size {b} differs from the cached batch size {prev}"
+            )));
         }
-        if let Some(limit) = self.opts.max_positions {
-            if self.past + seq > limit {
-                return Err(InterpError::Context { past: self.past, new: seq, limit });
-            }
+        if let Some(limit) = self.opts.max_positions
+            && self.past + seq > limit
+        {
+            return Err(InterpError::Context {
+                past: self.past,
+                new: seq,
+                limit,
+            });
         }
         // Token ids are checked against the embedding table before anything runs.
         for op in g.walk() {
             if let OpKind::Embedding = op.kind {
                 let vocab = g.ty(op.inputs[0]).shape[0].fixed().unwrap_or(usize::MAX);
-                if let Some(ids) = frame.vals.get(&op.inputs[1]) {
-                    if let Some(bad) = ids.data.iter().find(|&&t| t < 0.0 || t as usize >= vocab) {
-                        return Err(InterpError::Input(format!(
-                            "token id {bad} is out of the vocabulary (0..{vocab})"
-                        )));
-                    }
+                if let Some(ids) = frame.vals.get(&op.inputs[1])
+                    && let Some(bad) = ids.data.iter().find(|&&t| t < 0.0 || t as usize >= vocab)
+                {
+                    return Err(InterpError::Input(format!(
+                        "token id {bad} is out of the vocabulary (0..{vocab})"
+                    )));
                 }
             }
         }
@@ -199,7 +229,13 @@ impl<'g> Interpreter<'g> {
         Ok(RunOutput { outputs, trace })
     }
 
-    fn block(&mut self, b: &Block, f: &mut Frame, step: usize, trace: &mut Option<LoopTrace>) -> Result<(), InterpError> {
+    fn block(
+        &mut self,
+        b: &Block,
+        f: &mut Frame,
+        step: usize,
+        trace: &mut Option<LoopTrace>,
+    ) -> Result<(), InterpError> {
         let g = self.graph;
         for op in &b.ops {
             let r = op.result;
@@ -214,18 +250,28 @@ impl<'g> Interpreter<'g> {
                             f.vals.insert(*a, c);
                         }
                         self.block(&l.body, f, s, trace)?;
-                        let Terminator::Yield { next, out, exit } = &l.body.term else { unreachable!("verified") };
+                        let Terminator::Yield { next, out, exit } = &l.body.term else {
+                            unreachable!("verified")
+                        };
                         carried = next.iter().map(|v| f.vals[v].clone()).collect();
                         outs.push(f.vals[out].clone());
                         exits.push(f.vals[exit].clone());
                     }
                     let (result, exit_step) = select(&l.policy, &outs, &exits, self.rd(g.ty(r).dtype));
-                    *trace = Some(LoopTrace { step_outputs: outs, exit_signals: exits, exit_step });
+                    *trace = Some(LoopTrace {
+                        step_outputs: outs,
+                        exit_signals: exits,
+                        exit_step,
+                    });
                     result
                 }
                 kind => {
                     let ins: Vec<&Tensor> = op.inputs.iter().map(|v| &f.vals[v]).collect();
-                    let dtype = if self.opts.round_low_precision { g.ty(r).dtype } else { DType::F32 };
+                    let dtype = if self.opts.round_low_precision {
+                        g.ty(r).dtype
+                    } else {
+                        DType::F32
+                    };
                     match kind {
                         OpKind::Attention(a) => {
                             let slots = self.cache.entry((step, a.layer)).or_default();
@@ -242,13 +288,20 @@ impl<'g> Interpreter<'g> {
     }
 
     fn rd(&self, dtype: DType) -> DType {
-        if self.opts.round_low_precision { dtype } else { DType::F32 }
+        if self.opts.round_low_precision {
+            dtype
+        } else {
+            DType::F32
+        }
     }
 }
 
 /// Check a runtime shape against a declared type, binding symbolic dims.
 fn bind(syms: &mut HashMap<String, usize>, v: ValueId, ty: &Type, shape: &[usize]) -> Result<(), InterpError> {
-    let bad = || InterpError::Shape { value: v, msg: format!("has shape {shape:?} but its type is {ty}") };
+    let bad = || InterpError::Shape {
+        value: v,
+        msg: format!("has shape {shape:?} but its type is {ty}"),
+    };
     if ty.shape.len() != shape.len() {
         return Err(bad());
     }

@@ -31,7 +31,10 @@ fn map(x: &Tensor, d: DType, f: impl Fn(f32) -> f32) -> Tensor {
 }
 
 fn zip(a: &Tensor, b: &Tensor, d: DType, f: impl Fn(f32, f32) -> f32) -> Tensor {
-    Tensor::new(a.shape.clone(), a.data.iter().zip(&b.data).map(|(&x, &y)| d.round(f(x, y))).collect())
+    Tensor::new(
+        a.shape.clone(),
+        a.data.iter().zip(&b.data).map(|(&x, &y)| d.round(f(x, y))).collect(),
+    )
 }
 
 /// Row lookup; the table is already in its dtype.
@@ -79,7 +82,9 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, d: DType) -> Tensor {
 /// both halves of the head identical; rounded to `d`.
 fn rope_table(pos: &Tensor, hd: usize, theta: f64, f: fn(f32) -> f32, d: DType) -> Tensor {
     let half = hd / 2;
-    let inv: Vec<f32> = (0..half).map(|j| 1.0 / (theta as f32).powf((2 * j) as f32 / hd as f32)).collect();
+    let inv: Vec<f32> = (0..half)
+        .map(|j| 1.0 / (theta as f32).powf((2 * j) as f32 / hd as f32))
+        .collect();
     let mut shape = pos.shape.clone();
     shape.push(hd);
     let mut data = Vec::with_capacity(pos.numel() * hd);
@@ -115,7 +120,14 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize, hd: usize, d: DTyp
 /// head_dim^-0.5 rounded to `d`; softmax in f32, probabilities rounded to
 /// `d`; output sum_j p_j v_j rounded to `d`. Query head h reads kv head
 /// h / (heads / kv_heads).
-pub(super) fn attention(a: &Attention, q: &Tensor, k: &Tensor, v: &Tensor, slots: &mut Vec<KvSlot>, d: DType) -> Tensor {
+pub(super) fn attention(
+    a: &Attention,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    slots: &mut Vec<KvSlot>,
+    d: DType,
+) -> Tensor {
     let (batch, seq) = (q.shape[0], q.shape[1]);
     let (hd, kvw, qw) = (a.head_dim, a.kv_heads * a.head_dim, a.heads * a.head_dim);
     let group = a.heads / a.kv_heads;

@@ -53,12 +53,7 @@ pub fn tiny_config() -> Value {
 }
 
 /// Tensor names and shapes for a config with `layers` layers, q width `q`, kv width `kv`.
-pub fn tensor_list(
-    layers: usize,
-    q: usize,
-    kv: usize,
-    with_head: bool,
-) -> Vec<(String, Vec<usize>)> {
+pub fn tensor_list(layers: usize, q: usize, kv: usize, with_head: bool) -> Vec<(String, Vec<usize>)> {
     let mut t = vec![("model.embed_tokens.weight".to_string(), vec![V, H])];
     for l in 0..layers {
         let p = format!("model.layers.{l}");
@@ -105,14 +100,8 @@ pub fn values_for(name: &str, n: usize) -> Vec<f32> {
 
 pub fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
     match dtype {
-        Dtype::BF16 => values
-            .iter()
-            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
-            .collect(),
-        Dtype::F16 => values
-            .iter()
-            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-            .collect(),
+        Dtype::BF16 => values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
+        Dtype::F16 => values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
         Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         other => panic!("test helper: no encoder for {other:?}"),
     }
@@ -126,12 +115,7 @@ pub fn make_tensors(list: &[(String, Vec<usize>)], dtype: Dtype) -> Vec<Raw> {
     list.iter()
         .map(|(name, shape)| {
             let n = shape.iter().product();
-            (
-                name.clone(),
-                dtype,
-                shape.clone(),
-                encode(&values_for(name, n), dtype),
-            )
+            (name.clone(), dtype, shape.clone(), encode(&values_for(name, n), dtype))
         })
         .collect()
 }
@@ -159,11 +143,7 @@ pub fn write_raw_safetensors(path: &Path, header: &str, data: &[u8]) {
 }
 
 pub fn write_config(dir: &Path, config: &Value) {
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_string_pretty(config).unwrap(),
-    )
-    .expect("write config.json");
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(config).unwrap()).expect("write config.json");
 }
 
 /// A complete tiny checkpoint (config + model.safetensors) in `dtype`.
