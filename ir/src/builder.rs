@@ -57,25 +57,35 @@ impl GraphBuilder {
     pub fn weight(&mut self, name: &str, ty: Type) -> ValueId {
         let v = self.fresh(ty);
         self.top().ops.push(Op {
-            result: v,
+            results: vec![v],
             kind: OpKind::Weight { name: name.to_string() },
             inputs: vec![],
         });
         v
     }
 
-    /// Add an op whose type is inferred; `dtype` is used only by ops whose
-    /// inputs do not fix the result dtype (RoPE tables).
+    /// Add a single-result op whose type is inferred; `dtype` is used only
+    /// by ops whose inputs do not fix the result dtype (RoPE tables).
     pub fn op(&mut self, kind: OpKind, inputs: &[ValueId], dtype: DType) -> Result<ValueId, String> {
+        let name = kind.name();
+        let rs = self.op_multi(kind, inputs, dtype)?;
+        match rs.as_slice() {
+            [v] => Ok(*v),
+            _ => Err(format!("building {name}: it has {} results; use op_multi", rs.len())),
+        }
+    }
+
+    /// Add an op with any number of results, typed by inference.
+    pub fn op_multi(&mut self, kind: OpKind, inputs: &[ValueId], dtype: DType) -> Result<Vec<ValueId>, String> {
         let tys: Vec<&Type> = inputs.iter().map(|v| &self.types[v.index()]).collect();
-        let ty = infer(&kind, &tys, dtype).map_err(|e| format!("building {}: {e}", kind.name()))?;
-        let v = self.fresh(ty);
+        let tys = infer(&kind, &tys, dtype).map_err(|e| format!("building {}: {e}", kind.name()))?;
+        let results: Vec<ValueId> = tys.into_iter().map(|t| self.fresh(t)).collect();
         self.top().ops.push(Op {
-            result: v,
+            results: results.clone(),
             kind,
             inputs: inputs.to_vec(),
         });
-        Ok(v)
+        Ok(results)
     }
 
     /// Open a loop body. Returns the step index value and the carried values
@@ -117,7 +127,7 @@ impl GraphBuilder {
             },
         };
         self.top().ops.push(Op {
-            result,
+            results: vec![result],
             kind: OpKind::Loop(Box::new(Loop {
                 steps,
                 policy,

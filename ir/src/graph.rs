@@ -70,14 +70,87 @@ pub enum OpKind {
         heads: usize,
         head_dim: usize,
     },
-    /// Causal attention of the new tokens over the cache slot plus themselves;
-    /// appends k and v (after RoPE) to the slot.
+    /// `attention(q, k, v[, cos, sin])`: causal attention of the new tokens
+    /// over the cache slot plus themselves; appends k and v to the slot.
+    /// With cos/sin it first applies RoPE to q and k (rope + KV-cache write
+    /// fused into the attention op), rounding exactly as `rope` does.
     Attention(Attention),
     Silu,
     Sigmoid,
     Add,
     Mul,
+    /// `rms_scale(x)`: `rms_norm` without its weight (the weight was folded
+    /// into the consuming linears).
+    RmsScale {
+        eps: f64,
+    },
+    /// `scale_cols(w[out, in], s[in])`: `w[o, i] * s[i]`, a weight transform
+    /// (folds a norm weight into the linear that consumes the norm).
+    ScaleCols,
+    /// `concat(a, b, ..) {axis}`: concatenation along one axis (axis 0 of
+    /// linear weights merges projections that share an input).
+    Concat {
+        axis: usize,
+    },
+    /// `slice(x) {start, len}`: a window of the last dim (a view, no copy).
+    Slice {
+        start: usize,
+        len: usize,
+    },
+    /// `swiglu(g, u)`: silu(g) * u (silu rounded, then the product); the
+    /// one-operand form `swiglu(gu)` takes g and u as the two halves of the
+    /// last dim (after a merged gate/up projection).
+    Swiglu,
+    /// `add_rms_norm(h, a[, w]) -> (s, n)`: s = h + a (the residual add) and
+    /// n = rms_norm(s, w), or the unweighted norm when w was folded away.
+    AddRmsNorm {
+        eps: f64,
+    },
+    /// `step_end(h, norm_w, gate_w, gate_b[, next_w]) -> (hn, lambda[, next])`:
+    /// the end of a loop step as one op: hn = rms_norm(h, norm_w), lambda =
+    /// sigmoid(linear(hn, gate_w, gate_b)), and with `next` = "scale" or
+    /// "norm" also the next step's input norm of hn (unweighted, or with
+    /// next_w): fusion across the loop boundary.
+    StepEnd {
+        eps: f64,
+        next: NextNorm,
+    },
+    /// `exit_select(out_0.., lambda_0..) {policy}`: an unrolled graph's exit
+    /// policy over R step outputs and R exit signals (what `loop` does for a
+    /// rolled graph).
+    ExitSelect {
+        policy: ExitPolicy,
+    },
     Loop(Box<Loop>),
+}
+
+/// Which next-step input norm a `step_end` computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NextNorm {
+    None,
+    /// Unweighted (the weight is folded into the consumers).
+    Scale,
+    /// With a weight operand.
+    Norm,
+}
+
+impl NextNorm {
+    pub fn name(self) -> &'static str {
+        match self {
+            NextNorm::None => "none",
+            NextNorm::Scale => "scale",
+            NextNorm::Norm => "norm",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<NextNorm> {
+        Some(match s {
+            "none" => NextNorm::None,
+            "scale" => NextNorm::Scale,
+            "norm" => NextNorm::Norm,
+            _ => return None,
+        })
+    }
 }
 
 impl OpKind {
@@ -96,9 +169,42 @@ impl OpKind {
             OpKind::Sigmoid => "sigmoid",
             OpKind::Add => "add",
             OpKind::Mul => "mul",
+            OpKind::RmsScale { .. } => "rms_scale",
+            OpKind::ScaleCols => "scale_cols",
+            OpKind::Concat { .. } => "concat",
+            OpKind::Slice { .. } => "slice",
+            OpKind::Swiglu => "swiglu",
+            OpKind::AddRmsNorm { .. } => "add_rms_norm",
+            OpKind::StepEnd { .. } => "step_end",
+            OpKind::ExitSelect { .. } => "exit_select",
             OpKind::Loop(_) => "loop",
         }
     }
+
+    /// Every op name, for help text and parsers.
+    pub const NAMES: [&'static str; 21] = [
+        "weight",
+        "embedding",
+        "rms_norm",
+        "linear",
+        "rope_cos",
+        "rope_sin",
+        "rope",
+        "attention",
+        "silu",
+        "sigmoid",
+        "add",
+        "mul",
+        "rms_scale",
+        "scale_cols",
+        "concat",
+        "slice",
+        "swiglu",
+        "add_rms_norm",
+        "step_end",
+        "exit_select",
+        "loop",
+    ];
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -111,9 +217,17 @@ pub struct Loop {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Op {
-    pub result: ValueId,
+    /// One value per result; most ops have exactly one.
+    pub results: Vec<ValueId>,
     pub kind: OpKind,
     pub inputs: Vec<ValueId>,
+}
+
+impl Op {
+    /// The first (for most ops, the only) result.
+    pub fn result(&self) -> ValueId {
+        self.results[0]
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -196,7 +310,9 @@ impl Graph {
                 def(a, map, types);
             }
             for op in &b.ops {
-                def(op.result, map, types);
+                for &r in &op.results {
+                    def(r, map, types);
+                }
                 if let OpKind::Loop(l) = &op.kind {
                     number(&l.body, map, types, g);
                 }
@@ -211,7 +327,7 @@ impl Graph {
                     .ops
                     .iter()
                     .map(|op| Op {
-                        result: m(&op.result),
+                        results: op.results.iter().map(m).collect(),
                         inputs: op.inputs.iter().map(m).collect(),
                         kind: match &op.kind {
                             OpKind::Loop(l) => OpKind::Loop(Box::new(Loop {

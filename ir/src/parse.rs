@@ -3,7 +3,7 @@
 //! (an undefined or redefined value is an error with its line); types and
 //! shapes are checked by the verifier.
 
-use crate::graph::{Attention, Block, Graph, Loop, Op, OpKind, RopeTable, Terminator, ValueId};
+use crate::graph::{Attention, Block, Graph, Loop, NextNorm, Op, OpKind, RopeTable, Terminator, ValueId};
 use crate::policy::ExitPolicy;
 use crate::types::{DType, Dim, Type};
 use std::collections::HashMap;
@@ -352,11 +352,26 @@ impl Parser {
     }
 
     fn op(&mut self) -> Result<Op, ParseError> {
-        let name = match self.next()? {
-            Tok::Value(n) => n,
-            t => return self.err_prev(format!("expected a value, found `{}`", show(&t))),
-        };
+        let mut names = Vec::new();
+        loop {
+            match self.next()? {
+                Tok::Value(n) => names.push(n),
+                t => return self.err_prev(format!("expected a value, found `{}`", show(&t))),
+            }
+            if !self.is_punct(',') {
+                break;
+            }
+            self.pos += 1;
+        }
+        let name = names[0].clone();
         self.punct('=')?;
+        if names.len() > 1
+            && self
+                .peek()
+                .is_some_and(|t| matches!(t, Tok::Ident(o) if o == "weight" || o == "loop"))
+        {
+            return self.err("weight and loop have exactly one result");
+        }
         let opname = match self.next()? {
             Tok::Ident(o) => o,
             t => return self.err_prev(format!("expected an op name, found `{}`", show(&t))),
@@ -370,7 +385,7 @@ impl Parser {
             let ty = self.ty()?;
             let result = self.define(&name, ty)?;
             return Ok(Op {
-                result,
+                results: vec![result],
                 kind: OpKind::Weight { name: wname },
                 inputs: vec![],
             });
@@ -378,20 +393,19 @@ impl Parser {
         let inputs = self.value_list()?;
         let mut attrs = self.attrs()?;
         self.punct(':')?;
-        let ty = self.ty()?;
+        let mut types = vec![self.ty()?];
+        while self.is_punct(',') {
+            self.pos += 1;
+            types.push(self.ty()?);
+        }
+        if types.len() != names.len() {
+            return self.err_prev(format!("{} results but {} types", names.len(), types.len()));
+        }
+        let ty = types[0].clone();
         if opname == "loop" {
             let result = self.define(&name, ty)?;
             let steps: usize = self.attr_num(&mut attrs, "steps")?;
-            let policy = match attrs.remove("policy") {
-                Some((Tok::Str(s), line)) => ExitPolicy::parse(&s).map_err(|msg| ParseError { line, msg })?,
-                Some((t, line)) => {
-                    return Err(ParseError {
-                        line,
-                        msg: format!("policy must be a quoted string, found `{}`", show(&t)),
-                    });
-                }
-                None => return self.err_prev("loop needs attribute `policy`"),
-            };
+            let policy = self.attr_policy(&mut attrs, "loop")?;
             self.no_more(attrs, "loop")?;
             self.punct('{')?;
             match self.next()? {
@@ -406,7 +420,7 @@ impl Parser {
             self.punct('}')?;
             let body = Block { args, ops, term };
             return Ok(Op {
-                result,
+                results: vec![result],
                 kind: OpKind::Loop(Box::new(Loop { steps, policy, body })),
                 inputs,
             });
@@ -436,6 +450,41 @@ impl Parser {
                 heads: self.attr_num(&mut attrs, "heads")?,
                 head_dim: self.attr_num(&mut attrs, "head_dim")?,
             },
+            "rms_scale" => OpKind::RmsScale {
+                eps: self.attr_num(&mut attrs, "eps")?,
+            },
+            "add_rms_norm" => OpKind::AddRmsNorm {
+                eps: self.attr_num(&mut attrs, "eps")?,
+            },
+            "step_end" => {
+                let eps = self.attr_num(&mut attrs, "eps")?;
+                let next = match attrs.remove("next") {
+                    Some((Tok::Str(s), line)) => NextNorm::parse(&s).ok_or_else(|| ParseError {
+                        line,
+                        msg: format!("step_end next must be \"none\", \"scale\" or \"norm\", got \"{s}\""),
+                    })?,
+                    Some((t, line)) => {
+                        return Err(ParseError {
+                            line,
+                            msg: format!("next must be a quoted string, found `{}`", show(&t)),
+                        });
+                    }
+                    None => return self.err_prev("step_end needs attribute `next`"),
+                };
+                OpKind::StepEnd { eps, next }
+            }
+            "scale_cols" => OpKind::ScaleCols,
+            "swiglu" => OpKind::Swiglu,
+            "concat" => OpKind::Concat {
+                axis: self.attr_num(&mut attrs, "axis")?,
+            },
+            "slice" => OpKind::Slice {
+                start: self.attr_num(&mut attrs, "start")?,
+                len: self.attr_num(&mut attrs, "len")?,
+            },
+            "exit_select" => OpKind::ExitSelect {
+                policy: self.attr_policy(&mut attrs, "exit_select")?,
+            },
             "attention" => OpKind::Attention(Attention {
                 layer: self.attr_num(&mut attrs, "layer")?,
                 heads: self.attr_num(&mut attrs, "heads")?,
@@ -445,8 +494,22 @@ impl Parser {
             other => return self.err_prev(format!("unknown op `{other}`")),
         };
         self.no_more(attrs, &opname)?;
-        let result = self.define(&name, ty)?;
-        Ok(Op { result, kind, inputs })
+        let mut results = Vec::new();
+        for (n, t) in names.iter().zip(types) {
+            results.push(self.define(n, t)?);
+        }
+        Ok(Op { results, kind, inputs })
+    }
+
+    fn attr_policy(&self, attrs: &mut Attrs, op: &str) -> Result<ExitPolicy, ParseError> {
+        match attrs.remove("policy") {
+            Some((Tok::Str(s), line)) => ExitPolicy::parse(&s).map_err(|msg| ParseError { line, msg }),
+            Some((t, line)) => Err(ParseError {
+                line,
+                msg: format!("policy must be a quoted string, found `{}`", show(&t)),
+            }),
+            None => self.err_prev(format!("{op} needs attribute `policy`")),
+        }
     }
 
     fn attr_num<T: std::str::FromStr>(&self, attrs: &mut Attrs, key: &str) -> Result<T, ParseError> {

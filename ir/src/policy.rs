@@ -69,11 +69,19 @@ impl ExitPolicy {
     /// `Weighted` and `Last` use every step and report the last.
     pub fn exit_step(&self, lambdas: &[f32]) -> usize {
         let steps = lambdas.len();
+        self.decided_exit(lambdas, steps).unwrap_or(steps - 1)
+    }
+
+    /// The exit step when it is already decided by the first steps' gate
+    /// values `prefix` of a loop of `steps` steps, else None. This is what
+    /// lets a runtime stop a token's loop early: the later gates cannot
+    /// change a decision made here.
+    pub fn decided_exit(&self, prefix: &[f32], steps: usize) -> Option<usize> {
+        let n = prefix.len();
         match *self {
-            ExitPolicy::Last | ExitPolicy::Weighted => steps - 1,
-            ExitPolicy::Step(k) => k.min(steps - 1),
+            ExitPolicy::Last | ExitPolicy::Weighted => (n >= steps).then(|| steps - 1),
+            ExitPolicy::Step(k) => (n > k.min(steps - 1)).then(|| k.min(steps - 1)),
             ExitPolicy::Threshold { q, arith } => {
-                let p = exit_distribution(lambdas, arith);
                 // The cumulative sum accumulates in f32 and each partial sum is
                 // rounded to the arithmetic's dtype before the comparison
                 // (torch.cumsum on bf16 accumulates in f32, rounds each output);
@@ -81,26 +89,23 @@ impl ExitPolicy {
                 // compares as bf16(0.9) = 0.8984375.
                 let q = arith.round(q);
                 let mut acc = 0.0f32;
-                for (r, pr) in p.iter().enumerate() {
+                for (r, pr) in exit_probabilities(prefix, steps, arith).into_iter().enumerate() {
                     acc += pr;
                     if arith.round(acc) >= q {
-                        return r;
+                        return Some(r);
                     }
                 }
-                steps - 1
+                (n >= steps).then(|| steps - 1)
             }
         }
     }
 }
 
-/// Exit distribution over steps: p_r = lambda_r * S_{r-1} for r < R-1, with
-/// S_{-1} = 1 and S_r = S_{r-1} * (1 - lambda_r); the last step takes the
-/// rest, p_{R-1} = S_{R-2}. With `arith = BF16` every product and the
-/// survival S are rounded to bf16, reproducing the reference's bf16 tensors.
-pub fn exit_distribution(lambdas: &[f32], arith: DType) -> Vec<f32> {
+/// p_r for the known steps `lambdas` of a loop of `steps` steps (the last
+/// step, if known, takes the rest). See `exit_distribution`.
+fn exit_probabilities(lambdas: &[f32], steps: usize, arith: DType) -> Vec<f32> {
     let rd = |x: f32| arith.round(x);
-    let steps = lambdas.len();
-    let mut p = Vec::with_capacity(steps);
+    let mut p = Vec::with_capacity(lambdas.len());
     let mut survive = 1.0f32;
     for (r, &lam) in lambdas.iter().enumerate() {
         let lam = rd(lam);
@@ -112,6 +117,14 @@ pub fn exit_distribution(lambdas: &[f32], arith: DType) -> Vec<f32> {
         }
     }
     p
+}
+
+/// Exit distribution over steps: p_r = lambda_r * S_{r-1} for r < R-1, with
+/// S_{-1} = 1 and S_r = S_{r-1} * (1 - lambda_r); the last step takes the
+/// rest, p_{R-1} = S_{R-2}. With `arith = BF16` every product and the
+/// survival S are rounded to bf16, reproducing the reference's bf16 tensors.
+pub fn exit_distribution(lambdas: &[f32], arith: DType) -> Vec<f32> {
+    exit_probabilities(lambdas, lambdas.len(), arith)
 }
 
 impl fmt::Display for ExitPolicy {
@@ -198,6 +211,35 @@ mod tests {
         };
         assert_eq!(bf.exit_step(&lam), 0);
         assert_eq!(f.exit_step(&lam), 3);
+    }
+
+    #[test]
+    fn decisions_from_a_prefix_agree_with_the_full_sequence() {
+        let lam = [0.3, 0.6, 0.2, 0.1];
+        for pol in [
+            "last",
+            "weighted",
+            "step:0",
+            "step:2",
+            "threshold:0.5",
+            "threshold:0.75",
+            "threshold:1.0:bf16",
+        ] {
+            let p = ExitPolicy::parse(pol).unwrap();
+            let full = p.exit_step(&lam);
+            for n in 1..=4 {
+                match p.decided_exit(&lam[..n], 4) {
+                    Some(r) => assert_eq!(r, full, "{pol} decided after {n} steps"),
+                    None => assert!(full >= n, "{pol}: undecided after {n} steps but exits at {full}"),
+                }
+            }
+        }
+        // threshold:0.5 is decided after two steps (0.3 + 0.42 >= 0.5).
+        assert_eq!(
+            ExitPolicy::parse("threshold:0.5").unwrap().decided_exit(&lam[..2], 4),
+            Some(1)
+        );
+        assert_eq!(ExitPolicy::parse("last").unwrap().decided_exit(&lam[..3], 4), None);
     }
 
     #[test]

@@ -32,7 +32,13 @@ fn list(vs: &[ValueId]) -> String {
 /// Attributes of an op as `key = value` pairs, in a fixed order.
 pub fn attrs(kind: &OpKind) -> Vec<(&'static str, String)> {
     match kind {
-        OpKind::RmsNorm { eps } => vec![("eps", format!("{eps:?}"))],
+        OpKind::RmsNorm { eps } | OpKind::RmsScale { eps } | OpKind::AddRmsNorm { eps } => {
+            vec![("eps", format!("{eps:?}"))]
+        }
+        OpKind::StepEnd { eps, next } => vec![("eps", format!("{eps:?}")), ("next", format!("\"{}\"", next.name()))],
+        OpKind::Concat { axis } => vec![("axis", axis.to_string())],
+        OpKind::Slice { start, len } => vec![("start", start.to_string()), ("len", len.to_string())],
+        OpKind::ExitSelect { policy } => vec![("policy", format!("\"{policy}\""))],
         OpKind::RopeCos(t) | OpKind::RopeSin(t) => {
             vec![
                 ("head_dim", t.head_dim.to_string()),
@@ -53,13 +59,15 @@ pub fn attrs(kind: &OpKind) -> Vec<(&'static str, String)> {
         | OpKind::Silu
         | OpKind::Sigmoid
         | OpKind::Add
-        | OpKind::Mul => vec![],
+        | OpKind::Mul
+        | OpKind::ScaleCols
+        | OpKind::Swiglu => vec![],
     }
 }
 
 fn op(s: &mut String, g: &Graph, op: &Op, depth: usize) {
     let pad = "  ".repeat(depth);
-    write!(s, "{pad}{} = {}", op.result, op.kind.name()).unwrap();
+    write!(s, "{pad}{} = {}", list(&op.results), op.kind.name()).unwrap();
     if let OpKind::Weight { name } = &op.kind {
         // Only `"` and `\` are escaped; the parser reads `\x` as `x`.
         write!(s, " \"{}\"", name.replace('\\', "\\\\").replace('"', "\\\"")).unwrap();
@@ -71,7 +79,8 @@ fn op(s: &mut String, g: &Graph, op: &Op, depth: usize) {
         let inner: Vec<String> = a.iter().map(|(k, v)| format!("{k} = {v}")).collect();
         write!(s, " {{{}}}", inner.join(", ")).unwrap();
     }
-    write!(s, " : {}", g.ty(op.result)).unwrap();
+    let types: Vec<String> = op.results.iter().map(|r| g.ty(*r).to_string()).collect();
+    write!(s, " : {}", types.join(", ")).unwrap();
     if let OpKind::Loop(l) = &op.kind {
         write!(s, " {{\n{pad}^body(").unwrap();
         args(s, g, &l.body.args);

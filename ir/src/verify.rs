@@ -70,8 +70,16 @@ impl Verifier<'_> {
             visible.push(a);
         }
         for op in &b.ops {
-            let r = op.result;
+            let Some(&r) = op.results.first() else {
+                return fail(None, format!("a {} op has no results", op.kind.name()));
+            };
             let what = format!("{r} ({})", op.kind.name());
+            if op.results.len() > 1 && matches!(op.kind, OpKind::Weight { .. } | OpKind::Loop(_)) {
+                return fail(Some(r), format!("{what} must have exactly one result"));
+            }
+            if let Some(bad) = op.results.iter().find(|v| v.index() >= self.g.types.len()) {
+                return fail(Some(*bad), format!("{what}: result {bad} has no type"));
+            }
             for &i in &op.inputs {
                 self.check_use(&what, i, visible)?;
             }
@@ -194,16 +202,31 @@ impl Verifier<'_> {
                         value: Some(r),
                         msg: format!("{what}: {m}"),
                     })?;
-                    if inferred != declared {
+                    if inferred.len() != op.results.len() {
                         return fail(
                             Some(r),
-                            format!("{what} is declared {declared} but its operands give {inferred}"),
+                            format!(
+                                "{what} has {} results but its operands give {}",
+                                op.results.len(),
+                                inferred.len()
+                            ),
                         );
+                    }
+                    for (&res, inf) in op.results.iter().zip(&inferred) {
+                        let declared = self.g.ty(res);
+                        if inf != declared {
+                            return fail(
+                                Some(res),
+                                format!("{what}: result {res} is declared {declared} but its operands give {inf}"),
+                            );
+                        }
                     }
                 }
             }
-            self.define(r, op.kind.name())?;
-            visible.push(r);
+            for &res in &op.results {
+                self.define(res, op.kind.name())?;
+                visible.push(res);
+            }
         }
         match &b.term {
             Terminator::Return(vs) => {

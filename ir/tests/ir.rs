@@ -140,7 +140,7 @@ fn weights_for(g: &Graph) -> HashMap<String, Vec<f32>> {
     let mut map = HashMap::new();
     for op in g.walk() {
         if let OpKind::Weight { name } = &op.kind {
-            let n = g.ty(op.result).fixed_numel().expect("weights have fixed dims");
+            let n = g.ty(op.result()).fixed_numel().expect("weights have fixed dims");
             let mut rng = Rng::new(name);
             let norm = name.contains("norm");
             let data = (0..n)
@@ -244,7 +244,7 @@ fn round_trip_renumbers_a_graph_with_gaps_in_its_value_ids() {
     fn remap(b: &mut ouroc_ir::Block, f: &dyn Fn(ValueId) -> ValueId) {
         b.args.iter_mut().for_each(|a| *a = f(*a));
         for op in &mut b.ops {
-            op.result = f(op.result);
+            op.results = op.results.iter().map(|r| f(*r)).collect();
             op.inputs.iter_mut().for_each(|i| *i = f(*i));
             if let OpKind::Loop(l) = &mut op.kind {
                 remap(&mut l.body, f);
@@ -775,8 +775,8 @@ fn verifier_rejects_attention_heads_not_a_multiple_of_kv_heads() {
 fn verifier_rejects_mutated_lm_graph_with_duplicate_value_definition() {
     // A pass that reuses a result id: the second definition is the fault.
     let mut g = lm_graph(DType::F32, ExitPolicy::Last);
-    let first_weight = g.body.ops[0].result;
-    g.body.ops[1].result = first_weight;
+    let first_weight = g.body.ops[0].result();
+    g.body.ops[1].results = vec![first_weight];
     assert_rejected(&g, first_weight.0, "is defined more than once");
 }
 

@@ -36,6 +36,7 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
     let opts = Options {
         round_low_precision: true,
         max_positions: Some(cfg.max_position_embeddings),
+        exit_skips: false,
     };
     let mut interp = Interpreter::new(&graph, &ckpt, opts)?;
     let lp = graph.find_loop().context("the graph has no loop")?;

@@ -36,6 +36,7 @@ pub fn interp<'g>(g: &'g Graph, ckpt: &Checkpoint) -> Interpreter<'g> {
     let opts = Options {
         round_low_precision: true,
         max_positions: Some(ckpt.config.max_position_embeddings),
+        exit_skips: false,
     };
     Interpreter::new(g, ckpt, opts).expect("load weights")
 }

@@ -13,7 +13,7 @@
 
 mod ops;
 
-use crate::graph::{Block, Graph, OpKind, Terminator, ValueId};
+use crate::graph::{Block, Graph, Loop, Op, OpKind, Terminator, ValueId};
 use crate::policy::{ExitPolicy, exit_distribution};
 use crate::tensor::Tensor;
 use crate::types::{DType, Dim, Type};
@@ -50,6 +50,11 @@ pub struct Options {
     pub round_low_precision: bool,
     /// Largest total number of positions (past + new); None = unlimited.
     pub max_positions: Option<usize>,
+    /// Stop a loop as soon as every token's exit step is decided (real
+    /// early exit, as a runtime does in decode). The KV slots of the steps
+    /// not run get the last run step's K/V. Off: every step runs for every
+    /// token and the policy selects afterwards, as the reference does.
+    pub exit_skips: bool,
 }
 
 impl Default for Options {
@@ -57,6 +62,7 @@ impl Default for Options {
         Options {
             round_low_precision: true,
             max_positions: None,
+            exit_skips: false,
         }
     }
 }
@@ -65,9 +71,10 @@ impl Default for Options {
 /// and per token the exit step the policy chose.
 #[derive(Clone, Debug, Default)]
 pub struct LoopTrace {
-    /// `[steps]` tensors of the body's `out` value, e.g. `[batch, seq, H]`.
+    /// One tensor per step run of the body's `out` value, e.g. `[batch, seq, H]`
+    /// (fewer than the loop's steps only with `Options::exit_skips`).
     pub step_outputs: Vec<Tensor>,
-    /// `[steps]` tensors of the exit signal, `[batch, seq, 1]`.
+    /// One tensor per step run of the exit signal, `[batch, seq, 1]`.
     pub exit_signals: Vec<Tensor>,
     /// Per token (batch-major), the step chosen by the policy.
     pub exit_step: Vec<usize>,
@@ -108,7 +115,7 @@ impl<'g> Interpreter<'g> {
         let mut weights = HashMap::new();
         for op in graph.walk() {
             if let OpKind::Weight { name } = &op.kind {
-                let ty = graph.ty(op.result);
+                let ty = graph.ty(op.result());
                 let dims = ty.fixed_dims().ok_or_else(|| InterpError::Weight {
                     name: name.clone(),
                     msg: format!("type {ty} has symbolic dims"),
@@ -127,7 +134,7 @@ impl<'g> Interpreter<'g> {
                 if opts.round_low_precision {
                     data.iter_mut().for_each(|x| *x = ty.dtype.round(*x));
                 }
-                weights.insert(op.result, Tensor::new(dims, data));
+                weights.insert(op.result(), Tensor::new(dims, data));
             }
         }
         Ok(Interpreter {
@@ -238,53 +245,103 @@ impl<'g> Interpreter<'g> {
     ) -> Result<(), InterpError> {
         let g = self.graph;
         for op in &b.ops {
-            let r = op.result;
-            let out = match &op.kind {
-                OpKind::Weight { .. } => self.weights[&r].clone(),
-                OpKind::Loop(l) => {
-                    let mut carried: Vec<Tensor> = op.inputs.iter().map(|v| f.vals[v].clone()).collect();
-                    let (mut outs, mut exits) = (Vec::new(), Vec::new());
-                    for s in 0..l.steps {
-                        f.vals.insert(l.body.args[0], Tensor::new(vec![], vec![s as f32]));
-                        for (a, c) in l.body.args[1..].iter().zip(carried.drain(..)) {
-                            f.vals.insert(*a, c);
-                        }
-                        self.block(&l.body, f, s, trace)?;
-                        let Terminator::Yield { next, out, exit } = &l.body.term else {
-                            unreachable!("verified")
-                        };
-                        carried = next.iter().map(|v| f.vals[v].clone()).collect();
-                        outs.push(f.vals[out].clone());
-                        exits.push(f.vals[exit].clone());
-                    }
-                    let (result, exit_step) = select(&l.policy, &outs, &exits, self.rd(g.ty(r).dtype));
+            let outs: Vec<Tensor> = match &op.kind {
+                OpKind::Weight { .. } => vec![self.weights[&op.result()].clone()],
+                OpKind::Loop(l) => vec![self.run_loop(op, l, f, trace)?],
+                OpKind::ExitSelect { policy } => {
+                    let n = op.inputs.len() / 2;
+                    let outs: Vec<Tensor> = op.inputs[..n].iter().map(|v| f.vals[v].clone()).collect();
+                    let exits: Vec<Tensor> = op.inputs[n..].iter().map(|v| f.vals[v].clone()).collect();
+                    let (result, exit_step) = select(policy, &outs, &exits, self.rd(g.ty(op.result()).dtype));
                     *trace = Some(LoopTrace {
                         step_outputs: outs,
                         exit_signals: exits,
                         exit_step,
                     });
-                    result
+                    vec![result]
                 }
                 kind => {
                     let ins: Vec<&Tensor> = op.inputs.iter().map(|v| &f.vals[v]).collect();
-                    let dtype = if self.opts.round_low_precision {
-                        g.ty(r).dtype
-                    } else {
-                        DType::F32
-                    };
+                    let dtype = self.rd(g.ty(op.result()).dtype);
                     match kind {
                         OpKind::Attention(a) => {
                             let slots = self.cache.entry((step, a.layer)).or_default();
-                            ops::attention(a, ins[0], ins[1], ins[2], slots, dtype)
+                            vec![ops::attention(a, &ins, slots, dtype)]
                         }
                         _ => ops::eval(kind, &ins, dtype),
                     }
                 }
             };
-            bind(&mut f.syms, r, g.ty(r), &out.shape)?;
-            f.vals.insert(r, out);
+            for (&r, out) in op.results.iter().zip(outs) {
+                bind(&mut f.syms, r, g.ty(r), &out.shape)?;
+                f.vals.insert(r, out);
+            }
         }
         Ok(())
+    }
+
+    /// Run a loop: every step for every token, as the reference does, unless
+    /// `Options::exit_skips` lets it stop once every token's exit is decided.
+    fn run_loop(
+        &mut self,
+        op: &Op,
+        l: &Loop,
+        f: &mut Frame,
+        trace: &mut Option<LoopTrace>,
+    ) -> Result<Tensor, InterpError> {
+        let mut carried: Vec<Tensor> = op.inputs.iter().map(|v| f.vals[v].clone()).collect();
+        let (mut outs, mut exits) = (Vec::new(), Vec::new());
+        for s in 0..l.steps {
+            f.vals.insert(l.body.args[0], Tensor::new(vec![], vec![s as f32]));
+            for (a, c) in l.body.args[1..].iter().zip(carried.drain(..)) {
+                f.vals.insert(*a, c);
+            }
+            self.block(&l.body, f, s, trace)?;
+            let Terminator::Yield { next, out, exit } = &l.body.term else {
+                unreachable!("verified: a loop body ends in yield")
+            };
+            carried = next.iter().map(|v| f.vals[v].clone()).collect();
+            outs.push(f.vals[out].clone());
+            exits.push(f.vals[exit].clone());
+            if self.opts.exit_skips && s + 1 < l.steps && all_decided(&l.policy, &exits, l.steps) {
+                self.fill_skipped_slots(&l.body, s, l.steps, outs[0].shape[1]);
+                break;
+            }
+        }
+        let (result, exit_step) = select(&l.policy, &outs, &exits, self.rd(self.graph.ty(op.result()).dtype));
+        *trace = Some(LoopTrace {
+            step_outputs: outs,
+            exit_signals: exits,
+            exit_step,
+        });
+        Ok(result)
+    }
+
+    /// After stopping at step `last`, the slots of the steps not run still
+    /// need these positions' K/V for later tokens: copy step `last`'s rows
+    /// forward (for a single decoded token that is its exit step's K/V).
+    fn fill_skipped_slots(&mut self, body: &Block, last: usize, steps: usize, seq: usize) {
+        let layers: Vec<usize> = body
+            .ops
+            .iter()
+            .filter_map(|op| match &op.kind {
+                OpKind::Attention(a) => Some(a.layer),
+                _ => None,
+            })
+            .collect();
+        for layer in layers {
+            let src = self.cache.get(&(last, layer)).cloned().unwrap_or_default();
+            for s in last + 1..steps {
+                let dst = self.cache.entry((s, layer)).or_default();
+                dst.resize_with(src.len(), KvSlot::default);
+                for (d, from) in dst.iter_mut().zip(&src) {
+                    let row = from.k.len() / (self.past + seq).max(1);
+                    let tail = from.k.len() - seq * row;
+                    d.k.extend_from_slice(&from.k[tail..]);
+                    d.v.extend_from_slice(&from.v[tail..]);
+                }
+            }
+        }
     }
 
     fn rd(&self, dtype: DType) -> DType {
@@ -317,6 +374,14 @@ fn bind(syms: &mut HashMap<String, usize>, v: ValueId, ty: &Type, shape: &[usize
         }
     }
     Ok(())
+}
+
+/// Whether every token's exit step is decided by the exit signals so far.
+fn all_decided(policy: &ExitPolicy, exits: &[Tensor], steps: usize) -> bool {
+    (0..exits[0].numel()).all(|t| {
+        let lambdas: Vec<f32> = exits.iter().map(|e| e.data[t]).collect();
+        policy.decided_exit(&lambdas, steps).is_some()
+    })
 }
 
 /// Apply the exit policy per token. Every step ran for every token (as in

@@ -2,27 +2,108 @@
 //! rounded with `d.round`, and the comments say where the reference rounds
 //! inside an op as well. Accumulations are in f32.
 
-use crate::graph::{Attention, OpKind};
+use crate::graph::{Attention, NextNorm, OpKind};
 use crate::tensor::Tensor;
 use crate::types::DType;
 
 use super::KvSlot;
 
-pub(super) fn eval(kind: &OpKind, ins: &[&Tensor], d: DType) -> Tensor {
-    match kind {
+pub(super) fn eval(kind: &OpKind, ins: &[&Tensor], d: DType) -> Vec<Tensor> {
+    let one = match kind {
         OpKind::Embedding => embedding(ins[0], ins[1]),
-        OpKind::RmsNorm { eps } => rms_norm(ins[0], ins[1], *eps as f32, d),
+        OpKind::RmsNorm { eps } => rms_norm(ins[0], Some(ins[1]), *eps as f32, d),
+        OpKind::RmsScale { eps } => rms_norm(ins[0], None, *eps as f32, d),
         OpKind::Linear => linear(ins[0], ins[1], ins.get(2).copied(), d),
         OpKind::RopeCos(t) => rope_table(ins[0], t.head_dim, t.theta, f32::cos, d),
         OpKind::RopeSin(t) => rope_table(ins[0], t.head_dim, t.theta, f32::sin, d),
         OpKind::Rope { heads, head_dim } => rope(ins[0], ins[1], ins[2], *heads, *head_dim, d),
-        OpKind::Silu => map(ins[0], d, |x| x / (1.0 + (-x).exp())),
-        OpKind::Sigmoid => map(ins[0], d, |x| 1.0 / (1.0 + (-x).exp())),
+        OpKind::Silu => map(ins[0], d, silu),
+        OpKind::Sigmoid => map(ins[0], d, sigmoid),
         OpKind::Add => zip(ins[0], ins[1], d, |a, b| a + b),
         OpKind::Mul => zip(ins[0], ins[1], d, |a, b| a * b),
-        OpKind::Weight { .. } | OpKind::Loop(_) | OpKind::Attention(_) => {
+        OpKind::ScaleCols => {
+            let (w, s) = (ins[0], ins[1]);
+            let cols = s.numel();
+            Tensor::new(
+                w.shape.clone(),
+                w.data
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| d.round(x * s.data[i % cols]))
+                    .collect(),
+            )
+        }
+        OpKind::Concat { axis } => concat(ins, *axis),
+        OpKind::Slice { start, len } => {
+            let x = ins[0];
+            let mut shape = x.shape.clone();
+            *shape.last_mut().expect("slice input has a last dim") = *len;
+            Tensor::new(shape, x.rows().flat_map(|r| r[*start..start + len].to_vec()).collect())
+        }
+        OpKind::Swiglu => swiglu(ins, d),
+        OpKind::AddRmsNorm { eps } => {
+            let sum = zip(ins[0], ins[1], d, |a, b| a + b);
+            let n = rms_norm(&sum, ins.get(2).copied(), *eps as f32, d);
+            return vec![sum, n];
+        }
+        OpKind::StepEnd { eps, next } => {
+            let eps = *eps as f32;
+            let hn = rms_norm(ins[0], Some(ins[1]), eps, d);
+            let lam = map(&linear(&hn, ins[2], Some(ins[3]), d), d, sigmoid);
+            let next = match next {
+                NextNorm::None => None,
+                NextNorm::Scale => Some(rms_norm(&hn, None, eps, d)),
+                NextNorm::Norm => Some(rms_norm(&hn, Some(ins[4]), eps, d)),
+            };
+            return [hn, lam].into_iter().chain(next).collect();
+        }
+        OpKind::Weight { .. } | OpKind::Loop(_) | OpKind::Attention(_) | OpKind::ExitSelect { .. } => {
             unreachable!("{} is evaluated by the interpreter itself", kind.name())
         }
+    };
+    vec![one]
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Concatenate along `axis`: for each index of the dims before it, each
+/// operand's block in turn.
+fn concat(ins: &[&Tensor], axis: usize) -> Tensor {
+    let outer: usize = ins[0].shape[..axis].iter().product();
+    let mut shape = ins[0].shape.clone();
+    shape[axis] = ins.iter().map(|t| t.shape[axis]).sum();
+    let mut data = Vec::with_capacity(shape.iter().product());
+    for o in 0..outer {
+        for t in ins {
+            let block = t.numel() / outer.max(1);
+            data.extend_from_slice(&t.data[o * block..(o + 1) * block]);
+        }
+    }
+    Tensor::new(shape, data)
+}
+
+/// silu(g) rounded, times u, rounded: the same roundings as `silu` then `mul`.
+fn swiglu(ins: &[&Tensor], d: DType) -> Tensor {
+    let f = |g: f32, u: f32| d.round(d.round(silu(g)) * u);
+    match ins {
+        [g, u] => zip(g, u, d, f),
+        [gu] => {
+            let half = gu.row_len() / 2;
+            let mut shape = gu.shape.clone();
+            *shape.last_mut().expect("swiglu input has a last dim") = half;
+            let data = gu
+                .rows()
+                .flat_map(|r| (0..half).map(move |i| f(r[i], r[half + i])))
+                .collect();
+            Tensor::new(shape, data)
+        }
+        _ => unreachable!("verified: swiglu has 1 or 2 operands"),
     }
 }
 
@@ -51,13 +132,17 @@ fn embedding(table: &Tensor, ids: &Tensor) -> Tensor {
 }
 
 /// x * rsqrt(mean(x^2) + eps) in f32, rounded to `d`, then times the weight
-/// and rounded again (the reference casts back before multiplying).
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f32, d: DType) -> Tensor {
+/// and rounded again (the reference casts back before multiplying). Without
+/// a weight (folded into the consumers) only the first rounding happens.
+fn rms_norm(x: &Tensor, w: Option<&Tensor>, eps: f32, d: DType) -> Tensor {
     let mut data = Vec::with_capacity(x.numel());
     for row in x.rows() {
         let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
         let inv = 1.0 / (ms + eps).sqrt();
-        data.extend(row.iter().zip(&w.data).map(|(v, wv)| d.round(wv * d.round(v * inv))));
+        match w {
+            Some(w) => data.extend(row.iter().zip(&w.data).map(|(v, wv)| d.round(wv * d.round(v * inv)))),
+            None => data.extend(row.iter().map(|v| d.round(v * inv))),
+        }
     }
     Tensor::new(x.shape.clone(), data)
 }
@@ -120,14 +205,20 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize, hd: usize, d: DTyp
 /// head_dim^-0.5 rounded to `d`; softmax in f32, probabilities rounded to
 /// `d`; output sum_j p_j v_j rounded to `d`. Query head h reads kv head
 /// h / (heads / kv_heads).
-pub(super) fn attention(
-    a: &Attention,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    slots: &mut Vec<KvSlot>,
-    d: DType,
-) -> Tensor {
+pub(super) fn attention(a: &Attention, ins: &[&Tensor], slots: &mut Vec<KvSlot>, d: DType) -> Tensor {
+    // With cos/sin operands RoPE is fused in: applied here exactly as `rope` does.
+    let roped;
+    let (q, k, v) = match ins {
+        [q, k, v] => (*q, *k, *v),
+        [q, k, v, cos, sin] => {
+            roped = (
+                rope(q, cos, sin, a.heads, a.head_dim, d),
+                rope(k, cos, sin, a.kv_heads, a.head_dim, d),
+            );
+            (&roped.0, &roped.1, *v)
+        }
+        _ => unreachable!("verified: attention has 3 or 5 operands"),
+    };
     let (batch, seq) = (q.shape[0], q.shape[1]);
     let (hd, kvw, qw) = (a.head_dim, a.kv_heads * a.head_dim, a.heads * a.head_dim);
     let group = a.heads / a.kv_heads;
