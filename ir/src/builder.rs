@@ -112,7 +112,7 @@ impl GraphBuilder {
         policy: ExitPolicy,
         next: &[ValueId],
         out: ValueId,
-        exit: ValueId,
+        exit: Option<ValueId>,
     ) -> ValueId {
         let body = self.stack.pop().expect("end_loop without begin_loop");
         let (result, init) = body.loop_result.expect("end_loop without begin_loop");

@@ -236,7 +236,9 @@ pub enum Terminator {
     Yield {
         next: Vec<ValueId>,
         out: ValueId,
-        exit: ValueId,
+        /// The step's exit signal; absent when the policy never reads it
+        /// (`last`, `step:K`).
+        exit: Option<ValueId>,
     },
 }
 
@@ -344,7 +346,7 @@ impl Graph {
                     Terminator::Yield { next, out, exit } => Terminator::Yield {
                         next: next.iter().map(m).collect(),
                         out: m(out),
-                        exit: m(exit),
+                        exit: exit.as_ref().map(m),
                     },
                 },
             }

@@ -334,10 +334,15 @@ impl Parser {
                     self.punct('(')?;
                     let out = self.use_value()?;
                     self.punct(')')?;
-                    self.keyword("exit")?;
-                    self.punct('(')?;
-                    let exit = self.use_value()?;
-                    self.punct(')')?;
+                    let exit = if matches!(self.peek(), Some(Tok::Ident(k)) if k == "exit") {
+                        self.pos += 1;
+                        self.punct('(')?;
+                        let e = self.use_value()?;
+                        self.punct(')')?;
+                        Some(e)
+                    } else {
+                        None
+                    };
                     return Ok((ops, Terminator::Yield { next, out, exit }));
                 }
                 Some(Tok::Value(_)) => ops.push(self.op()?),

@@ -99,7 +99,11 @@ fn block(s: &mut String, g: &Graph, b: &Block, depth: usize) {
     match &b.term {
         Terminator::Return(vs) => writeln!(s, "{pad}return {}", list(vs)).unwrap(),
         Terminator::Yield { next, out, exit } => {
-            writeln!(s, "{pad}yield next({}) out({out}) exit({exit})", list(next)).unwrap()
+            write!(s, "{pad}yield next({}) out({out})", list(next)).unwrap();
+            match exit {
+                Some(e) => writeln!(s, " exit({e})").unwrap(),
+                None => s.push('\n'),
+            }
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use crate::graph::{Block, Graph, OpKind, Terminator, ValueId};
 use crate::infer::infer;
+use crate::policy::ExitPolicy;
 use crate::types::{DType, Dim, Type};
 use std::collections::HashMap;
 
@@ -146,7 +147,7 @@ impl Verifier<'_> {
                     let Terminator::Yield { next, out, exit } = &l.body.term else {
                         return fail(Some(r), format!("{what}: body must end in `yield`"));
                     };
-                    for &y in next.iter().chain([out, exit]) {
+                    for &y in next.iter().chain([out]).chain(exit.as_ref()) {
                         self.check_use(&format!("{what} yield"), y, visible)?;
                     }
                     if next.len() != op.inputs.len() {
@@ -172,13 +173,29 @@ impl Verifier<'_> {
                         }
                     }
                     let out_t = self.g.ty(*out);
-                    let exit_t = self.g.ty(*exit);
-                    let want_exit = out_t.with_last(Dim::Fixed(1));
-                    if !exit_t.dtype.is_float() || exit_t.shape != want_exit.shape {
-                        return fail(
-                            Some(*exit),
-                            format!("{what}: exit signal {exit} has type {exit_t}, expected shape like {want_exit}"),
-                        );
+                    match exit {
+                        Some(exit) => {
+                            let exit_t = self.g.ty(*exit);
+                            let want_exit = out_t.with_last(Dim::Fixed(1));
+                            if !exit_t.dtype.is_float() || exit_t.shape != want_exit.shape {
+                                return fail(
+                                    Some(*exit),
+                                    format!(
+                                        "{what}: exit signal {exit} has type {exit_t}, expected shape like {want_exit}"
+                                    ),
+                                );
+                            }
+                        }
+                        None if !matches!(l.policy, ExitPolicy::Last | ExitPolicy::Step(_)) => {
+                            return fail(
+                                Some(r),
+                                format!(
+                                    "{what}: policy {} reads the exit signal, but the body yields none",
+                                    l.policy
+                                ),
+                            );
+                        }
+                        None => {}
                     }
                     if &declared != out_t {
                         return fail(

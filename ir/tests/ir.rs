@@ -107,7 +107,7 @@ fn lm_graph(d: DType, policy: ExitPolicy) -> Graph {
     let hn = op(&mut b, OpKind::RmsNorm { eps: EPS }, &[x, final_norm]);
     let e = op(&mut b, OpKind::Linear, &[hn, exit_w, exit_b]);
     let lam = op(&mut b, OpKind::Sigmoid, &[e]);
-    let out = b.end_loop(STEPS, policy, &[hn], hn, lam);
+    let out = b.end_loop(STEPS, policy, &[hn], hn, Some(lam));
     let logits = op(&mut b, OpKind::Linear, &[out, head]);
     b.finish(&[logits, out])
 }
@@ -255,7 +255,7 @@ fn round_trip_renumbers_a_graph_with_gaps_in_its_value_ids() {
             Terminator::Yield { next, out, exit } => Terminator::Yield {
                 next: next.iter().map(|v| f(*v)).collect(),
                 out: f(*out),
-                exit: f(*exit),
+                exit: exit.map(f),
             },
         };
     }
@@ -309,7 +309,7 @@ fn parser_accepts_comments_and_arbitrary_names_and_renumbers_canonically() {
     let y = b.op(OpKind::Linear, &[c[0], w], DType::F32).unwrap();
     let e = b.op(OpKind::Linear, &[y, gw], DType::F32).unwrap();
     let lam = b.op(OpKind::Sigmoid, &[e], DType::F32).unwrap();
-    let r = b.end_loop(2, ExitPolicy::Weighted, &[y], y, lam);
+    let r = b.end_loop(2, ExitPolicy::Weighted, &[y], y, Some(lam));
     let built = b.finish(&[r]);
     assert_eq!(g, built);
     verify(&g).unwrap();
@@ -355,7 +355,7 @@ fn float_attributes_survive_the_text_form_exactly() {
             q: 0.3,
             arith: DType::F32,
         };
-        let out = b.end_loop(2, policy, &[c[0]], c[0], lam);
+        let out = b.end_loop(2, policy, &[c[0]], c[0], Some(lam));
         let g = b.finish(&[out]);
 
         let text = print(&g);

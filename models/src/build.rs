@@ -135,7 +135,7 @@ pub fn build_from_config(cfg: &OuroConfig, head: &str, opts: &BuildOptions) -> R
     let hn = b.op(OpKind::RmsNorm { eps }, &[x, norm], d)?;
     let g = b.op(OpKind::Linear, &[hn, gate_w, gate_b], d)?;
     let lam = b.op(OpKind::Sigmoid, &[g], d)?;
-    let out = b.end_loop(steps, opts.policy, &[hn], hn, lam);
+    let out = b.end_loop(steps, opts.policy, &[hn], hn, Some(lam));
     let logits = b.op(OpKind::Linear, &[out, head_w], d)?;
     let graph = b.finish(&[logits]);
     ouroc_ir::verify(&graph).map_err(|e| format!("internal error: the built graph does not verify: {e}"))?;

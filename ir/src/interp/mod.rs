@@ -302,8 +302,10 @@ impl<'g> Interpreter<'g> {
             };
             carried = next.iter().map(|v| f.vals[v].clone()).collect();
             outs.push(f.vals[out].clone());
-            exits.push(f.vals[exit].clone());
-            if self.opts.exit_skips && s + 1 < l.steps && all_decided(&l.policy, &exits, l.steps) {
+            if let Some(exit) = exit {
+                exits.push(f.vals[exit].clone());
+            }
+            if self.opts.exit_skips && s + 1 < l.steps && all_decided(&l.policy, &outs, &exits, l.steps) {
                 self.fill_skipped_slots(&l.body, s, l.steps, outs[0].shape[1]);
                 break;
             }
@@ -376,23 +378,31 @@ fn bind(syms: &mut HashMap<String, usize>, v: ValueId, ty: &Type, shape: &[usize
     Ok(())
 }
 
+/// Token `t`'s exit signals over the steps run; zeros when the body yields
+/// none (then the policy is `last` or `step:K`, which do not read them).
+fn lambdas_of(exits: &[Tensor], steps_run: usize, t: usize) -> Vec<f32> {
+    if exits.is_empty() {
+        vec![0.0; steps_run]
+    } else {
+        exits.iter().map(|e| e.data[t]).collect()
+    }
+}
+
 /// Whether every token's exit step is decided by the exit signals so far.
-fn all_decided(policy: &ExitPolicy, exits: &[Tensor], steps: usize) -> bool {
-    (0..exits[0].numel()).all(|t| {
-        let lambdas: Vec<f32> = exits.iter().map(|e| e.data[t]).collect();
-        policy.decided_exit(&lambdas, steps).is_some()
-    })
+fn all_decided(policy: &ExitPolicy, outs: &[Tensor], exits: &[Tensor], steps: usize) -> bool {
+    let tokens = outs[0].numel() / outs[0].row_len().max(1);
+    (0..tokens).all(|t| policy.decided_exit(&lambdas_of(exits, outs.len(), t), steps).is_some())
 }
 
 /// Apply the exit policy per token. Every step ran for every token (as in
 /// the reference); the policy picks or mixes their outputs.
 fn select(policy: &ExitPolicy, outs: &[Tensor], exits: &[Tensor], dtype: DType) -> (Tensor, Vec<usize>) {
-    let tokens = exits[0].numel();
+    let tokens = outs[0].numel() / outs[0].row_len().max(1);
     let width = outs[0].row_len();
     let mut result = Tensor::zeros(outs[0].shape.clone());
     let mut steps = Vec::with_capacity(tokens);
     for t in 0..tokens {
-        let lambdas: Vec<f32> = exits.iter().map(|e| e.data[t]).collect();
+        let lambdas = lambdas_of(exits, outs.len(), t);
         let row = t * width..(t + 1) * width;
         let dst = &mut result.data[row.clone()];
         if let ExitPolicy::Weighted = policy {
