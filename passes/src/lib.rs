@@ -1,6 +1,13 @@
 //! ouroc-passes: optimisation passes over the loop IR.
 //!
-//! Not written yet (see the loop-aware optimisation issue): the pass
-//! manager, e-graph rewrites with a cost model, fusion, loop passes,
-//! re-rolling, CSE/DCE and memory planning. The crate exists so the
-//! workspace has its final shape; it exports nothing.
+//! Every pass is a pure function from a verified graph to a verified graph
+//! that computes the same outputs (checked numerically with the
+//! interpreter in the tests). The [`manager`] runs an ordered, named
+//! pipeline, verifies after each pass, records [`stats`] before and after,
+//! and can stop after any pass to dump the IR.
+
+pub mod manager;
+pub mod stats;
+
+pub use manager::{Pass, PassError, PassManager, PassReport};
+pub use stats::{Stats, table};
