@@ -107,14 +107,14 @@ pub fn random_model(seed: u64, policy: &str) -> RandomModel {
     let mut rng = Rng(seed);
     let heads = rng.pick(&[1usize, 2, 4]);
     let kv_heads = rng.pick(&[1usize, 2, 4].map(|k| k.min(heads)));
-    let kv_heads = if heads % kv_heads == 0 { kv_heads } else { 1 };
+    let kv_heads = if heads.is_multiple_of(kv_heads) { kv_heads } else { 1 };
     let head_dim = rng.pick(&[2usize, 4, 8]);
     let hidden = rng.pick(&[8usize, 12, 16]);
     let layers = rng.pick(&[1usize, 2, 3]);
     let steps = rng.pick(&[1usize, 2, 3, 4]);
     let inter = rng.pick(&[8usize, 20, 24]);
     let vocab = rng.pick(&[16usize, 37]);
-    let tied = rng.next() % 2 == 0;
+    let tied = rng.next().is_multiple_of(2);
     let json = format!(
         r#"{{"model_type": "ouro", "hidden_size": {hidden}, "intermediate_size": {inter},
         "num_hidden_layers": {layers}, "num_attention_heads": {heads}, "num_key_value_heads": {kv_heads},
