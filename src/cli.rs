@@ -32,6 +32,48 @@ pub enum Command {
     /// Run the model on token ids with the reference interpreter and write logits,
     /// per-step hidden states, exit gate values and exit steps (the research interface)
     Logits(LogitsArgs),
+    /// Generate text from a prompt, streaming it, then print speed and the
+    /// distribution of exit depths (how many loop steps each token used)
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Checkpoint directory (default: the built-in demo model in models/demo)
+    pub ckpt: Option<PathBuf>,
+    /// The prompt text
+    #[arg(long, required = true)]
+    pub prompt: String,
+    /// Wrap the prompt in the checkpoint's ChatML chat template and stop at <|im_end|>
+    #[arg(long)]
+    pub chat: bool,
+    /// System message for --chat
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// Most tokens to generate
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 = greedy
+    #[arg(long, default_value_t = 0.7, value_name = "T")]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P (1 = off)
+    #[arg(long, default_value_t = 0.9, value_name = "P")]
+    pub top_p: f32,
+    /// Keep only the K most likely tokens (0 = off)
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    pub top_k: usize,
+    /// Penalise tokens already in the context (1 = off)
+    #[arg(long, default_value_t = 1.1, value_name = "X")]
+    pub repetition_penalty: f32,
+    /// Random seed for sampling (the same seed gives the same text)
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    pub seed: u64,
+    #[command(flatten)]
+    pub model: ModelFlags,
+    /// Run every loop step even after a token's exit (as the reference does);
+    /// by default a decoded token stops at the step its exit policy chooses
+    #[arg(long)]
+    pub no_early_exit: bool,
 }
 
 #[derive(Subcommand, Debug)]

@@ -1,3 +1,22 @@
-//! ouroc-runtime: executes a `Program` (KV cache, exit control, sampling).
+//! ouroc-runtime: turns a forward pass into generated text.
 //!
-//! Not written yet (see the Cranelift CPU backend issue); it exports nothing.
+//! - [`tokenizer`]: `tokenizer.json` (byte-level BPE), special and stop ids;
+//! - [`chat`]: the ChatML chat template;
+//! - [`sampling`]: greedy, temperature, top-k, top-p, repetition penalty, seed;
+//! - [`generate`]: the generation loop over any [`generate::Forward`], with
+//!   streaming, stop ids and per-token loop-depth statistics;
+//! - [`interp`]: a `Forward` backed by the reference interpreter, with real
+//!   early exit in decode.
+//!
+//! Executing a compiled `Program` (Cranelift kernels, KV-cache sharing
+//! modes, threads) is the CPU backend's work and is not here yet.
+
+pub mod chat;
+pub mod generate;
+pub mod interp;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use generate::{Forward, GenStats, Step, StopReason, generate};
+pub use sampling::{Sampler, SamplingParams};
+pub use tokenizer::Tokenizer;

@@ -3,6 +3,7 @@
 mod emit;
 mod inspect;
 mod logits;
+mod run;
 
 use crate::cli::{Cli, Command, Emit, ModelFlags, Precision};
 use anyhow::{Context, Result};
@@ -17,6 +18,7 @@ pub fn run(cli: Cli) -> Result<()> {
             what: Emit::Ir { ckpt, model },
         } => emit::ir(&ckpt, &model),
         Command::Logits(args) => logits::run(&args),
+        Command::Run(args) => run::run(&args),
     }
 }
 
@@ -43,6 +45,7 @@ pub fn build(ckpt: &Checkpoint, flags: &ModelFlags) -> Result<Graph> {
         dtype,
         policy,
         loops: flags.loops,
+        unrolled: false,
     };
     ouroc_models::build_graph(ckpt, &opts).map_err(anyhow::Error::msg)
 }

@@ -27,6 +27,7 @@ pub fn build(ckpt: &Checkpoint, dtype: DType, policy: ExitPolicy) -> Graph {
             dtype,
             policy,
             loops: None,
+            unrolled: false,
         },
     )
     .expect("build graph")

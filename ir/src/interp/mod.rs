@@ -50,10 +50,11 @@ pub struct Options {
     pub round_low_precision: bool,
     /// Largest total number of positions (past + new); None = unlimited.
     pub max_positions: Option<usize>,
-    /// Stop a loop as soon as every token's exit step is decided (real
-    /// early exit, as a runtime does in decode). The KV slots of the steps
-    /// not run get the last run step's K/V. Off: every step runs for every
-    /// token and the policy selects afterwards, as the reference does.
+    /// In decode (seq = 1), stop a loop as soon as every token's exit step is
+    /// decided (real early exit, as a runtime does). The KV slots of the
+    /// steps not run get the last run step's K/V. Off, and always in
+    /// prefill: every step runs for every token and the policy selects
+    /// afterwards, as the reference does.
     pub exit_skips: bool,
 }
 
@@ -305,7 +306,10 @@ impl<'g> Interpreter<'g> {
             if let Some(exit) = exit {
                 exits.push(f.vals[exit].clone());
             }
-            if self.opts.exit_skips && s + 1 < l.steps && all_decided(&l.policy, &outs, &exits, l.steps) {
+            // Only in decode (one new position per sequence): prefill fills every
+            // step's KV slots for real, as the reference (and the paper) do.
+            let decoding = f.syms.get("seq") == Some(&1);
+            if self.opts.exit_skips && decoding && s + 1 < l.steps && all_decided(&l.policy, &outs, &exits, l.steps) {
                 self.fill_skipped_slots(&l.body, s, l.steps, outs[0].shape[1]);
                 break;
             }

@@ -26,6 +26,7 @@ pub fn fixture_graph(ckpt: &Checkpoint, policy: &str) -> Graph {
         dtype: DType::F32,
         policy: ExitPolicy::parse(policy).unwrap(),
         loops: None,
+        unrolled: false,
     };
     ouroc_models::build_graph(ckpt, &opts).expect("build")
 }
@@ -140,6 +141,7 @@ pub fn random_model(seed: u64, policy: &str) -> RandomModel {
             dtype: DType::F32,
             policy: pol,
             loops: None,
+            unrolled: false,
         },
     )
     .expect("build random model");

@@ -1,0 +1,135 @@
+//! The generation loop: prefill the prompt, then sample and feed back one
+//! token at a time, streaming each token and stopping on a stop id, the
+//! token budget or the context length.
+
+use crate::sampling::Sampler;
+use std::time::{Duration, Instant};
+
+/// What one forward pass returns.
+pub struct Step {
+    /// Logits of the last position, `[vocab]`.
+    pub logits: Vec<f32>,
+    /// The exit depth (exit step + 1) the policy chose at the last position.
+    pub depth: usize,
+    /// Loop steps actually run (less than the loop's steps when a decode
+    /// token exited early and its later steps were skipped).
+    pub steps_run: usize,
+}
+
+/// A model that can be run forward through its KV cache.
+pub trait Forward {
+    /// Run `ids` (the prompt, then one token at a time) after everything
+    /// already in the cache.
+    fn forward(&mut self, ids: &[u32]) -> Result<Step, String>;
+    /// The loop's number of steps R.
+    fn loop_steps(&self) -> usize;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// A stop id was sampled (it is not printed).
+    Stop(u32),
+    MaxTokens,
+    /// The context (max_position_embeddings) is full.
+    Context,
+}
+
+#[derive(Clone, Debug)]
+pub struct GenStats {
+    pub prompt_tokens: usize,
+    /// Generated tokens, the stop id excluded.
+    pub tokens: Vec<u32>,
+    pub prefill_time: Duration,
+    pub decode_time: Duration,
+    /// Decode forward passes (each feeds one generated token back).
+    pub decode_steps: usize,
+    /// `depth_histogram[d-1]`: generated tokens whose logits came from exit depth d.
+    pub depth_histogram: Vec<usize>,
+    /// Loop steps run over all decode forward passes.
+    pub decode_loop_steps: usize,
+    pub stop: StopReason,
+}
+
+impl GenStats {
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill_time.as_secs_f64().max(1e-9)
+    }
+
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        self.decode_steps as f64 / self.decode_time.as_secs_f64().max(1e-9)
+    }
+
+    /// Mean exit depth of the generated tokens.
+    pub fn mean_depth(&self) -> f64 {
+        let n: usize = self.depth_histogram.iter().sum();
+        let total: usize = self.depth_histogram.iter().enumerate().map(|(d, c)| (d + 1) * c).sum();
+        total as f64 / n.max(1) as f64
+    }
+}
+
+pub struct GenLimits {
+    pub max_new_tokens: usize,
+    /// Positions the model accepts in all (prompt + generated).
+    pub max_positions: usize,
+}
+
+/// Generate after `prompt`. `on_token` receives each generated token as
+/// soon as it is chosen (for streaming); stop ids end generation unprinted.
+pub fn generate(
+    model: &mut dyn Forward,
+    prompt: &[u32],
+    sampler: &mut Sampler,
+    stop_ids: &[u32],
+    limits: &GenLimits,
+    on_token: &mut dyn FnMut(u32) -> Result<(), String>,
+) -> Result<GenStats, String> {
+    if prompt.is_empty() {
+        return Err("the prompt is empty: give some text with --prompt".into());
+    }
+    if prompt.len() >= limits.max_positions {
+        return Err(format!(
+            "the prompt has {} tokens but the model's context holds {} positions, leaving no room to generate",
+            prompt.len(),
+            limits.max_positions
+        ));
+    }
+    let steps = model.loop_steps();
+    let mut stats = GenStats {
+        prompt_tokens: prompt.len(),
+        tokens: vec![],
+        prefill_time: Duration::ZERO,
+        decode_time: Duration::ZERO,
+        decode_steps: 0,
+        depth_histogram: vec![0; steps],
+        decode_loop_steps: 0,
+        stop: StopReason::MaxTokens,
+    };
+    let mut context = prompt.to_vec();
+    let t0 = Instant::now();
+    let mut step = model.forward(prompt)?;
+    stats.prefill_time = t0.elapsed();
+    let t1 = Instant::now();
+    while stats.tokens.len() < limits.max_new_tokens {
+        let next = sampler.sample(&step.logits, &context);
+        if stop_ids.contains(&next) {
+            stats.stop = StopReason::Stop(next);
+            break;
+        }
+        stats.depth_histogram[step.depth.clamp(1, steps) - 1] += 1;
+        stats.tokens.push(next);
+        context.push(next);
+        on_token(next)?;
+        if stats.tokens.len() == limits.max_new_tokens {
+            break;
+        }
+        if context.len() >= limits.max_positions {
+            stats.stop = StopReason::Context;
+            break;
+        }
+        step = model.forward(&[next])?;
+        stats.decode_steps += 1;
+        stats.decode_loop_steps += step.steps_run;
+    }
+    stats.decode_time = t1.elapsed();
+    Ok(stats)
+}

@@ -1,0 +1,124 @@
+use super::{build, open};
+use crate::cli::RunArgs;
+use anyhow::{Context, Result, bail};
+use ouroc_runtime::generate::GenLimits;
+use ouroc_runtime::interp::InterpForward;
+use ouroc_runtime::tokenizer::TextStream;
+use ouroc_runtime::{Sampler, SamplingParams, StopReason, Tokenizer, chat, generate};
+use std::io::Write;
+use std::path::PathBuf;
+
+/// The built-in demo model (see models/demo/README.md).
+fn builtin_model() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/models/demo"))
+}
+
+pub fn run(args: &RunArgs) -> Result<()> {
+    let dir = match &args.ckpt {
+        Some(d) => d.clone(),
+        None => {
+            let d = builtin_model();
+            if !d.join("config.json").is_file() {
+                bail!(
+                    "no checkpoint given and the built-in demo model is missing at {}",
+                    d.display()
+                );
+            }
+            d
+        }
+    };
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+    };
+    params.check().map_err(anyhow::Error::msg)?;
+    let ckpt = open(&dir)?;
+    let tok = Tokenizer::load(&dir)?;
+    let graph = build(&ckpt, &args.model)?;
+    let text = if args.chat {
+        chat::check_template(tok.chat_template.as_deref()).map_err(anyhow::Error::msg)?;
+        chat::render_chatml(args.system.as_deref(), &args.prompt)
+    } else {
+        args.prompt.clone()
+    };
+    let prompt = tok.encode(&text).map_err(anyhow::Error::msg)?;
+    let max_positions = ckpt.config.max_position_embeddings;
+    let mut stop_ids = tok.eos_ids.clone();
+    stop_ids.extend(ckpt.config.eos_token_ids.iter().copied());
+    if args.chat {
+        stop_ids.extend(tok.im_end);
+    }
+    let mut model =
+        InterpForward::new(&graph, &ckpt, max_positions, !args.no_early_exit).map_err(anyhow::Error::msg)?;
+    let policy = graph.find_loop().map(|l| l.policy.to_string()).unwrap_or_default();
+    eprintln!(
+        "ouroc: {} ({} layers x {} loop steps), exit policy {policy}, reference interpreter",
+        dir.display(),
+        ckpt.config.num_hidden_layers,
+        model_steps(&graph)
+    );
+    let mut sampler = Sampler::new(params);
+    let mut stream = TextStream::default();
+    let mut stdout = std::io::stdout();
+    print!("{}", if args.chat { "" } else { args.prompt.as_str() });
+    let limits = GenLimits {
+        max_new_tokens: args.max_new_tokens,
+        max_positions,
+    };
+    let stats = generate(&mut model, &prompt, &mut sampler, &stop_ids, &limits, &mut |id| {
+        let piece = stream.push(&tok, id)?;
+        print!("{piece}");
+        stdout.flush().map_err(|e| e.to_string())
+    })
+    .map_err(anyhow::Error::msg)
+    .context("generation failed")?;
+    println!();
+    let steps = model_steps(&graph);
+    let stop = match stats.stop {
+        StopReason::Stop(id) => format!("stop token {id}"),
+        StopReason::MaxTokens => "--max-new-tokens reached".into(),
+        StopReason::Context => format!("context full ({max_positions} positions)"),
+    };
+    eprintln!("--");
+    eprintln!(
+        "prompt {} tokens, generated {} tokens ({stop})",
+        stats.prompt_tokens,
+        stats.tokens.len()
+    );
+    eprintln!(
+        "prefill {:.1} tokens/s, decode {:.1} tokens/s",
+        stats.prefill_tokens_per_s(),
+        stats.decode_tokens_per_s()
+    );
+    let hist: Vec<String> = stats
+        .depth_histogram
+        .iter()
+        .enumerate()
+        .map(|(d, n)| format!("{} step{}: {n}", d + 1, plural(d + 1)))
+        .collect();
+    eprintln!(
+        "exit depth per generated token: {} (mean {:.2} of {steps})",
+        hist.join(", "),
+        stats.mean_depth()
+    );
+    if stats.decode_steps > 0 {
+        eprintln!(
+            "decode ran {} of {} loop steps ({:.0}%)",
+            stats.decode_loop_steps,
+            stats.decode_steps * steps,
+            100.0 * stats.decode_loop_steps as f64 / (stats.decode_steps * steps) as f64
+        );
+    }
+    Ok(())
+}
+
+fn model_steps(g: &ouroc_ir::Graph) -> usize {
+    g.find_loop().map_or(1, |l| l.steps)
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
