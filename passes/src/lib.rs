@@ -7,6 +7,7 @@
 //! and can stop after any pass to dump the IR.
 
 pub mod manager;
+pub mod reroll;
 pub mod stats;
 
 pub use manager::{Pass, PassError, PassManager, PassReport};
