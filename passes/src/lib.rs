@@ -6,8 +6,16 @@
 //! pipeline, verifies after each pass, records [`stats`] before and after,
 //! and can stop after any pass to dump the IR.
 
+pub mod cse;
+pub mod dce;
+pub mod hoist;
 pub mod manager;
+pub mod memplan;
+pub mod peel;
+pub mod policy_dce;
 pub mod reroll;
+pub mod rotate;
+pub mod ssa;
 pub mod stats;
 
 pub use manager::{Pass, PassError, PassManager, PassReport};
