@@ -32,6 +32,9 @@ pub enum Command {
     /// Run the model on token ids with the reference interpreter and write logits,
     /// per-step hidden states, exit gate values and exit steps (the research interface)
     Logits(LogitsArgs),
+    /// Run the optimisation pipeline (e-graph rewrites, fusion, loop passes,
+    /// re-rolling, CSE/DCE, memory planning) and report what it did
+    Compile(CompileArgs),
     /// Generate text from a prompt, streaming it, then print speed and the
     /// distribution of exit depths (how many loop steps each token used)
     Run(RunArgs),
@@ -78,13 +81,41 @@ pub struct RunArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum Emit {
-    /// The IR text of the model (the rolled loop with its exit policy)
+    /// The IR text of the model (the rolled loop with its exit policy), as
+    /// imported or after any pass of the optimisation pipeline
     Ir {
-        /// Checkpoint directory
-        ckpt: PathBuf,
+        #[command(flatten)]
+        source: SourceArgs,
         #[command(flatten)]
         model: ModelFlags,
+        /// Print the IR after this pass of the pipeline (see `ouroc compile --stats` for the list);
+        /// without it, the imported IR
+        #[arg(long, value_name = "PASS")]
+        after: Option<String>,
     },
+}
+
+/// Where the model comes from: a checkpoint, or a named shape without weights.
+#[derive(Args, Debug, Clone)]
+pub struct SourceArgs {
+    /// Checkpoint directory
+    #[arg(required_unless_present = "shape")]
+    pub ckpt: Option<PathBuf>,
+    /// A named shape instead of a checkpoint (no weights needed): 1.4b, 2.6b, small
+    #[arg(long, value_name = "NAME", conflicts_with = "ckpt")]
+    pub shape: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct CompileArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub model: ModelFlags,
+    /// Print per-pass statistics: ops, ops in the loop, kernels launched per token,
+    /// weight and activation bytes moved per token; and the activation memory plan
+    #[arg(long)]
+    pub stats: bool,
 }
 
 /// Flags that choose the graph built from a checkpoint.
@@ -102,6 +133,10 @@ pub struct ModelFlags {
     /// Number of loop steps R (default: the config's total_ut_steps)
     #[arg(long, value_name = "R")]
     pub loops: Option<usize>,
+    /// Import R explicit copies of the layer stack, as a tracer would (the `reroll`
+    /// pass recovers the loop)
+    #[arg(long)]
+    pub unrolled: bool,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod safetensors_file;
+pub mod shapes;
 pub mod weights;
 
 pub use build::{BuildOptions, build_from_config, build_graph};

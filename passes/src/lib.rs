@@ -8,10 +8,12 @@
 
 pub mod cse;
 pub mod dce;
+pub mod egraph;
 pub mod hoist;
 pub mod manager;
 pub mod memplan;
 pub mod peel;
+pub mod pipeline;
 pub mod policy_dce;
 pub mod reroll;
 pub mod rotate;
@@ -19,4 +21,5 @@ pub mod ssa;
 pub mod stats;
 
 pub use manager::{Pass, PassError, PassManager, PassReport};
+pub use pipeline::default_pipeline;
 pub use stats::{Stats, table};

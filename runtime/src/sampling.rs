@@ -9,7 +9,7 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// Keep the smallest set of tokens whose probability reaches p; 1 = all.
     pub top_p: f32,
-    /// > 1 discourages tokens already in the context (the CTRL / Hugging
+    /// Above 1 discourages tokens already in the context (the CTRL / Hugging
     /// Face rule: positive logits divided by it, negative multiplied); 1 = off.
     pub repetition_penalty: f32,
     pub seed: u64,

@@ -1,11 +1,13 @@
-use super::{build, open};
-use crate::cli::ModelFlags;
+use super::build_source;
+use crate::cli::{ModelFlags, SourceArgs};
 use anyhow::Result;
-use std::path::Path;
 
-pub fn ir(dir: &Path, flags: &ModelFlags) -> Result<()> {
-    let ckpt = open(dir)?;
-    let graph = build(&ckpt, flags)?;
+pub fn ir(source: &SourceArgs, flags: &ModelFlags, after: Option<&str>) -> Result<()> {
+    let mut graph = build_source(source, flags)?;
+    if let Some(pass) = after {
+        let (g, _) = ouroc_passes::default_pipeline().run(&graph, Some(pass))?;
+        graph = g;
+    }
     print!("{}", ouroc_ir::print(&graph));
     Ok(())
 }

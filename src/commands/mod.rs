@@ -1,22 +1,24 @@
 //! One module per subcommand.
 
+mod compile;
 mod emit;
 mod inspect;
 mod logits;
 mod run;
 
-use crate::cli::{Cli, Command, Emit, ModelFlags, Precision};
+use crate::cli::{Cli, Command, Emit, ModelFlags, Precision, SourceArgs};
 use anyhow::{Context, Result};
 use ouroc_ir::{DType, ExitPolicy, Graph};
-use ouroc_models::{BuildOptions, Checkpoint};
+use ouroc_models::{BuildOptions, Checkpoint, OuroConfig};
 use std::path::Path;
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect { ckpt } => inspect::run(&ckpt),
         Command::Emit {
-            what: Emit::Ir { ckpt, model },
-        } => emit::ir(&ckpt, &model),
+            what: Emit::Ir { source, model, after },
+        } => emit::ir(&source, &model, after.as_deref()),
+        Command::Compile(args) => compile::run(&args),
         Command::Logits(args) => logits::run(&args),
         Command::Run(args) => run::run(&args),
     }
@@ -33,19 +35,35 @@ pub fn open(dir: &Path) -> Result<Checkpoint> {
 
 /// Build the graph the flags ask for.
 pub fn build(ckpt: &Checkpoint, flags: &ModelFlags) -> Result<Graph> {
+    build_from(&ckpt.config, ckpt.head_tensor_name(), flags)
+}
+
+fn build_from(config: &OuroConfig, head: &str, flags: &ModelFlags) -> Result<Graph> {
     let dtype = match flags.precision {
         Precision::F32 => DType::F32,
         Precision::Bf16 => DType::BF16,
     };
     let policy = match &flags.exit {
         Some(s) => ExitPolicy::parse(s).map_err(anyhow::Error::msg)?,
-        None => BuildOptions::reference_policy(&ckpt.config, dtype),
+        None => BuildOptions::reference_policy(config, dtype),
     };
     let opts = BuildOptions {
         dtype,
         policy,
         loops: flags.loops,
-        unrolled: false,
+        unrolled: flags.unrolled,
     };
-    ouroc_models::build_graph(ckpt, &opts).map_err(anyhow::Error::msg)
+    ouroc_models::build_from_config(config, head, &opts).map_err(anyhow::Error::msg)
+}
+
+/// The graph of a checkpoint or of a named shape (weights named, not loaded).
+pub fn build_source(source: &SourceArgs, flags: &ModelFlags) -> Result<Graph> {
+    match (&source.ckpt, &source.shape) {
+        (Some(dir), _) => build(&open(dir)?, flags),
+        (None, Some(name)) => {
+            let config = ouroc_models::shapes::named_shape(name).map_err(anyhow::Error::msg)?;
+            build_from(&config, "lm_head.weight", flags)
+        }
+        (None, None) => anyhow::bail!("give a checkpoint directory or --shape NAME"),
+    }
 }

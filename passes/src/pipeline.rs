@@ -1,0 +1,38 @@
+//! The default optimisation pipeline, in order. Each pass's place is
+//! chosen by what it needs:
+//! 1. `reroll` first: an unrolled import becomes a loop, so everything
+//!    after sees one loop body (no-op on a rolled graph);
+//! 2. `egraph`: algebraic rewrites and fusion in the loop body (norm
+//!    weights folded, q/k/v and gate/up merged, swiglu, add+norm,
+//!    rope+attention, step_end);
+//! 3. `hoist`: the weight transforms the rewrites created move out of the loop;
+//! 4. `rotate`: carries the next step's input norm so `step_end` fuses it
+//!    (must precede `policy-dce`, which simplifies `step_end` under `last`);
+//! 5. `policy-dce`, `peel`: remove what the fixed exit policy never uses;
+//! 6. `cse`, `dce`: clean up;
+//! 7. `memplan`: an analysis (buffer lifetimes, arena size).
+
+use crate::cse::Cse;
+use crate::dce::Dce;
+use crate::egraph::EGraphRewrite;
+use crate::hoist::Hoist;
+use crate::manager::PassManager;
+use crate::memplan::MemPlan;
+use crate::peel::Peel;
+use crate::policy_dce::PolicyDce;
+use crate::reroll::Reroll;
+use crate::rotate::Rotate;
+
+pub fn default_pipeline() -> PassManager {
+    PassManager::new(vec![
+        Box::new(Reroll),
+        Box::new(EGraphRewrite),
+        Box::new(Hoist),
+        Box::new(Rotate::new()),
+        Box::new(PolicyDce),
+        Box::new(Peel::new()),
+        Box::new(Cse),
+        Box::new(Dce),
+        Box::new(MemPlan::default()),
+    ])
+}

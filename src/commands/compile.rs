@@ -1,0 +1,29 @@
+use super::build_source;
+use crate::cli::CompileArgs;
+use anyhow::Result;
+use ouroc_passes::memplan;
+
+pub fn run(args: &CompileArgs) -> Result<()> {
+    let graph = build_source(&args.source, &args.model)?;
+    let pipeline = ouroc_passes::default_pipeline();
+    let (optimised, reports) = pipeline.run(&graph, None)?;
+    let (first, last) = (&reports[0].before, &reports[reports.len() - 1].after);
+    if args.stats {
+        print!("{}", ouroc_passes::table(&reports));
+        println!();
+        for seq in [1, 128] {
+            println!("{}", memplan::plan(&optimised, 1, seq).summary());
+        }
+    }
+    println!(
+        "{} passes: kernels/token {} -> {}, weight bytes/token {} -> {}, activation bytes/token {} -> {}",
+        reports.len(),
+        first.kernels_per_token,
+        last.kernels_per_token,
+        first.weight_bytes_per_token,
+        last.weight_bytes_per_token,
+        first.activation_bytes_per_token,
+        last.activation_bytes_per_token
+    );
+    Ok(())
+}

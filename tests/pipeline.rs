@@ -1,0 +1,107 @@
+//! The optimisation pipeline through the CLI: the stats table, the IR after
+//! a pass, and re-rolling an unrolled import back to the direct import.
+
+use std::process::{Command, Output};
+
+fn ouroc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ouroc"))
+        .args(args)
+        .output()
+        .expect("run ouroc")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = ouroc(args);
+    assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn compile_stats_table_for_mha_r4() {
+    let out = ok(&["compile", &fixture("mha-r4"), "--stats", "--exit", "threshold:0.5"]);
+    insta::assert_snapshot!("compile_stats_mha_r4", out);
+}
+
+/// The 1.4B shape needs no weights; the pipeline must cut kernel launches
+/// and bytes moved per token.
+#[test]
+fn pipeline_reduces_launches_and_bytes_for_the_1_4b_shape() {
+    let out = ok(&["compile", "--shape", "1.4b", "--precision", "bf16", "--stats"]);
+    insta::assert_snapshot!("compile_stats_1_4b", out);
+    let summary = out.lines().last().unwrap();
+    let nums: Vec<u64> = summary
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect();
+    // "N passes: kernels/token A -> B, weight bytes/token C -> D, activation bytes/token E -> F"
+    let [_, a, b, c, d, e, f] = nums[..] else {
+        panic!("unexpected summary: {summary}")
+    };
+    assert!(b < a && d < c && f < e, "{summary}");
+}
+
+#[test]
+fn unrolled_import_rerolls_to_the_direct_import() {
+    for name in ["mha-r4", "gqa-hd", "tied"] {
+        let direct = ok(&["emit", "ir", &fixture(name), "--exit", "weighted"]);
+        let unrolled = ok(&["emit", "ir", &fixture(name), "--exit", "weighted", "--unrolled"]);
+        assert!(!unrolled.contains("loop("), "an unrolled import has no loop");
+        assert!(unrolled.contains("exit_select("));
+        let rerolled = ok(&[
+            "emit",
+            "ir",
+            &fixture(name),
+            "--exit",
+            "weighted",
+            "--unrolled",
+            "--after",
+            "reroll",
+        ]);
+        assert_eq!(rerolled, direct, "{name}");
+    }
+}
+
+#[test]
+fn emit_after_a_pass_shows_its_effect_and_unknown_passes_are_named() {
+    let ir = ok(&["emit", "ir", &fixture("mha-r4"), "--after", "egraph"]);
+    assert!(ir.contains("swiglu(") && ir.contains("step_end("), "{ir}");
+    let o = ouroc(&["emit", "ir", &fixture("mha-r4"), "--after", "vectorize"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("vectorize") && err.contains("egraph"),
+        "{err}"
+    );
+}
+
+#[test]
+fn shape_and_checkpoint_are_exclusive() {
+    let o = ouroc(&["compile", &fixture("mha-r4"), "--shape", "1.4b"]);
+    assert!(!o.status.success());
+    let o = ouroc(&["compile", "--shape", "7b"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("7b") && err.contains("1.4b"),
+        "{err}"
+    );
+}
+
+#[test]
+fn optimised_ir_snapshots() {
+    let mha = ok(&[
+        "emit",
+        "ir",
+        &fixture("mha-r4"),
+        "--precision",
+        "bf16",
+        "--after",
+        "memplan",
+    ]);
+    insta::assert_snapshot!("optimised_mha_r4_bf16_default_policy", mha);
+    let gqa = ok(&["emit", "ir", &fixture("gqa-hd"), "--exit", "last", "--after", "memplan"]);
+    insta::assert_snapshot!("optimised_gqa_hd_last", gqa);
+}
