@@ -106,14 +106,16 @@ pub enum OpKind {
     AddRmsNorm {
         eps: f64,
     },
-    /// `step_end(h, norm_w, gate_w, gate_b[, next_w]) -> (hn, lambda[, next])`:
-    /// the end of a loop step as one op: hn = rms_norm(h, norm_w), lambda =
-    /// sigmoid(linear(hn, gate_w, gate_b)), and with `next` = "scale" or
-    /// "norm" also the next step's input norm of hn (unweighted, or with
-    /// next_w): fusion across the loop boundary.
+    /// `step_end(h, norm_w[, gate_w, gate_b][, next_w]) -> (hn[, lambda][, next])`:
+    /// the end of a loop step as one op: hn = rms_norm(h, norm_w), with
+    /// `gate` lambda = sigmoid(linear(hn, gate_w, gate_b)), and with `next` =
+    /// "scale" or "norm" the next step's input norm of hn (unweighted, or
+    /// with next_w): fusion across the loop boundary. Without `gate` (a policy
+    /// that never reads the exit signal) the gate is not computed at all.
     StepEnd {
         eps: f64,
         next: NextNorm,
+        gate: bool,
     },
     /// `exit_select(out_0.., lambda_0..) {policy}`: an unrolled graph's exit
     /// policy over R step outputs and R exit signals (what `loop` does for a

@@ -26,13 +26,15 @@ pub fn infer(kind: &OpKind, inputs: &[&Type], dtype: DType) -> Result<Vec<Type>,
             }
             Ok(vec![h.clone(), h.clone()])
         }
-        OpKind::StepEnd { eps, next } => {
-            let want = if *next == NextNorm::Norm { 5 } else { 4 };
+        OpKind::StepEnd { eps, next, gate } => {
+            let want = 2 + if *gate { 2 } else { 0 } + usize::from(*next == NextNorm::Norm);
             if inputs.len() != want {
                 return Err(format!(
-                    "step_end with next = {} takes {want} operands (h, norm_w, gate_w, gate_b{}), got {}",
+                    "step_end with next = {}{} takes {want} operands (h, norm_w{}{}), got {}",
                     next.name(),
-                    if want == 5 { ", next_w" } else { "" },
+                    if *gate { "" } else { " and no gate" },
+                    if *gate { ", gate_w, gate_b" } else { "" },
+                    if *next == NextNorm::Norm { ", next_w" } else { "" },
                     inputs.len()
                 ));
             }
@@ -43,16 +45,19 @@ pub fn infer(kind: &OpKind, inputs: &[&Type], dtype: DType) -> Result<Vec<Type>,
             }
             norm_weight(h, inputs[1])?;
             let hd = h.last().cloned().unwrap_or(Dim::Fixed(0));
-            if inputs[2].shape != vec![Dim::Fixed(1), hd.clone()] || inputs[3].shape != vec![Dim::Fixed(1)] {
+            if *gate && (inputs[2].shape != vec![Dim::Fixed(1), hd.clone()] || inputs[3].shape != vec![Dim::Fixed(1)]) {
                 return Err(format!(
                     "step_end gate must be weight [1, {hd}] and bias [1], got {} and {}",
                     inputs[2], inputs[3]
                 ));
             }
-            if let Some(w) = inputs.get(4) {
-                norm_weight(h, w)?;
+            if *next == NextNorm::Norm {
+                norm_weight(h, inputs[want - 1])?;
             }
-            let mut out = vec![h.clone(), h.with_last(Dim::Fixed(1))];
+            let mut out = vec![h.clone()];
+            if *gate {
+                out.push(h.with_last(Dim::Fixed(1)));
+            }
             if *next != NextNorm::None {
                 out.push(h.clone());
             }

@@ -476,7 +476,17 @@ impl Parser {
                     }
                     None => return self.err_prev("step_end needs attribute `next`"),
                 };
-                OpKind::StepEnd { eps, next }
+                let gate = match attrs.remove("gate") {
+                    None => true,
+                    Some((Tok::Str(s), _)) if s == "none" => false,
+                    Some((t, line)) => {
+                        return Err(ParseError {
+                            line,
+                            msg: format!("step_end gate may only be \"none\", found `{}`", show(&t)),
+                        });
+                    }
+                };
+                OpKind::StepEnd { eps, next, gate }
             }
             "scale_cols" => OpKind::ScaleCols,
             "swiglu" => OpKind::Swiglu,

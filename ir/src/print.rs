@@ -35,7 +35,13 @@ pub fn attrs(kind: &OpKind) -> Vec<(&'static str, String)> {
         OpKind::RmsNorm { eps } | OpKind::RmsScale { eps } | OpKind::AddRmsNorm { eps } => {
             vec![("eps", format!("{eps:?}"))]
         }
-        OpKind::StepEnd { eps, next } => vec![("eps", format!("{eps:?}")), ("next", format!("\"{}\"", next.name()))],
+        OpKind::StepEnd { eps, next, gate } => {
+            let mut a = vec![("eps", format!("{eps:?}")), ("next", format!("\"{}\"", next.name()))];
+            if !gate {
+                a.push(("gate", "\"none\"".to_string()));
+            }
+            a
+        }
         OpKind::Concat { axis } => vec![("axis", axis.to_string())],
         OpKind::Slice { start, len } => vec![("start", start.to_string()), ("len", len.to_string())],
         OpKind::ExitSelect { policy } => vec![("policy", format!("\"{policy}\""))],

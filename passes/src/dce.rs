@@ -130,20 +130,31 @@ fn prune_loop(op: &mut Op, live: &mut HashSet<ValueId>) {
 /// Drop unused results of multi-result ops where a smaller form exists.
 fn shrink(op: &mut Op, live: &HashSet<ValueId>) {
     match op.kind {
-        OpKind::StepEnd { eps, next } => {
-            if next != NextNorm::None && !live.contains(&op.results[2]) {
-                op.kind = OpKind::StepEnd {
-                    eps,
-                    next: NextNorm::None,
-                };
-                op.results.truncate(2);
-                op.inputs.truncate(4);
+        OpKind::StepEnd {
+            eps,
+            mut next,
+            mut gate,
+        } => {
+            // Results are [hn, lambda if gate, next norm if next]; operands
+            // [h, norm_w, gate_w, gate_b if gate, next_w if next = norm].
+            if next != NextNorm::None && !live.contains(op.results.last().expect("step_end has results")) {
+                op.results.pop();
+                if next == NextNorm::Norm {
+                    op.inputs.pop();
+                }
+                next = NextNorm::None;
             }
-            if op.results.len() == 2 && !live.contains(&op.results[1]) {
-                op.kind = OpKind::RmsNorm { eps };
-                op.results.truncate(1);
-                op.inputs.truncate(2);
+            if gate && !live.contains(&op.results[1]) {
+                // The exit signal is never read (policy-dce removed it): do not compute the gate.
+                op.results.remove(1);
+                op.inputs.drain(2..4);
+                gate = false;
             }
+            op.kind = if !gate && next == NextNorm::None {
+                OpKind::RmsNorm { eps }
+            } else {
+                OpKind::StepEnd { eps, next, gate }
+            };
         }
         OpKind::AddRmsNorm { .. } if !live.contains(&op.results[1]) => {
             op.kind = OpKind::Add;

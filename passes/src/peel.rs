@@ -127,11 +127,15 @@ pub fn peel_last(g: &Graph, li: usize) -> Option<Graph> {
                     Recipe::Norm(d.kind.clone(), Some(d.inputs[1]))
                 }
                 OpKind::RmsScale { .. } if d.inputs[0] == *out => Recipe::Norm(d.kind.clone(), None),
-                OpKind::StepEnd { eps, next } if d.results.get(2) == Some(&y) && d.results[0] == *out => match next {
-                    NextNorm::Norm => Recipe::Norm(OpKind::RmsNorm { eps }, Some(d.inputs[4])),
-                    NextNorm::Scale => Recipe::Norm(OpKind::RmsScale { eps }, None),
-                    NextNorm::None => return None,
-                },
+                OpKind::StepEnd { eps, next, .. }
+                    if next != NextNorm::None && d.results.last() == Some(&y) && d.results[0] == *out =>
+                {
+                    match next {
+                        NextNorm::Norm => Recipe::Norm(OpKind::RmsNorm { eps }, d.inputs.last().copied()),
+                        NextNorm::Scale => Recipe::Norm(OpKind::RmsScale { eps }, None),
+                        NextNorm::None => return None,
+                    }
+                }
                 _ => return None,
             }
         };

@@ -137,7 +137,7 @@ fn rotate_one(g: &mut Graph, li: usize, i: usize, fused_only: bool) -> bool {
     let def = body.ops.iter().position(|op| op.results.contains(&y));
     let fusable = def.filter(|&d| {
         let op = &body.ops[d];
-        matches!(op.kind, OpKind::StepEnd { eps: e, next: NextNorm::None } if e == eps) && op.results[0] == y
+        matches!(op.kind, OpKind::StepEnd { eps: e, next: NextNorm::None, .. } if e == eps) && op.results[0] == y
     });
     if fused_only && fusable.is_none() {
         return false;
@@ -161,7 +161,9 @@ fn rotate_one(g: &mut Graph, li: usize, i: usize, fused_only: bool) -> bool {
     let next_norm = if let Some(d) = fusable {
         let op = &mut body.ops[d];
         let r2 = fresh(g, ty.clone());
+        let gate = matches!(op.kind, OpKind::StepEnd { gate: true, .. });
         op.kind = OpKind::StepEnd {
+            gate,
             eps,
             next: if norm.weight.is_some() {
                 NextNorm::Norm

@@ -86,6 +86,7 @@ fn with_step_end(g: &Graph) -> Graph {
             kind: OpKind::StepEnd {
                 eps,
                 next: NextNorm::None,
+                gate: true,
             },
             inputs: vec![x, nw, gw, gb],
         };

@@ -46,16 +46,16 @@ pub(super) fn eval(kind: &OpKind, ins: &[&Tensor], d: DType) -> Vec<Tensor> {
             let n = rms_norm(&sum, ins.get(2).copied(), *eps as f32, d);
             return vec![sum, n];
         }
-        OpKind::StepEnd { eps, next } => {
+        OpKind::StepEnd { eps, next, gate } => {
             let eps = *eps as f32;
             let hn = rms_norm(ins[0], Some(ins[1]), eps, d);
-            let lam = map(&linear(&hn, ins[2], Some(ins[3]), d), d, sigmoid);
+            let lam = gate.then(|| map(&linear(&hn, ins[2], Some(ins[3]), d), d, sigmoid));
             let next = match next {
                 NextNorm::None => None,
                 NextNorm::Scale => Some(rms_norm(&hn, None, eps, d)),
-                NextNorm::Norm => Some(rms_norm(&hn, Some(ins[4]), eps, d)),
+                NextNorm::Norm => Some(rms_norm(&hn, Some(ins[ins.len() - 1]), eps, d)),
             };
-            return [hn, lam].into_iter().chain(next).collect();
+            return [Some(hn), lam, next].into_iter().flatten().collect();
         }
         OpKind::Weight { .. } | OpKind::Loop(_) | OpKind::Attention(_) | OpKind::ExitSelect { .. } => {
             unreachable!("{} is evaluated by the interpreter itself", kind.name())

@@ -145,7 +145,7 @@ impl Builder<'_> {
             }
             OpKind::Swiglu => Node::Swiglu(ins.clone().into()),
             OpKind::AddRmsNorm { eps } => Node::AddRmsNorm(with(vec![self.leaf(Leaf::eps(*eps))])),
-            OpKind::StepEnd { eps, next } => {
+            OpKind::StepEnd { eps, next, gate: true } => {
                 let e = self.leaf(Leaf::eps(*eps));
                 let n = self.leaf(Leaf::Next(NextCode::of(*next)));
                 Node::StepEnd(with(vec![e, n]))
@@ -155,6 +155,7 @@ impl Builder<'_> {
             | OpKind::RopeCos(_)
             | OpKind::RopeSin(_)
             | OpKind::ExitSelect { .. }
+            | OpKind::StepEnd { gate: false, .. }
             | OpKind::Loop(_) => {
                 if matches!(op.kind, OpKind::Loop(_)) {
                     return Err("a loop inside the region is not supported".into());

@@ -328,6 +328,7 @@ pub fn ir_kind(eg: &EG, n: &Node) -> Option<(OpKind, Vec<Id>)> {
                 OpKind::StepEnd {
                     eps: eps(*e)?,
                     next: next.norm(),
+                    gate: true,
                 },
                 rest.to_vec(),
             )
