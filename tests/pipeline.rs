@@ -105,6 +105,9 @@ fn optimised_ir_snapshots() {
     let gqa = ok(&["emit", "ir", &fixture("gqa-hd"), "--exit", "last", "--after", "memplan"]);
     insta::assert_snapshot!("optimised_gqa_hd_last", gqa);
     // Under `last` nothing reads the exit signal: the gate is gone entirely.
-    assert!(!gqa.contains("early_exit_gate") && gqa.contains("gate = \"none\""), "{gqa}");
+    assert!(
+        !gqa.contains("early_exit_gate") && gqa.contains("gate = \"none\""),
+        "{gqa}"
+    );
     assert!(mha.contains("early_exit_gate"), "threshold policies keep the gate");
 }
