@@ -57,7 +57,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 64, value_name = "N")]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 = greedy
-    #[arg(long, default_value_t = 0.7, value_name = "T")]
+    #[arg(long, default_value_t = 0.7, value_name = "T", allow_negative_numbers = true)]
     pub temperature: f32,
     /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P (1 = off)
     #[arg(long, default_value_t = 0.9, value_name = "P")]

@@ -378,3 +378,87 @@ fn failed_run_leaves_existing_output_untouched() {
     );
     assert_eq!(std::fs::read(&out).unwrap(), b"precious");
 }
+
+#[test]
+fn run_uses_the_builtin_model_streams_text_and_reports_exit_depths() {
+    let o = ouroc(&[
+        "run",
+        "--prompt",
+        "def ",
+        "--max-new-tokens",
+        "12",
+        "--exit",
+        "threshold:0.5",
+        "--seed",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.starts_with("def ") && out.len() > 6, "{out}");
+    let err = stderr(&o);
+    for want in [
+        "models/demo",
+        "generated 12 tokens",
+        "decode",
+        "tokens/s",
+        "exit depth per generated token",
+        "decode ran",
+    ] {
+        assert!(err.contains(want), "summary lacks `{want}`:\n{err}");
+    }
+    // The same seed gives the same text.
+    let again = ouroc(&[
+        "run",
+        "--prompt",
+        "def ",
+        "--max-new-tokens",
+        "12",
+        "--exit",
+        "threshold:0.5",
+        "--seed",
+        "3",
+    ]);
+    assert_eq!(stdout(&again), out);
+}
+
+#[test]
+fn run_refuses_bad_prompts_and_sampling_flags() {
+    let d = fixture("mha-r4");
+    let d = d.to_str().unwrap();
+    fails_with(&["run", d, "--prompt", ""], &["empty"]);
+    let long = "the hidden model is ready ".repeat(20);
+    fails_with(&["run", d, "--prompt", &long], &["context", "64 positions"]);
+    fails_with(&["run", d, "--prompt", "hi", "--temperature", "-1"], &["--temperature"]);
+    fails_with(&["run", d, "--prompt", "hi", "--top-p", "0"], &["--top-p"]);
+    fails_with(&["run", d, "--prompt", "hi", "--system", "be brief"], &["--chat"]);
+    fails_with(&["run", "/nonexistent", "--prompt", "hi"], &["/nonexistent"]);
+}
+
+#[test]
+fn run_chat_mode_wraps_the_prompt_in_chatml() {
+    let d = fixture("mha-r4");
+    let o = ouroc(&[
+        "run",
+        d.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--chat",
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n" is 3 specials plus the text's tokens.
+    let err = stderr(&o);
+    let prompt_tokens: usize = err
+        .split("prompt ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(prompt_tokens >= 8, "chat template applied: {err}");
+}

@@ -123,3 +123,39 @@ fn tokenizer_round_trips_the_golden_prompt() {
     assert_eq!(tok.eos_ids, vec![0, 2]);
     assert_eq!(tok.im_end, Some(2));
 }
+
+/// The built-in demo model was trained with the Ouro objective: under
+/// threshold:0.5 its tokens exit at different depths, on average well
+/// before the last step, and the skipped steps do not run.
+#[test]
+fn demo_model_exits_early_at_varying_depths() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/demo");
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let tok = Tokenizer::load(&dir).unwrap();
+    let opts = BuildOptions {
+        dtype: DType::F32,
+        policy: ExitPolicy::parse("threshold:0.5").unwrap(),
+        loops: None,
+        unrolled: false,
+    };
+    let g = ouroc_models::build_graph(&ckpt, &opts).unwrap();
+    let mut model = InterpForward::new(&g, &ckpt, ckpt.config.max_position_embeddings, true).unwrap();
+    let prompt = tok.encode("def parse(self, text):\n").unwrap();
+    let mut sampler = Sampler::new(SamplingParams::default());
+    let limits = GenLimits {
+        max_new_tokens: 32,
+        max_positions: ckpt.config.max_position_embeddings,
+    };
+    let stats = generate(&mut model, &prompt, &mut sampler, &[], &limits, &mut |_| Ok(())).unwrap();
+    let depths_used = stats.depth_histogram.iter().filter(|&&n| n > 0).count();
+    assert!(depths_used >= 2, "exit depths vary: {:?}", stats.depth_histogram);
+    assert!(stats.mean_depth() < 3.5, "mean depth {} of 4", stats.mean_depth());
+    assert!(
+        stats.decode_loop_steps < 4 * stats.decode_steps,
+        "{} of {}",
+        stats.decode_loop_steps,
+        4 * stats.decode_steps
+    );
+    let text = tok.decode(&stats.tokens).unwrap();
+    assert!(!text.trim().is_empty());
+}

@@ -16,8 +16,16 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// A checkpoint directory: a fixture, or `demo` for the built-in demo model.
+pub fn checkpoint_dir(name: &str) -> PathBuf {
+    match name {
+        "demo" => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/demo"),
+        _ => fixture(name),
+    }
+}
+
 pub fn open(name: &str) -> Checkpoint {
-    Checkpoint::open(&fixture(name)).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+    Checkpoint::open(&checkpoint_dir(name)).unwrap_or_else(|e| panic!("checkpoint {name}: {e}"))
 }
 
 pub fn build(ckpt: &Checkpoint, dtype: DType, policy: ExitPolicy) -> Graph {
@@ -102,6 +110,12 @@ impl Golden {
         self.tensors
             .get(key)
             .unwrap_or_else(|| panic!("golden has no tensor {key}"))
+    }
+
+    /// A tensor some golden files leave out (the demo model's stores logits
+    /// for a few policies only, to stay small).
+    pub fn try_get(&self, key: &str) -> Option<&GoldenTensor> {
+        self.tensors.get(key)
     }
 
     pub fn prompt(&self) -> Vec<u32> {

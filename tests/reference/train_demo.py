@@ -1,10 +1,11 @@
-"""Trains the small Ouro-architecture demo model shipped in models/demo/.
+"""Trains the small Ouro-architecture demo model shipped in models/demo/ (see its README.md).
 
     python tests/reference/train_demo.py [--steps N] [--out models/demo]
     python tests/reference/train_demo.py --dry-run      # throughput only, writes nothing
 
-CPU only, torch.set_num_threads(2), about 20-25 minutes on two cores. Deterministic data order
-and seeds (low bits may still differ across torch versions and CPUs).
+CPU only, torch.set_num_threads(2): about 20 minutes of training on two (shared) cores. Fixed
+seeds and data order; other torch versions, CPUs or Python versions (other stdlib text) give
+other low bits or another model.
 
 Data: the top-level *.py modules of the CPython standard library of the running interpreter
 (sysconfig "stdlib" path; PSF licence), sorted by name; every HOLDOUT_EVERY-th file is held out
@@ -16,8 +17,12 @@ layers in every loop step, model.norm after each step feeding the next, early_ex
 normed state, untied lm_head). Objective (Ouro paper, stage I): per token
     loss = sum_r p_r * CE_r - beta * H(p),
 p the exit distribution of the gates (p_r = lambda_r * prod_{j<r} (1 - lambda_j), the last step
-takes the rest). Trained in f32, exported in bf16; the export is then evaluated with ouro_ref.py
-(the project's reference forward pass).
+takes the rest), beta decayed geometrically from BETA0 = 1 to BETA = 0.05 (a constant 0.05 let
+the gate collapse onto step 1 within 80 steps). f32 master weights and optimizer, matmuls under
+bf16 autocast (--f32: none); norms, residual stream, gate and losses in f32. Exported in bf16,
+then evaluated with ouro_ref.py (the project's reference forward pass): CE per step, exit
+depths, a greedy sample. An optional gate-only stage II (Ouro paper) exists (--steps2), off by
+default: it made exits later on this model.
 """
 import os
 
