@@ -174,7 +174,7 @@ def make_config(s):
     return dict(sorted(cfg.items()))
 
 
-def tokenizer_config():
+def tokenizer_config(model_max_length=64):
     added = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                       "single_word": False, "special": True} for i, t in enumerate(SPECIALS)}
     return {
@@ -185,7 +185,7 @@ def tokenizer_config():
         "chat_template": CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": False,
         "eos_token": "<|im_end|>",
-        "model_max_length": 64,
+        "model_max_length": model_max_length,
         "pad_token": "<|endoftext|>",
         "tokenizer_class": "GPT2Tokenizer",
         "unk_token": "<|endoftext|>",

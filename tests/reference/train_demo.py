@@ -51,6 +51,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from ouro_ref import Ouro  # noqa: E402
+from gen_fixtures import CHAT_TEMPLATE, SPECIALS, tokenizer_config, write_json  # noqa: E402,F401
 
 torch.set_num_threads(2)
 
@@ -71,12 +72,7 @@ HOLDOUT_EVERY, HOLDOUT_OFFSET = 16, 7
 VAL_WINDOWS = 64           # validation windows of SEQ tokens, spread over the held-out files
 REF_WINDOWS = 64           # of those, evaluated with ouro_ref.py in bf16 (exit depths)
 LOG_EVERY = 5              # loss curve CSV rows
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 SAMPLE_PROMPT, SAMPLE_TOKENS = "def ", 60
-
-CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
-                 "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
-                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -375,28 +371,6 @@ def make_config():
     return dict(sorted(cfg.items()))
 
 
-def tokenizer_config():
-    added = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                      "single_word": False, "special": True} for i, t in enumerate(SPECIALS)}
-    return {
-        "add_prefix_space": False,
-        "added_tokens_decoder": added,
-        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
-        "bos_token": "<|endoftext|>",
-        "chat_template": CHAT_TEMPLATE,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": "<|im_end|>",
-        "model_max_length": SEQ,
-        "pad_token": "<|endoftext|>",
-        "tokenizer_class": "GPT2Tokenizer",
-        "unk_token": "<|endoftext|>",
-    }
-
-
-def write_json(path, obj):
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
 def export(model, tok, out):
     out.mkdir(parents=True, exist_ok=True)
     sd = model.state_dict()
@@ -406,7 +380,7 @@ def export(model, tok, out):
     write_json(out / "generation_config.json",
                {"bos_token_id": 0, "eos_token_id": [0, 2], "transformers_version": "4.54.1"})
     tok.save(str(out / "tokenizer.json"), pretty=True)
-    write_json(out / "tokenizer_config.json", tokenizer_config())
+    write_json(out / "tokenizer_config.json", tokenizer_config(SEQ))
     return sum(t.numel() for t in tensors.values())
 
 
