@@ -12,7 +12,7 @@
 //!   grow with the context, are not included);
 //! - a loop body counts `steps` times.
 
-use ouroc_ir::{Block, Dim, Graph, OpKind, Type, ValueId};
+use ouroc_ir::{Block, Graph, OpKind, Type, ValueId};
 use std::collections::HashSet;
 use std::fmt::Write;
 
@@ -36,17 +36,9 @@ impl Stats {
     }
 }
 
-/// Bytes of a value at batch = 1, seq = 1.
-fn bytes(t: &Type) -> u64 {
-    let n: u64 = t
-        .shape
-        .iter()
-        .map(|d| match d {
-            Dim::Fixed(n) => *n as u64,
-            Dim::Sym(_) => 1,
-        })
-        .product();
-    n * t.dtype.size_bytes() as u64
+/// Bytes of a value per token: batch = 1, seq = 1 (the memory plan's rule).
+pub fn bytes(t: &Type) -> u64 {
+    crate::memplan::value_bytes(t, 1, 1)
 }
 
 fn visit(g: &Graph, b: &Block, times: u64, constants: &mut HashSet<ValueId>, s: &mut Stats, in_loop: bool) {

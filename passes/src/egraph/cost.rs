@@ -14,7 +14,7 @@
 
 use super::lang::{EG, Node, impure, infer_node, ir_kind};
 use egg::Id;
-use ouroc_ir::{Dim, OpKind, Type};
+use ouroc_ir::{OpKind, Type};
 
 /// Price of one byte moved (read or written) per token: the unit of cost.
 pub const BYTE_COST: u64 = 1;
@@ -37,18 +37,7 @@ pub const LAUNCH_COST: u64 = 32 * 1024;
 /// ops when everything else is equal.
 pub const OP_COST: u64 = 1;
 
-/// Bytes of a value at batch = 1, seq = 1 (symbolic dims count 1).
-pub fn bytes(t: &Type) -> u64 {
-    let n: u64 = t
-        .shape
-        .iter()
-        .map(|d| match d {
-            Dim::Fixed(n) => *n as u64,
-            Dim::Sym(_) => 1,
-        })
-        .product();
-    n * t.dtype.size_bytes() as u64
-}
+pub use crate::stats::bytes;
 
 /// Cost of one e-node per token, not counting its operands' own costs;
 /// None when the node cannot be extracted (it does not type, or it
