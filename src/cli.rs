@@ -9,8 +9,10 @@ use std::path::PathBuf;
     version,
     about = "Ahead-of-time compiler for looped language models (Ouro)",
     long_about = "ouroc turns an Ouro checkpoint directory (config.json + safetensors + tokenizer.json) \
-into an IR in which the loop over the shared layer stack and its early exit are explicit, and runs it.\n\n\
-A CKPT argument is a checkpoint directory in the Hugging Face layout; tests/fixtures/ holds small ones."
+into an IR in which the loop over the shared layer stack and its early exit are explicit, optimises it, \
+and runs it.\n\n\
+A CKPT argument is a checkpoint directory in the Hugging Face layout; tests/fixtures/ holds small ones, \
+and `ouroc run --prompt \"def \"` without a CKPT uses the built-in demo model (models/demo)."
 )]
 pub struct Cli {
     #[command(subcommand)]
