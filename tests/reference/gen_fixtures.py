@@ -134,7 +134,8 @@ def make_weights(s, seed):
     return w
 
 
-def make_config(s):
+def make_config(s, vocab=VOCAB, max_positions=64):
+    """config.json of a checkpoint described by the spec dict `s` (also used by train_demo.py)."""
     L = s["layers"]
     cfg = {
         "architectures": ["OuroForCausalLM"],
@@ -150,7 +151,7 @@ def make_config(s):
         "initializer_range": 0.02,
         "intermediate_size": s["intermediate"],
         "layer_types": ["full_attention"] * L,
-        "max_position_embeddings": 64,
+        "max_position_embeddings": max_positions,
         "max_window_layers": L,
         "model_type": "ouro",
         "num_attention_heads": s["heads"],
@@ -167,7 +168,7 @@ def make_config(s):
         "transformers_version": "4.54.1",
         "use_cache": True,
         "use_sliding_window": False,
-        "vocab_size": VOCAB,
+        "vocab_size": vocab,
     }
     if s["head_dim"] is not None:
         cfg["head_dim"] = s["head_dim"]

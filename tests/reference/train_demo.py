@@ -51,6 +51,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from ouro_ref import Ouro  # noqa: E402
+import gen_fixtures  # noqa: E402
 from gen_fixtures import CHAT_TEMPLATE, SPECIALS, tokenizer_config, write_json  # noqa: E402,F401
 
 torch.set_num_threads(2)
@@ -335,40 +336,9 @@ def stage2(model, train, steps, gen, log):
 
 # ---- export ----------------------------------------------------------------------------------
 def make_config():
-    cfg = {
-        "architectures": ["OuroForCausalLM"],
-        "attention_dropout": 0.0,
-        "auto_map": {"AutoConfig": "configuration_ouro.OuroConfig",
-                     "AutoModel": "modeling_ouro.OuroModel",
-                     "AutoModelForCausalLM": "modeling_ouro.OuroForCausalLM"},
-        "bos_token_id": 0,
-        "early_exit_threshold": 1.0,
-        "eos_token_id": 0,
-        "hidden_act": "silu",
-        "hidden_size": HIDDEN,
-        "initializer_range": 0.02,
-        "intermediate_size": INTER,
-        "layer_types": ["full_attention"] * LAYERS,
-        "max_position_embeddings": SEQ,
-        "max_window_layers": LAYERS,
-        "model_type": "ouro",
-        "num_attention_heads": HEADS,
-        "num_hidden_layers": LAYERS,
-        "num_key_value_heads": KV_HEADS,
-        "pad_token_id": 0,
-        "rms_norm_eps": EPS,
-        "rope_scaling": None,
-        "rope_theta": ROPE_THETA,
-        "sliding_window": None,
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-        "total_ut_steps": R,
-        "transformers_version": "4.54.1",
-        "use_cache": True,
-        "use_sliding_window": False,
-        "vocab_size": VOCAB,
-    }
-    return dict(sorted(cfg.items()))
+    spec = {"layers": LAYERS, "hidden": HIDDEN, "intermediate": INTER, "heads": HEADS, "kv_heads": KV_HEADS,
+            "head_dim": None, "tied": False, "dtype": "bfloat16", "R": R}
+    return gen_fixtures.make_config(spec, vocab=VOCAB, max_positions=SEQ)
 
 
 def export(model, tok, out):
