@@ -1,0 +1,24 @@
+//! Print the Program of a checkpoint: `cargo run -p ouroc-kernels --example show -- CKPT POLICY [json] [raw]`
+//! (`raw`: the imported graph, without the pipeline; `json`: the serialised form).
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let ckpt = ouroc_models::Checkpoint::open(std::path::Path::new(&args[1])).unwrap();
+    let opts = ouroc_models::BuildOptions {
+        dtype: ouroc_ir::DType::F32,
+        policy: ouroc_ir::ExitPolicy::parse(&args[2]).unwrap(),
+        loops: None,
+        unrolled: false,
+    };
+    let g = ouroc_models::build_graph(&ckpt, &opts).unwrap();
+    let g = if args.iter().any(|a| a == "raw") {
+        g
+    } else {
+        ouroc_passes::default_pipeline().run(&g, None).unwrap().0
+    };
+    let p = ouroc_kernels::lower(&g).unwrap();
+    if args.iter().any(|a| a == "json") {
+        println!("{}", p.to_json());
+    } else {
+        print!("{p}");
+    }
+}
