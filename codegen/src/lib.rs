@@ -1,3 +1,9 @@
 //! ouroc-codegen: backends (Cranelift CPU, PTX for sm_80, MLIR export).
 //!
-//! Not written yet (see the CPU, PTX and MLIR issues); it exports nothing.
+//! - [`cpu`]: Cranelift emitters, one per kernel family of
+//!   [`ouroc_kernels::spec::Family`], shape-specialised, JIT-compiled for the
+//!   host by [`cpu::Jit`] and printable as CLIF by [`cpu::clif_text`].
+//!
+//! The PTX and MLIR backends are not written yet.
+
+pub mod cpu;

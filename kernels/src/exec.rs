@@ -542,7 +542,10 @@ fn rms(x: &[f32], w: Option<&[f32]>, eps: f32, rd: &dyn Fn(f32) -> f32) -> Vec<f
     }
 }
 
-fn row_reduce<'a>(
+/// The reference `RowReduce` of `tokens` rows: `input(i)` is operand i (all
+/// its rows); the results in the family's result order. Public so that
+/// backends can test their emitters against it.
+pub fn row_reduce<'a>(
     r: &RowReduceSpec,
     input: &dyn Fn(usize) -> &'a [f32],
     tokens: usize,

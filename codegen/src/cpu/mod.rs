@@ -1,0 +1,399 @@
+//! The Cranelift CPU backend: one emitter per kernel family, shape
+//! specialised (every size of the spec is a constant in the generated code;
+//! only the number of rows, `tokens`, is a run-time value).
+//!
+//! # ABI (every kernel)
+//!
+//! ```text
+//! extern "C" fn(args: *const *mut u8, strides: *const usize, tokens: usize)
+//! ```
+//!
+//! - `args[i]`: the base pointer of operand i (in the family's operand
+//!   order, `Family::operands()` of them), then of each result
+//!   (`Family::results()`), as `ouroc_kernels::spec` lists them.
+//! - `strides[i]`: for an activation operand or result, its row stride in
+//!   elements (a column window `%v[a..b]` of a wider buffer has the
+//!   buffer's width); ignored (but present) for weights.
+//! - `tokens`: the number of rows; row t of an activation starts at
+//!   `args[i] + t * strides[i] * size(dtype)`.
+//!
+//! Dtypes (see [`operand_dtypes`]): activations and results are stored in
+//! the spec's `act` (f32, or bf16 as its 16 bits), `Linear` weights in the
+//! spec's `weight` dtype. Weights whose dtype the spec does not carry (the
+//! linear bias, the row-reduce norm and gate weights) are taken in the
+//! activation dtype (the linear bias in the weight dtype). bf16 values are
+//! widened in registers (`u16 << 16`, bitcast) and results rounded to bf16
+//! round-to-nearest-even on the f32 bits, as `half::bf16::from_f32`.
+//!
+//! Kernels are correct in place (a result row may be an operand row): each
+//! row is read before it is written at the same index.
+//!
+//! # Families
+//!
+//! - `Linear`: per row of x, four rows of W at a time, `f32x4` loads and
+//!   `fma` into 8 independent accumulators (4 rows x 2 k-chunks of 4) over
+//!   k, one more chunk of 4 when `k % 8 >= 4`, a horizontal sum, a scalar
+//!   tail for `k % 4`; then the `n % 4` remaining rows one at a time.
+//! - `Elementwise`: scalar loop over the row, the expression tree inline,
+//!   each node rounded; `exp` is a call to `f32::exp` registered in the JIT
+//!   (`ouroc_expf`), so the result equals the reference bit for bit.
+//! - `RowReduce`: scalar passes over the row (add + sum of squares, norm +
+//!   gate dot + next's sum of squares, next norm), `sqrt` native, the gate's
+//!   sigmoid via `ouroc_expf`; sums sequential as in the reference.
+//!
+//! `Gather`, `RopeTable`, `Rope` and `Attention` are not emitted yet:
+//! [`CodegenError::Unsupported`].
+
+mod elementwise;
+pub mod jit;
+mod linear;
+mod row_reduce;
+
+pub use jit::{Jit, KernelFn, KernelId, RawKernel};
+
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::{
+    AbiParam, BlockArg, ExtFuncData, ExternalName, FuncRef, Function, InstBuilder, MemFlagsData, Signature,
+    UserExternalName, UserFuncName, Value, types,
+};
+use cranelift_codegen::ir::{Endianness, Type};
+use cranelift_codegen::isa::{CallConv, TargetFrontendConfig};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use ouroc_ir::DType;
+use ouroc_kernels::spec::Family;
+use ouroc_kernels::{KernelSpec, NormWeight};
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CodegenError {
+    #[error("the host ISA is not supported by Cranelift: {0}")]
+    UnsupportedHost(String),
+    #[error("kernel {kernel}: {msg}")]
+    Unsupported { kernel: String, msg: String },
+    #[error("cranelift: {0}")]
+    Cranelift(String),
+}
+
+/// What an emitter needs to know about the target.
+pub(crate) struct Env {
+    pub ptr: Type,
+    pub frontend: TargetFrontendConfig,
+    /// Index (module function id) of the imported `ouroc_expf`.
+    pub expf: u32,
+}
+
+/// The dtype of each operand of a kernel, in operand order (see the module docs).
+pub fn operand_dtypes(spec: &KernelSpec) -> Vec<DType> {
+    let act = spec.act;
+    match &spec.family {
+        Family::Gather(g) => vec![g.table, DType::I32],
+        Family::RopeTable(_) => vec![DType::I32],
+        Family::Linear(l) => {
+            let mut d = vec![act, l.weight];
+            if l.bias {
+                d.push(l.weight);
+            }
+            d
+        }
+        f => vec![act; f.operands()],
+    }
+}
+
+/// Whether this backend emits kernels of this family yet.
+pub fn supported(spec: &KernelSpec) -> bool {
+    matches!(
+        spec.family,
+        Family::Linear(_) | Family::Elementwise(_) | Family::RowReduce(_)
+    )
+}
+
+/// The kernel parameters: `(args, strides, tokens)`.
+pub(crate) fn kernel_params(sig: &mut Signature, ptr: Type) {
+    for _ in 0..3 {
+        sig.params.push(AbiParam::new(ptr));
+    }
+}
+
+/// The CLIF of the kernel of `spec` before Cranelift's optimisations, for a
+/// 64-bit System V target (the text is the same on every 64-bit host).
+pub fn clif_text(spec: &KernelSpec) -> Result<String, CodegenError> {
+    let env = Env {
+        ptr: types::I64,
+        frontend: TargetFrontendConfig {
+            default_call_conv: CallConv::SystemV,
+            pointer_width: target_lexicon::PointerWidth::U64,
+            page_size_align_log2: 12,
+        },
+        expf: 0,
+    };
+    let mut sig = Signature::new(CallConv::SystemV);
+    kernel_params(&mut sig, env.ptr);
+    let mut func = Function::with_name_signature(UserFuncName::user(0, 1), sig);
+    build(spec, &mut func, &mut FunctionBuilderContext::new(), &env)?;
+    Ok(func.display().to_string())
+}
+
+/// Emit the body of `func` (whose signature is the kernel ABI) for `spec`.
+pub(crate) fn build(
+    spec: &KernelSpec,
+    func: &mut Function,
+    fctx: &mut FunctionBuilderContext,
+    env: &Env,
+) -> Result<(), CodegenError> {
+    let unsupported = |msg: String| CodegenError::Unsupported {
+        kernel: spec.name.clone(),
+        msg,
+    };
+    if !supported(spec) {
+        return Err(unsupported(format!(
+            "the CPU backend does not emit {} kernels yet",
+            spec.family.name()
+        )));
+    }
+    for d in operand_dtypes(spec).into_iter().chain([spec.act]) {
+        if !matches!(d, DType::F32 | DType::BF16) {
+            return Err(unsupported(format!("dtype {d} (the CPU backend handles f32 and bf16)")));
+        }
+    }
+    let mut b = FunctionBuilder::new(func, fctx);
+    let entry = b.create_block();
+    b.append_block_params_for_function_params(entry);
+    b.switch_to_block(entry);
+    b.seal_block(entry);
+    let p = b.block_params(entry).to_vec();
+    let mut e = Emit {
+        b,
+        ptr: env.ptr,
+        args: p[0],
+        strides: p[1],
+        tokens: p[2],
+        expf: None,
+        expf_index: env.expf,
+        call_conv: env.frontend.default_call_conv,
+    };
+    match &spec.family {
+        Family::Linear(l) => linear::emit(&mut e, spec.act, l),
+        Family::Elementwise(el) => elementwise::emit(&mut e, spec.act, el),
+        Family::RowReduce(r) => row_reduce::emit(&mut e, spec.act, r),
+        _ => unreachable!("checked by supported()"),
+    }
+    e.b.ins().return_(&[]);
+    e.b.finalize(env.frontend);
+    Ok(())
+}
+
+/// Memory flags of every access: non-trapping (the caller guarantees the
+/// buffers), not assumed aligned.
+fn mf() -> MemFlagsData {
+    MemFlagsData::new().with_notrap()
+}
+
+/// Flags of lane-reinterpreting vector bitcasts (lane order little-endian).
+fn vbits() -> MemFlagsData {
+    MemFlagsData::new().with_endianness(Endianness::Little)
+}
+
+/// Emission state shared by the emitters: the builder and the kernel's parameters.
+pub(crate) struct Emit<'a> {
+    pub b: FunctionBuilder<'a>,
+    pub ptr: Type,
+    args: Value,
+    strides: Value,
+    pub tokens: Value,
+    expf: Option<FuncRef>,
+    expf_index: u32,
+    call_conv: CallConv,
+}
+
+impl Emit<'_> {
+    pub fn iconst(&mut self, v: usize) -> Value {
+        self.b.ins().iconst(self.ptr, v as i64)
+    }
+
+    /// `args[i]`.
+    pub fn arg(&mut self, i: usize) -> Value {
+        let bytes = self.ptr.bytes() as i32;
+        self.b.ins().load(self.ptr, mf(), self.args, bytes * i as i32)
+    }
+
+    /// The row stride of argument `i` in bytes, for elements of `dtype`.
+    pub fn stride_bytes(&mut self, i: usize, dtype: DType) -> Value {
+        let bytes = self.ptr.bytes() as i32;
+        let s = self.b.ins().load(self.ptr, mf(), self.strides, bytes * i as i32);
+        self.b.ins().imul_imm_u(s, dtype.size_bytes() as i64)
+    }
+
+    /// `base + t * stride`.
+    pub fn row(&mut self, base: Value, stride: Value, t: Value) -> Value {
+        let off = self.b.ins().imul(t, stride);
+        self.b.ins().iadd(base, off)
+    }
+
+    /// `p + i * size(dtype)` for a run-time element index `i`.
+    pub fn elem_addr(&mut self, p: Value, i: Value, dtype: DType) -> Value {
+        let off = self.b.ins().imul_imm_u(i, dtype.size_bytes() as i64);
+        self.b.ins().iadd(p, off)
+    }
+
+    /// One element of `dtype` at `p + off` bytes, as f32.
+    pub fn load_s(&mut self, dtype: DType, p: Value, off: i32) -> Value {
+        match dtype {
+            DType::BF16 => {
+                let h = self.b.ins().uload16(types::I32, mf(), p, off);
+                let bits = self.b.ins().ishl_imm_u(h, 16);
+                self.b.ins().bitcast(types::F32, MemFlagsData::new(), bits)
+            }
+            _ => self.b.ins().load(types::F32, mf(), p, off),
+        }
+    }
+
+    /// Four elements of `dtype` at `p + off` bytes, as f32x4.
+    pub fn load_v(&mut self, dtype: DType, p: Value, off: i32) -> Value {
+        match dtype {
+            DType::BF16 => {
+                let h = self.b.ins().uload16x4(mf(), p, off);
+                let bits = self.b.ins().ishl_imm_u(h, 16);
+                self.b.ins().bitcast(types::F32X4, vbits(), bits)
+            }
+            _ => self.b.ins().load(types::F32X4, mf(), p, off),
+        }
+    }
+
+    /// Round an f32 to `dtype` (round-to-nearest-even; NaN stays a quiet
+    /// NaN, as `half::bf16::from_f32`); the identity for f32.
+    pub fn round_s(&mut self, dtype: DType, v: Value) -> Value {
+        if dtype != DType::BF16 {
+            return v;
+        }
+        let bits = self.b.ins().bitcast(types::I32, MemFlagsData::new(), v);
+        let lsb = self.b.ins().ushr_imm_u(bits, 16);
+        let lsb = self.b.ins().band_imm_u(lsb, 1);
+        let r = self.b.ins().iadd_imm_u(bits, 0x7fff);
+        let r = self.b.ins().iadd(r, lsb);
+        let quiet = self.b.ins().bor_imm_u(bits, 0x0040_0000);
+        let nan = self.b.ins().fcmp(FloatCC::Unordered, v, v);
+        let r = self.b.ins().select(nan, quiet, r);
+        let r = self.b.ins().band_imm_u(r, 0xffff_0000i64);
+        self.b.ins().bitcast(types::F32, MemFlagsData::new(), r)
+    }
+
+    /// Round `v` to `dtype` and store it at `p + off` bytes.
+    pub fn store_s(&mut self, dtype: DType, v: Value, p: Value, off: i32) {
+        match dtype {
+            DType::BF16 => {
+                let r = self.round_s(dtype, v);
+                let bits = self.b.ins().bitcast(types::I32, MemFlagsData::new(), r);
+                let hi = self.b.ins().ushr_imm_u(bits, 16);
+                self.b.ins().istore16(mf(), hi, p, off);
+            }
+            _ => {
+                self.b.ins().store(mf(), v, p, off);
+            }
+        }
+    }
+
+    /// `exp(x)` via the imported `ouroc_expf`.
+    pub fn exp(&mut self, x: Value) -> Value {
+        let f = match self.expf {
+            Some(f) => f,
+            None => {
+                let mut sig = Signature::new(self.call_conv);
+                sig.params.push(AbiParam::new(types::F32));
+                sig.returns.push(AbiParam::new(types::F32));
+                let signature = self.b.import_signature(sig);
+                let name = self
+                    .b
+                    .func
+                    .declare_imported_user_function(UserExternalName::new(0, self.expf_index));
+                let f = self.b.import_function(ExtFuncData {
+                    name: ExternalName::user(name),
+                    signature,
+                    colocated: false,
+                    patchable: false,
+                });
+                self.expf = Some(f);
+                f
+            }
+        };
+        let call = self.b.ins().call(f, &[x]);
+        self.b.inst_results(call)[0]
+    }
+
+    /// `round(1 / (1 + exp(-x)))`, the reference's sigmoid.
+    pub fn sigmoid(&mut self, act: DType, x: Value) -> Value {
+        let neg = self.b.ins().fneg(x);
+        let e = self.exp(neg);
+        let one = self.b.ins().f32const(1.0);
+        let den = self.b.ins().fadd(one, e);
+        let s = self.b.ins().fdiv(one, den);
+        self.round_s(act, s)
+    }
+
+    /// A counted loop `for i in (start..end).step_by(step)` (pointer-sized
+    /// `i`), threading `init` through the iterations; returns the final
+    /// values. `body` gets `i` and the current values and returns the next.
+    pub fn for_loop(
+        &mut self,
+        start: Value,
+        end: Value,
+        step: usize,
+        init: &[Value],
+        body: impl FnOnce(&mut Self, Value, &[Value]) -> Vec<Value>,
+    ) -> Vec<Value> {
+        let tys: Vec<Type> = init.iter().map(|&v| self.b.func.dfg.value_type(v)).collect();
+        let header = self.b.create_block();
+        let body_blk = self.b.create_block();
+        let exit = self.b.create_block();
+        let i = self.b.append_block_param(header, self.ptr);
+        let carried: Vec<Value> = tys.iter().map(|&t| self.b.append_block_param(header, t)).collect();
+        let outs: Vec<Value> = tys.iter().map(|&t| self.b.append_block_param(exit, t)).collect();
+        let args = |first: Option<Value>, vs: &[Value]| -> Vec<BlockArg> {
+            first
+                .into_iter()
+                .chain(vs.iter().copied())
+                .map(BlockArg::Value)
+                .collect()
+        };
+        self.b.ins().jump(header, &args(Some(start), init));
+        self.b.switch_to_block(header);
+        let more = self.b.ins().icmp(IntCC::UnsignedLessThan, i, end);
+        self.b.ins().brif(more, body_blk, &[], exit, &args(None, &carried));
+        self.b.switch_to_block(body_blk);
+        self.b.seal_block(body_blk);
+        let next = body(self, i, &carried);
+        let i2 = self.b.ins().iadd_imm_u(i, step as i64);
+        self.b.ins().jump(header, &args(Some(i2), &next));
+        self.b.seal_block(header);
+        self.b.switch_to_block(exit);
+        self.b.seal_block(exit);
+        outs
+    }
+
+    /// `for t in 0..tokens`.
+    pub fn for_tokens(&mut self, body: impl FnOnce(&mut Self, Value)) {
+        let zero = self.iconst(0);
+        let tokens = self.tokens;
+        self.for_loop(zero, tokens, 1, &[], |e, t, _| {
+            body(e, t);
+            Vec::new()
+        });
+    }
+
+    /// `for i in 0..n` over a constant `n` (no loop when n == 0).
+    pub fn for_const(
+        &mut self,
+        n: usize,
+        init: &[Value],
+        body: impl FnOnce(&mut Self, Value, &[Value]) -> Vec<Value>,
+    ) -> Vec<Value> {
+        if n == 0 {
+            return init.to_vec();
+        }
+        let (zero, end) = (self.iconst(0), self.iconst(n));
+        self.for_loop(zero, end, 1, init, body)
+    }
+}
+
+/// Whether a norm multiplies by a weight operand.
+pub(crate) fn norm_weighted(w: NormWeight) -> bool {
+    w == NormWeight::Weighted
+}
