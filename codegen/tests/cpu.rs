@@ -319,15 +319,19 @@ fn row_reduce_matches_the_reference() {
 }
 
 #[test]
-fn unsupported_families_are_an_error_not_a_panic() {
-    let s = spec(
-        "rope",
-        DType::F32,
-        Family::Rope(ouroc_kernels::spec::RopeSpec { heads: 4, head_dim: 8 }),
-    );
+fn unsupported_dtypes_and_shapes_are_an_error_not_a_panic() {
+    let rope = |act, head_dim| {
+        spec(
+            "rope",
+            act,
+            Family::Rope(ouroc_kernels::spec::RopeSpec { heads: 4, head_dim }),
+        )
+    };
     let mut jit = Jit::new().expect("host ISA");
-    assert!(matches!(jit.compile(&s), Err(CodegenError::Unsupported { .. })));
-    assert!(matches!(clif_text(&s), Err(CodegenError::Unsupported { .. })));
+    for s in [rope(DType::F16, 8), rope(DType::F32, 7)] {
+        assert!(matches!(jit.compile(&s), Err(CodegenError::Unsupported { .. })));
+        assert!(matches!(clif_text(&s), Err(CodegenError::Unsupported { .. })));
+    }
     let f16 = linear(4, 4, DType::F16, false, DType::F32);
     assert!(matches!(jit.compile(&f16), Err(CodegenError::Unsupported { .. })));
 }

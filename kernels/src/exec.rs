@@ -597,8 +597,11 @@ pub fn row_reduce<'a>(
     results
 }
 
-/// Per token and head: `x*cos + rotate_half(x)*sin`, each product and the sum rounded.
-fn rope(x: &[f32], cos: &[f32], sin: &[f32], heads: usize, hd: usize, rd: &dyn Fn(f32) -> f32) -> Vec<f32> {
+/// The reference `Rope`: per token and head, `x*cos + rotate_half(x)*sin`,
+/// each product and the sum rounded (`x`: rows of `heads * hd`; `cos`,
+/// `sin`: rows of `hd`, one per token). Public so that backends can test
+/// their emitters against it.
+pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], heads: usize, hd: usize, rd: &dyn Fn(f32) -> f32) -> Vec<f32> {
     let half = hd / 2;
     let mut out = Vec::with_capacity(x.len());
     for (t, row) in x.chunks(heads * hd).enumerate() {

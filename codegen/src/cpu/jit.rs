@@ -19,8 +19,22 @@ pub(crate) extern "C" fn ouroc_expf(x: f32) -> f32 {
     x.exp()
 }
 
-/// Symbol name of [`ouroc_expf`] in generated code.
-pub(crate) const EXPF: &str = "ouroc_expf";
+/// `cosf` for generated code: `f32::cos`, as the reference's RoPE table.
+pub(crate) extern "C" fn ouroc_cosf(x: f32) -> f32 {
+    x.cos()
+}
+
+/// `sinf` for generated code: `f32::sin`, as the reference's RoPE table.
+pub(crate) extern "C" fn ouroc_sinf(x: f32) -> f32 {
+    x.sin()
+}
+
+/// Symbol names and addresses of the helpers, in [`super::Helper`] order.
+const HELPERS: [(&str, extern "C" fn(f32) -> f32); 3] = [
+    ("ouroc_expf", ouroc_expf),
+    ("ouroc_cosf", ouroc_cosf),
+    ("ouroc_sinf", ouroc_sinf),
+];
 
 /// A compiled kernel in a [`Jit`]: its index there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -62,7 +76,7 @@ pub struct Jit {
     module: Option<JITModule>,
     ctx: Context,
     fctx: FunctionBuilderContext,
-    expf: FuncId,
+    helpers: [FuncId; 3],
     by_key: HashMap<String, KernelId>,
     fns: Vec<RawKernel>,
 }
@@ -84,19 +98,26 @@ impl Jit {
             .finish(settings::Flags::new(flags))
             .map_err(|e| CodegenError::UnsupportedHost(e.to_string()))?;
         let mut jb = JITBuilder::with_isa(isa, default_libcall_names());
-        jb.symbol(EXPF, ouroc_expf as *const u8);
+        for (name, f) in HELPERS {
+            jb.symbol(name, f as *const u8);
+        }
         let mut module = JITModule::new(jb);
         let mut sig = module.make_signature();
         sig.params.push(AbiParam::new(types::F32));
         sig.returns.push(AbiParam::new(types::F32));
-        let expf = module
-            .declare_function(EXPF, Linkage::Import, &sig)
-            .map_err(|e| CodegenError::Cranelift(e.to_string()))?;
+        let mut helpers = Vec::new();
+        for (name, _) in HELPERS {
+            let id = module
+                .declare_function(name, Linkage::Import, &sig)
+                .map_err(|e| CodegenError::Cranelift(e.to_string()))?;
+            helpers.push(id);
+        }
+        let helpers: [FuncId; 3] = helpers.try_into().expect("three helpers");
         Ok(Jit {
             ctx: module.make_context(),
             module: Some(module),
             fctx: FunctionBuilderContext::new(),
-            expf,
+            helpers,
             by_key: HashMap::new(),
             fns: Vec::new(),
         })
@@ -118,7 +139,7 @@ impl Jit {
         let env = Env {
             ptr: isa.pointer_type(),
             frontend: isa.frontend_config(),
-            expf: self.expf.as_u32(),
+            helpers: self.helpers.map(|f| f.as_u32()),
         };
         let mut sig = Signature::new(env.frontend.default_call_conv);
         super::kernel_params(&mut sig, env.ptr);

@@ -51,7 +51,7 @@ pub(super) fn emit(e: &mut Emit, act: DType, l: &LinearSpec) {
 }
 
 /// Copy `bytes` bytes from `src` to `dst`: 16 at a time, then single bytes.
-fn copy_bytes(e: &mut Emit, src: Value, dst: Value, bytes: usize) {
+pub(super) fn copy_bytes(e: &mut Emit, src: Value, dst: Value, bytes: usize) {
     let chunks = bytes / 16;
     e.for_const(chunks, &[], |e, i, _| {
         let off = e.b.ins().imul_imm_u(i, 16);

@@ -25,8 +25,35 @@
 //! widened in registers (`u16 << 16`, bitcast) and results rounded to bf16
 //! round-to-nearest-even on the f32 bits, as `half::bf16::from_f32`.
 //!
+//! `Gather` ids and `RopeTable` positions are i32 (the Program's inputs).
+//!
 //! Kernels are correct in place (a result row may be an operand row): each
 //! row is read before it is written at the same index.
+//!
+//! # Attention: the KV cache
+//!
+//! The KV cache is not in the arena: each (loop step, layer) slot holds, per
+//! sequence of the batch, a K and a V store of `capacity` rows of
+//! `kv_heads * head_dim` elements in the activation dtype, row p holding
+//! position p (the reference's `SeqCache` layout; every value it stores is
+//! already rounded to `act`, so nothing is lost). An `Attention` kernel
+//! takes two arguments after its result ([`extra_args`]):
+//!
+//! - `args[n + 1]`: a `*const` [`KvSeq`] array, one per sequence (`k`, `v`
+//!   base pointers and `past`, the positions already stored, which is the
+//!   absolute position of the sequence's first new token); `strides[n + 1]`
+//!   is `seq`, the new tokens per sequence (at least 1): the batch is
+//!   `tokens / seq` sequences, sequence b owning rows `b * seq ..
+//!   (b + 1) * seq` of every activation.
+//! - `args[n + 2]`: an f32 scratch of at least `max(past) + seq` elements
+//!   (the scores of one query head); `strides[n + 2]` is ignored.
+//!
+//! (`n` is the number of operands: 3, or 5 with `rope`.) The kernel first
+//! writes each new token's K (rotated by the cos/sin rows of that token
+//! when `rope`) and V to rows `past .. past + seq` of its sequence's slot
+//! (the caller guarantees `capacity >= past + seq`), then computes token t
+//! over positions `0 ..= past + t`. It does not update `past`: the caller
+//! adds `seq` after the call (and copies slots forward for skipped steps).
 //!
 //! # Families
 //!
@@ -41,12 +68,35 @@
 //!   gate dot + next's sum of squares, next norm), `sqrt` native, the gate's
 //!   sigmoid via `ouroc_expf`; sums sequential as in the reference.
 //!
-//! `Gather`, `RopeTable`, `Rope` and `Attention` are not emitted yet:
+//! - `Gather`: the id as an unsigned row index (the caller checks
+//!   `id < rows`, as the reference does), a 16-bytes-at-a-time row copy
+//!   when the table is in the activation dtype, else widened / rounded per
+//!   element.
+//! - `RopeTable`: `inv_freq` computed at codegen time with the reference's
+//!   f32 expression and embedded as constants; `pos` converted i32 -> f32,
+//!   `cos` / `sin` calls to `f32::cos` / `f32::sin` (`ouroc_cosf`,
+//!   `ouroc_sinf`), so the table equals the reference bit for bit.
+//! - `Rope`: per head, unrolled over `head_dim` (the head is loaded before
+//!   it is stored, so in place works), the reference's three roundings.
+//! - `Attention`: per sequence, append, then per token and query head three
+//!   passes over the positions: scores (the dot product sequential in f32,
+//!   as the reference's `sum`; q held in registers) into the scratch with
+//!   the running max; `exp(s - max)` in place and their sum; the rounded
+//!   probabilities times V accumulated in `f32x4` across `head_dim` (each
+//!   lane's sum in the reference's order, mul then add, no FMA). Bit for bit
+//!   the reference except when a score is NaN (`fmax` propagates it,
+//!   `f32::max` drops it).
+//!
+//! Unsupported dtypes (f16, i32 activations) and shapes (odd `head_dim`
+//! with RoPE, `heads` not a multiple of `kv_heads`) are
 //! [`CodegenError::Unsupported`].
 
+mod attention;
 mod elementwise;
+mod gather;
 pub mod jit;
 mod linear;
+mod rope;
 mod row_reduce;
 
 pub use jit::{Jit, KernelFn, KernelId, RawKernel};
@@ -77,8 +127,44 @@ pub enum CodegenError {
 pub(crate) struct Env {
     pub ptr: Type,
     pub frontend: TargetFrontendConfig,
-    /// Index (module function id) of the imported `ouroc_expf`.
-    pub expf: u32,
+    /// Index (module function id) of each imported helper, by [`Helper`].
+    pub helpers: [u32; 3],
+}
+
+/// The Rust `extern "C" fn(f32) -> f32` helpers generated code calls
+/// (Cranelift has no transcendental functions): the same `f32` methods the
+/// reference executor uses, so results match it bit for bit.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Helper {
+    /// `f32::exp` (`ouroc_expf`).
+    Exp = 0,
+    /// `f32::cos` (`ouroc_cosf`).
+    Cos = 1,
+    /// `f32::sin` (`ouroc_sinf`).
+    Sin = 2,
+}
+
+/// One sequence's KV-cache slot, as an `Attention` kernel reads it (see
+/// the module docs): `k` and `v` point at `capacity` rows of
+/// `kv_heads * head_dim` elements of the activation dtype (row p holds
+/// position p), of which the first `past` are filled.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KvSeq {
+    pub k: *mut u8,
+    pub v: *mut u8,
+    /// Positions already in the slot; the first new token is at this
+    /// absolute position.
+    pub past: usize,
+}
+
+/// Arguments a kernel takes after its operands and results: 2 for
+/// `Attention` (the [`KvSeq`] array and the score scratch), 0 otherwise.
+pub fn extra_args(spec: &KernelSpec) -> usize {
+    match spec.family {
+        Family::Attention(_) => 2,
+        _ => 0,
+    }
 }
 
 /// The dtype of each operand of a kernel, in operand order (see the module docs).
@@ -98,11 +184,18 @@ pub fn operand_dtypes(spec: &KernelSpec) -> Vec<DType> {
     }
 }
 
-/// Whether this backend emits kernels of this family yet.
+/// Whether this backend emits kernels of this family (every family now;
+/// dtypes and shapes are checked by [`clif_text`] / [`Jit::compile`]).
 pub fn supported(spec: &KernelSpec) -> bool {
     matches!(
         spec.family,
-        Family::Linear(_) | Family::Elementwise(_) | Family::RowReduce(_)
+        Family::Linear(_)
+            | Family::Elementwise(_)
+            | Family::RowReduce(_)
+            | Family::Gather(_)
+            | Family::RopeTable(_)
+            | Family::Rope(_)
+            | Family::Attention(_)
     )
 }
 
@@ -114,7 +207,9 @@ pub(crate) fn kernel_params(sig: &mut Signature, ptr: Type) {
 }
 
 /// The CLIF of the kernel of `spec` before Cranelift's optimisations, for a
-/// 64-bit System V target (the text is the same on every 64-bit host).
+/// 64-bit System V target (the text is the same on every 64-bit host). The
+/// kernel is `u0:1`; imported helpers are `u0:0` (`ouroc_expf`), `u0:2`
+/// (`ouroc_cosf`) and `u0:3` (`ouroc_sinf`).
 pub fn clif_text(spec: &KernelSpec) -> Result<String, CodegenError> {
     let env = Env {
         ptr: types::I64,
@@ -123,7 +218,7 @@ pub fn clif_text(spec: &KernelSpec) -> Result<String, CodegenError> {
             pointer_width: target_lexicon::PointerWidth::U64,
             page_size_align_log2: 12,
         },
-        expf: 0,
+        helpers: [0, 2, 3],
     };
     let mut sig = Signature::new(CallConv::SystemV);
     kernel_params(&mut sig, env.ptr);
@@ -149,11 +244,30 @@ pub(crate) fn build(
             spec.family.name()
         )));
     }
-    for d in operand_dtypes(spec).into_iter().chain([spec.act]) {
-        if !matches!(d, DType::F32 | DType::BF16) {
-            return Err(unsupported(format!("dtype {d} (the CPU backend handles f32 and bf16)")));
+    let index_operands = match spec.family {
+        Family::Gather(_) => vec![1],
+        Family::RopeTable(_) => vec![0],
+        _ => Vec::new(),
+    };
+    for (i, d) in operand_dtypes(spec).into_iter().enumerate() {
+        let ok = if index_operands.contains(&i) {
+            d == DType::I32
+        } else {
+            matches!(d, DType::F32 | DType::BF16)
+        };
+        if !ok {
+            return Err(unsupported(format!(
+                "dtype {d} of operand {i} (the CPU backend handles f32 and bf16, i32 indices)"
+            )));
         }
     }
+    if !matches!(spec.act, DType::F32 | DType::BF16) {
+        return Err(unsupported(format!(
+            "activation dtype {} (the CPU backend handles f32 and bf16)",
+            spec.act
+        )));
+    }
+    check_shape(&spec.family).map_err(unsupported)?;
     let mut b = FunctionBuilder::new(func, fctx);
     let entry = b.create_block();
     b.append_block_params_for_function_params(entry);
@@ -166,15 +280,18 @@ pub(crate) fn build(
         args: p[0],
         strides: p[1],
         tokens: p[2],
-        expf: None,
-        expf_index: env.expf,
+        helpers: [None; 3],
+        helper_index: env.helpers,
         call_conv: env.frontend.default_call_conv,
     };
     match &spec.family {
         Family::Linear(l) => linear::emit(&mut e, spec.act, l),
         Family::Elementwise(el) => elementwise::emit(&mut e, spec.act, el),
         Family::RowReduce(r) => row_reduce::emit(&mut e, spec.act, r),
-        _ => unreachable!("checked by supported()"),
+        Family::Gather(g) => gather::emit(&mut e, spec.act, g),
+        Family::RopeTable(t) => rope::emit_table(&mut e, spec.act, t),
+        Family::Rope(r) => rope::emit(&mut e, spec.act, r),
+        Family::Attention(a) => attention::emit(&mut e, spec.act, a),
     }
     e.b.ins().return_(&[]);
     e.b.finalize(env.frontend);
@@ -199,8 +316,8 @@ pub(crate) struct Emit<'a> {
     args: Value,
     strides: Value,
     pub tokens: Value,
-    expf: Option<FuncRef>,
-    expf_index: u32,
+    helpers: [Option<FuncRef>; 3],
+    helper_index: [u32; 3],
     call_conv: CallConv,
 }
 
@@ -291,9 +408,29 @@ impl Emit<'_> {
         }
     }
 
+    /// Store `v`, already representable in `dtype` (rounded), at `p + off`
+    /// bytes: the top 16 bits for bf16.
+    pub fn store_exact(&mut self, dtype: DType, v: Value, p: Value, off: i32) {
+        match dtype {
+            DType::BF16 => {
+                let bits = self.b.ins().bitcast(types::I32, MemFlagsData::new(), v);
+                let hi = self.b.ins().ushr_imm_u(bits, 16);
+                self.b.ins().istore16(mf(), hi, p, off);
+            }
+            _ => {
+                self.b.ins().store(mf(), v, p, off);
+            }
+        }
+    }
+
     /// `exp(x)` via the imported `ouroc_expf`.
     pub fn exp(&mut self, x: Value) -> Value {
-        let f = match self.expf {
+        self.call_helper(Helper::Exp, x)
+    }
+
+    /// `h(x)` via the imported helper `h`.
+    pub fn call_helper(&mut self, h: Helper, x: Value) -> Value {
+        let f = match self.helpers[h as usize] {
             Some(f) => f,
             None => {
                 let mut sig = Signature::new(self.call_conv);
@@ -303,14 +440,14 @@ impl Emit<'_> {
                 let name = self
                     .b
                     .func
-                    .declare_imported_user_function(UserExternalName::new(0, self.expf_index));
+                    .declare_imported_user_function(UserExternalName::new(0, self.helper_index[h as usize]));
                 let f = self.b.import_function(ExtFuncData {
                     name: ExternalName::user(name),
                     signature,
                     colocated: false,
                     patchable: false,
                 });
-                self.expf = Some(f);
+                self.helpers[h as usize] = Some(f);
                 f
             }
         };
@@ -390,6 +527,35 @@ impl Emit<'_> {
         }
         let (zero, end) = (self.iconst(0), self.iconst(n));
         self.for_loop(zero, end, 1, init, body)
+    }
+}
+
+/// Shape conditions the emitters rely on (the reference would panic or
+/// index out of bounds otherwise).
+fn check_shape(f: &Family) -> Result<(), String> {
+    let even = |what: &str, hd: usize| {
+        if hd >= 2 && hd.is_multiple_of(2) {
+            Ok(())
+        } else {
+            Err(format!("{what}: head_dim {hd} must be even and at least 2"))
+        }
+    };
+    match f {
+        Family::RopeTable(t) => even("rope_table", t.head_dim),
+        Family::Rope(r) => even("rope", r.head_dim),
+        Family::Attention(a) => {
+            if a.rope {
+                even("attention rope", a.head_dim)?;
+            }
+            if a.head_dim == 0 || a.kv_heads == 0 || a.heads % a.kv_heads != 0 {
+                return Err(format!(
+                    "attention: heads {} must be a multiple of kv_heads {} (head_dim {} > 0)",
+                    a.heads, a.kv_heads, a.head_dim
+                ));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }
 
