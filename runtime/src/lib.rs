@@ -8,10 +8,13 @@
 //! - [`interp`]: a `Forward` backed by the reference interpreter, with real
 //!   early exit in decode.
 //!
-//! Executing a compiled `Program` (Cranelift kernels, KV-cache sharing
-//! modes, threads) is the CPU backend's work and is not here yet.
+//! - [`cpu`]: a `Forward` that executes a lowered `Program` with the
+//!   Cranelift JIT-compiled kernels (single thread, one KV slot per
+//!   (loop step, layer), real early exit in decode). KV-cache sharing
+//!   modes and threads are not here yet.
 
 pub mod chat;
+pub mod cpu;
 pub mod generate;
 pub mod interp;
 pub mod sampling;
