@@ -79,6 +79,18 @@ pub struct RunArgs {
     /// by default a decoded token stops at the step its exit policy chooses
     #[arg(long)]
     pub no_early_exit: bool,
+    /// Engine: cpu (the optimised graph lowered to a Program and run on Cranelift
+    /// JIT-compiled kernels) or interp (the reference interpreter, slow, for checking)
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    pub backend: Backend,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Cranelift JIT-compiled kernels of the optimised graph
+    Cpu,
+    /// The reference interpreter on the imported graph
+    Interp,
 }
 
 #[derive(Subcommand, Debug)]

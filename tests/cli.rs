@@ -462,3 +462,30 @@ fn run_chat_mode_wraps_the_prompt_in_chatml() {
         .unwrap();
     assert!(prompt_tokens >= 8, "chat template applied: {err}");
 }
+
+#[test]
+fn run_backends_generate_the_same_text() {
+    let args = |b: &'static str| {
+        vec![
+            "run",
+            "--prompt",
+            "def parse(self):",
+            "--max-new-tokens",
+            "16",
+            "--temperature",
+            "0",
+            "--backend",
+            b,
+        ]
+    };
+    let cpu = ouroc(&args("cpu"));
+    let interp = ouroc(&args("interp"));
+    assert!(
+        cpu.status.success() && interp.status.success(),
+        "{}{}",
+        stderr(&cpu),
+        stderr(&interp)
+    );
+    assert_eq!(stdout(&cpu), stdout(&interp));
+    assert!(stderr(&cpu).contains("Cranelift JIT kernels"), "{}", stderr(&cpu));
+}

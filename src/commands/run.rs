@@ -1,6 +1,8 @@
 use super::{build, open};
-use crate::cli::RunArgs;
+use crate::cli::{Backend, RunArgs};
 use anyhow::{Context, Result, bail};
+use ouroc_runtime::cpu::CpuForward;
+use ouroc_runtime::generate::Forward;
 use ouroc_runtime::generate::GenLimits;
 use ouroc_runtime::interp::InterpForward;
 use ouroc_runtime::tokenizer::TextStream;
@@ -51,14 +53,29 @@ pub fn run(args: &RunArgs) -> Result<()> {
     if args.chat {
         stop_ids.extend(tok.im_end);
     }
-    let mut model =
-        InterpForward::new(&graph, &ckpt, max_positions, !args.no_early_exit).map_err(anyhow::Error::msg)?;
+    let early_exit = !args.no_early_exit;
+    let t0 = std::time::Instant::now();
+    let mut model: Box<dyn Forward + '_> = match args.backend {
+        Backend::Interp => {
+            Box::new(InterpForward::new(&graph, &ckpt, max_positions, early_exit).map_err(anyhow::Error::msg)?)
+        }
+        Backend::Cpu => {
+            let (optimised, _) = ouroc_passes::default_pipeline().run(&graph, None)?;
+            let program = ouroc_kernels::lower(&optimised).map_err(|e| anyhow::anyhow!("{e}"))?;
+            Box::new(CpuForward::new(program, &ckpt, max_positions, early_exit).map_err(anyhow::Error::msg)?)
+        }
+    };
     let policy = graph.find_loop().map(|l| l.policy.to_string()).unwrap_or_default();
+    let engine = match args.backend {
+        Backend::Cpu => "Cranelift JIT kernels",
+        Backend::Interp => "reference interpreter",
+    };
     eprintln!(
-        "ouroc: {} ({} layers x {} loop steps), exit policy {policy}, reference interpreter",
+        "ouroc: {} ({} layers x {} loop steps), exit policy {policy}, {engine} (ready in {:.2} s)",
         dir.display(),
         ckpt.config.num_hidden_layers,
-        model_steps(&graph)
+        model_steps(&graph),
+        t0.elapsed().as_secs_f64()
     );
     let mut sampler = Sampler::new(params);
     let mut stream = TextStream::default();
@@ -68,7 +85,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         max_new_tokens: args.max_new_tokens,
         max_positions,
     };
-    let stats = generate(&mut model, &prompt, &mut sampler, &stop_ids, &limits, &mut |id| {
+    let stats = generate(model.as_mut(), &prompt, &mut sampler, &stop_ids, &limits, &mut |id| {
         let piece = stream.push(&tok, id)?;
         print!("{piece}");
         stdout.flush().map_err(|e| e.to_string())
