@@ -14,7 +14,7 @@
 //! and a KV cache of one slot per (loop step, layer) that persists across
 //! calls, so a prefill followed by decode calls equals one long prefill.
 
-use crate::program::{ActRef, ActValue, Kernel, Operand, Program, Recipe};
+use crate::program::{ActRef, ActValue, Kernel, Operand, Program};
 use crate::spec::{AttentionSpec, Family, NormWeight, RowReduceSpec, Trig};
 use ouroc_ir::{DType, ExitPolicy, Tensor, WeightSource};
 use std::collections::HashMap;
@@ -109,60 +109,9 @@ impl<'p> Executor<'p> {
             .map(|l| ExitPolicy::parse(&l.policy))
             .transpose()
             .map_err(ExecError::Program)?;
-        let mut all: HashMap<u32, Vec<f32>> = HashMap::new();
-        for e in &p.weights {
-            let dtype = if opts.round_low_precision { e.dtype } else { DType::F32 };
-            let err = |msg: String| ExecError::Weight { id: e.id, msg };
-            let data: Vec<f32> = match &e.recipe {
-                Recipe::Checkpoint { tensor } => src
-                    .read_f32(tensor)
-                    .map_err(|m| err(format!("\"{tensor}\": {m}")))?
-                    .into_iter()
-                    .map(|x| dtype.round(x))
-                    .collect(),
-                Recipe::ScaleCols { w, s } => {
-                    let (w, s) = (&all[w], &all[s]);
-                    w.iter()
-                        .enumerate()
-                        .map(|(i, x)| dtype.round(x * s[i % s.len()]))
-                        .collect()
-                }
-                Recipe::Concat { axis, parts } => {
-                    let outer: usize = e.shape[..*axis].iter().product();
-                    let mut data = Vec::new();
-                    for o in 0..outer {
-                        for part in parts {
-                            let part = &all[part];
-                            let block = part.len() / outer.max(1);
-                            data.extend_from_slice(&part[o * block..(o + 1) * block]);
-                        }
-                    }
-                    data
-                }
-                Recipe::Slice { of, start, len } => {
-                    let row = *p.weight(*of).and_then(|w| w.shape.last()).unwrap_or(&1);
-                    all[of]
-                        .chunks(row)
-                        .flat_map(|r| r[*start..start + len].iter().copied())
-                        .collect()
-                }
-            };
-            let n: usize = e.shape.iter().product();
-            if data.len() != n {
-                return Err(err(format!(
-                    "has {} elements, its shape {:?} needs {n}",
-                    data.len(),
-                    e.shape
-                )));
-            }
-            all.insert(e.id, data);
-        }
         let weights = p
-            .weights
-            .iter()
-            .filter(|w| w.resident)
-            .map(|w| (w.id, all.remove(&w.id).expect("loaded")))
-            .collect();
+            .materialise_weights(src, opts.round_low_precision)
+            .map_err(|(id, msg)| ExecError::Weight { id, msg })?;
         Ok(Executor {
             p,
             opts,

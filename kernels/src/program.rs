@@ -7,7 +7,7 @@
 //! next to `ouroc emit ir --after memplan`.
 
 use crate::spec::{KernelSpec, dtype_serde};
-use ouroc_ir::DType;
+use ouroc_ir::{DType, WeightSource};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -500,5 +500,69 @@ impl fmt::Display for Program {
         self.fmt_kernels(f, &self.after, "  ")?;
         let outs: Vec<String> = self.outputs.iter().map(|o| ActText(o, self).to_string()).collect();
         writeln!(f, "return {}", outs.join(", "))
+    }
+}
+
+impl Program {
+    /// The values of the weights a runtime keeps (`resident`), each built by
+    /// its recipe from the checkpoint once, at load, and rounded to its dtype
+    /// (or left in f32 when `round` is false). Errors name the weight id.
+    pub fn materialise_weights(
+        &self,
+        src: &dyn WeightSource,
+        round: bool,
+    ) -> Result<HashMap<u32, Vec<f32>>, (u32, String)> {
+        let mut all: HashMap<u32, Vec<f32>> = HashMap::new();
+        for e in &self.weights {
+            let dtype = if round { e.dtype } else { DType::F32 };
+            let data: Vec<f32> = match &e.recipe {
+                Recipe::Checkpoint { tensor } => src
+                    .read_f32(tensor)
+                    .map_err(|m| (e.id, format!("\"{tensor}\": {m}")))?
+                    .into_iter()
+                    .map(|x| dtype.round(x))
+                    .collect(),
+                Recipe::ScaleCols { w, s } => {
+                    let (w, s) = (&all[w], &all[s]);
+                    w.iter()
+                        .enumerate()
+                        .map(|(i, x)| dtype.round(x * s[i % s.len()]))
+                        .collect()
+                }
+                Recipe::Concat { axis, parts } => {
+                    let outer: usize = e.shape[..*axis].iter().product();
+                    let mut data = Vec::new();
+                    for o in 0..outer {
+                        for part in parts {
+                            let part = &all[part];
+                            let block = part.len() / outer.max(1);
+                            data.extend_from_slice(&part[o * block..(o + 1) * block]);
+                        }
+                    }
+                    data
+                }
+                Recipe::Slice { of, start, len } => {
+                    let row = *self.weight(*of).and_then(|w| w.shape.last()).unwrap_or(&1);
+                    all[of]
+                        .chunks(row)
+                        .flat_map(|r| r[*start..start + len].iter().copied())
+                        .collect()
+                }
+            };
+            let n: usize = e.shape.iter().product();
+            if data.len() != n {
+                return Err((
+                    e.id,
+                    format!("has {} elements, its shape {:?} needs {n}", data.len(), e.shape),
+                ));
+            }
+            all.insert(e.id, data);
+        }
+        Ok(self
+            .weights
+            .iter()
+            .filter(|w| w.resident)
+            .map(|w| (w.id, all.remove(&w.id).expect("built above")))
+            .collect())
     }
 }

@@ -36,7 +36,7 @@ use crate::generate::{Forward, Step};
 use ouroc_codegen::cpu::{Jit, KvSeq, RawKernel, extra_args, operand_dtypes};
 use ouroc_ir::{DType, ExitPolicy, WeightSource};
 use ouroc_kernels::spec::Family;
-use ouroc_kernels::{ActRef, ActValue, Kernel, LoopSpec, Operand, Program, Recipe};
+use ouroc_kernels::{ActRef, ActValue, Kernel, LoopSpec, Operand, Program};
 use std::collections::HashMap;
 
 /// Where one kernel argument lives.
@@ -154,62 +154,11 @@ fn encode(v: &[f32], d: DType) -> Result<Vec<u8>, String> {
     }
 }
 
-/// Every weight of the table after its recipe, rounded to its dtype (as
-/// `ouroc_kernels::exec`); only resident ones are returned.
+/// The resident weights after their recipes, rounded to their dtypes (the
+/// Program's one definition, shared with the reference executor).
 fn materialise(p: &Program, src: &dyn WeightSource) -> Result<HashMap<u32, Vec<f32>>, String> {
-    let mut all: HashMap<u32, Vec<f32>> = HashMap::new();
-    for e in &p.weights {
-        let dtype = e.dtype;
-        let err = |msg: String| format!("weight %{}: {msg}", e.id);
-        let data: Vec<f32> = match &e.recipe {
-            Recipe::Checkpoint { tensor } => src
-                .read_f32(tensor)
-                .map_err(|m| err(format!("\"{tensor}\": {m}")))?
-                .into_iter()
-                .map(|x| dtype.round(x))
-                .collect(),
-            Recipe::ScaleCols { w, s } => {
-                let (w, s) = (&all[w], &all[s]);
-                w.iter()
-                    .enumerate()
-                    .map(|(i, x)| dtype.round(x * s[i % s.len()]))
-                    .collect()
-            }
-            Recipe::Concat { axis, parts } => {
-                let outer: usize = e.shape[..*axis].iter().product();
-                let mut data = Vec::new();
-                for o in 0..outer {
-                    for part in parts {
-                        let part = &all[part];
-                        let block = part.len() / outer.max(1);
-                        data.extend_from_slice(&part[o * block..(o + 1) * block]);
-                    }
-                }
-                data
-            }
-            Recipe::Slice { of, start, len } => {
-                let row = *p.weight(*of).and_then(|w| w.shape.last()).unwrap_or(&1);
-                all[of]
-                    .chunks(row)
-                    .flat_map(|r| r[*start..start + len].iter().copied())
-                    .collect()
-            }
-        };
-        let n: usize = e.shape.iter().product();
-        if data.len() != n {
-            return Err(err(format!(
-                "has {} elements, its shape {:?} needs {n}",
-                data.len(),
-                e.shape
-            )));
-        }
-        all.insert(e.id, data);
-    }
-    Ok(p.weights
-        .iter()
-        .filter(|w| w.resident)
-        .map(|w| (w.id, all.remove(&w.id).expect("loaded")))
-        .collect())
+    p.materialise_weights(src, true)
+        .map_err(|(id, msg)| format!("weight %{id}: {msg}"))
 }
 
 impl CpuForward {

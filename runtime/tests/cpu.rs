@@ -2,33 +2,18 @@
 //! kernels) against the interpreter (`InterpForward`) and the golden
 //! greedy tokens, on the fixtures and exit policies.
 
+mod common;
+
+use common::{fixture, golden_i32};
 use ouroc_ir::{DType, ExitPolicy, Graph};
 use ouroc_models::{BuildOptions, Checkpoint};
 use ouroc_runtime::cpu::CpuForward;
 use ouroc_runtime::generate::{Forward, GenLimits};
 use ouroc_runtime::interp::InterpForward;
 use ouroc_runtime::{Sampler, SamplingParams, generate};
-use safetensors::SafeTensors;
-use std::path::PathBuf;
 
 const FIXTURES: [&str; 2] = ["mha-r4", "gqa-hd"];
 const POLICIES: [&str; 3] = ["last", "threshold:0.5", "weighted"];
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-}
-
-fn golden_i32(name: &str, key: &str) -> Vec<u32> {
-    let bytes = std::fs::read(fixture("golden").join(format!("{name}.safetensors"))).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor(key).unwrap_or_else(|_| panic!("golden {name} lacks {key}"));
-    t.data()
-        .chunks_exact(4)
-        .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect()
-}
 
 fn graph(ckpt: &Checkpoint, policy: &str) -> Graph {
     let opts = BuildOptions {

@@ -2,29 +2,15 @@
 //! output equals the PyTorch reference's greedy tokens, and early exit
 //! really skips loop steps.
 
+mod common;
+
+use common::{fixture, golden_i32};
 use ouroc_ir::{DType, ExitPolicy};
 use ouroc_models::{BuildOptions, Checkpoint};
 use ouroc_runtime::generate::{Forward, GenLimits};
 use ouroc_runtime::interp::InterpForward;
 use ouroc_runtime::{Sampler, SamplingParams, Tokenizer, generate};
-use safetensors::SafeTensors;
 use std::path::PathBuf;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-}
-
-fn golden_i32(name: &str, key: &str) -> Vec<u32> {
-    let bytes = std::fs::read(fixture("golden").join(format!("{name}.safetensors"))).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor(key).unwrap_or_else(|_| panic!("golden {name} lacks {key}"));
-    t.data()
-        .chunks_exact(4)
-        .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect()
-}
 
 fn greedy_run(name: &str, policy: &str, early_exit: bool, n: usize) -> (Vec<u32>, ouroc_runtime::GenStats) {
     let ckpt = Checkpoint::open(&fixture(name)).unwrap();

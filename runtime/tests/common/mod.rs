@@ -1,0 +1,22 @@
+//! Shared test support: fixture paths and golden token ids.
+#![allow(dead_code)]
+
+use safetensors::SafeTensors;
+use std::path::PathBuf;
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+/// An i32 tensor of a fixture's golden file, as token ids.
+pub fn golden_i32(name: &str, key: &str) -> Vec<u32> {
+    let bytes = std::fs::read(fixture("golden").join(format!("{name}.safetensors"))).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(key).unwrap_or_else(|_| panic!("golden {name} lacks {key}"));
+    t.data()
+        .chunks_exact(4)
+        .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect()
+}
