@@ -111,3 +111,21 @@ fn optimised_ir_snapshots() {
     );
     assert!(mha.contains("early_exit_gate"), "threshold policies keep the gate");
 }
+
+/// `logits` on an unrolled import reports the same per-token exit depths,
+/// gate values and argmax tokens as on the rolled import.
+#[test]
+fn logits_on_the_unrolled_import_match_the_rolled_one() {
+    let ids = "54,74,71,282,283,281,85,284,67,70,91,16";
+    let rolled = ok(&["logits", &fixture("mha-r4"), "--ids", ids, "--exit", "threshold:0.5"]);
+    let unrolled = ok(&[
+        "logits",
+        &fixture("mha-r4"),
+        "--ids",
+        ids,
+        "--exit",
+        "threshold:0.5",
+        "--unrolled",
+    ]);
+    assert_eq!(unrolled, rolled);
+}

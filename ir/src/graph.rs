@@ -299,6 +299,16 @@ impl Graph {
         })
     }
 
+    /// Loop steps and exit policy: of the loop, or of the `exit_select` of an
+    /// unrolled graph (what a runtime needs whichever form it was given).
+    pub fn exit_control(&self) -> Option<(usize, ExitPolicy)> {
+        self.body.ops.iter().find_map(|op| match &op.kind {
+            OpKind::Loop(l) => Some((l.steps, l.policy)),
+            OpKind::ExitSelect { policy } => Some((op.inputs.len() / 2, *policy)),
+            _ => None,
+        })
+    }
+
     /// Renumber values in textual order (block args, then each op's result,
     /// a loop's result before its body). The parser produces graphs in this
     /// numbering, so `parse(print(g)) == g.canonicalize()`.

@@ -18,7 +18,7 @@ impl<'g> InterpForward<'g> {
         max_positions: usize,
         early_exit: bool,
     ) -> Result<Self, String> {
-        let steps = graph.find_loop().map_or(1, |l| l.steps);
+        let steps = graph.exit_control().map_or(1, |(steps, _)| steps);
         let opts = Options {
             round_low_precision: true,
             max_positions: Some(max_positions),

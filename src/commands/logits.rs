@@ -39,8 +39,9 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
         exit_skips: false,
     };
     let mut interp = Interpreter::new(&graph, &ckpt, opts)?;
-    let lp = graph.find_loop().context("the graph has no loop")?;
-    let (steps, policy) = (lp.steps, lp.policy);
+    let (steps, policy) = graph
+        .exit_control()
+        .context("the graph has no loop and no exit_select")?;
     let chunks: Vec<Vec<u32>> = match args.mode {
         Mode::Prefill => vec![ids.clone()],
         Mode::Decode => ids.iter().map(|&t| vec![t]).collect(),

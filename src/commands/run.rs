@@ -65,7 +65,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             Box::new(CpuForward::new(program, &ckpt, max_positions, early_exit).map_err(anyhow::Error::msg)?)
         }
     };
-    let policy = graph.find_loop().map(|l| l.policy.to_string()).unwrap_or_default();
+    let policy = graph.exit_control().map(|(_, p)| p.to_string()).unwrap_or_default();
     let engine = match args.backend {
         Backend::Cpu => "Cranelift JIT kernels",
         Backend::Interp => "reference interpreter",
@@ -133,7 +133,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
 }
 
 fn model_steps(g: &ouroc_ir::Graph) -> usize {
-    g.find_loop().map_or(1, |l| l.steps)
+    g.exit_control().map_or(1, |(steps, _)| steps)
 }
 
 fn plural(n: usize) -> &'static str {
