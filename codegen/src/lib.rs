@@ -4,6 +4,11 @@
 //!   [`ouroc_kernels::spec::Family`], shape-specialised, JIT-compiled for the
 //!   host by [`cpu::Jit`] and printable as CLIF by [`cpu::clif_text`].
 //!
-//! The PTX and MLIR backends are not written yet.
+//! - [`ptx`]: PTX text for sm_80 (in progress).
+//! - [`ptx_emu`]: an emulator of the PTX subset [`ptx`] emits (in progress).
+//!
+//! The MLIR backend is not written yet.
 
 pub mod cpu;
+pub mod ptx;
+pub mod ptx_emu;
