@@ -107,6 +107,18 @@ pub enum Emit {
         #[arg(long, value_name = "PASS")]
         after: Option<String>,
     },
+    /// The Cranelift IR (CLIF) of the CPU kernels of the optimised model, before
+    /// Cranelift's own optimisations, one function per distinct kernel
+    Clif {
+        #[command(flatten)]
+        source: SourceArgs,
+        #[command(flatten)]
+        model: ModelFlags,
+        /// Print only this kernel (a name such as `l0.qkv`, `step_end`, `lm_head`;
+        /// `ouroc emit clif CKPT` lists them all)
+        #[arg(long, value_name = "NAME")]
+        kernel: Option<String>,
+    },
 }
 
 /// Where the model comes from: a checkpoint, or a named shape without weights.

@@ -489,3 +489,37 @@ fn run_backends_generate_the_same_text() {
     assert_eq!(stdout(&cpu), stdout(&interp));
     assert!(stderr(&cpu).contains("Cranelift JIT kernels"), "{}", stderr(&cpu));
 }
+
+#[test]
+fn emit_clif_prints_each_distinct_kernel_once_or_the_one_asked_for() {
+    let dir = fixture("mha-r4");
+    let all = ouroc(&["emit", "clif", dir.to_str().unwrap()]);
+    assert!(all.status.success(), "{}", stderr(&all));
+    let text = stdout(&all);
+    // The two layers share their kernels: one function per code key, headed by its users.
+    assert!(
+        text.contains("; l0.qkv, l1.qkv: linear<f32> {n = 96, k = 32, weight = f32}"),
+        "{text}"
+    );
+    assert_eq!(text.matches("; l0.qkv").count(), 1);
+    let functions = text.matches("function u0:1(i64, i64, i64) system_v").count();
+    assert_eq!(functions, text.lines().filter(|l| l.starts_with("; ")).count());
+    assert!(
+        text.contains(" = fma v") && text.contains("load.f32x4"),
+        "the Linear kernel uses vector FMA"
+    );
+
+    let one = ouroc(&["emit", "clif", dir.to_str().unwrap(), "--kernel", "lm_head"]);
+    assert!(one.status.success(), "{}", stderr(&one));
+    let one = stdout(&one);
+    assert!(
+        one.starts_with("; lm_head: linear<f32> {n = 288, k = 32, weight = f32}\n"),
+        "{one}"
+    );
+    assert_eq!(one.matches("function ").count(), 1);
+
+    fails_with(
+        &["emit", "clif", dir.to_str().unwrap(), "--kernel", "l9.qkv"],
+        &["no kernel named `l9.qkv`", "l0.qkv", "lm_head"],
+    );
+}

@@ -18,9 +18,22 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Emit {
             what: Emit::Ir { source, model, after },
         } => emit::ir(&source, &model, after.as_deref()),
+        Command::Emit {
+            what: Emit::Clif { source, model, kernel },
+        } => emit::clif(&source, &model, kernel.as_deref()),
         Command::Compile(args) => compile::run(&args),
         Command::Logits(args) => logits::run(&args),
         Command::Run(args) => run::run(&args),
+    }
+}
+
+/// Write generated text to stdout; a closed pipe (`ouroc emit ... | head`)
+/// ends the output quietly instead of failing.
+pub fn print_out(text: &str) -> Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("cannot write to stdout"),
+        _ => Ok(()),
     }
 }
 
