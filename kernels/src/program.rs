@@ -6,7 +6,7 @@
 //! Identifiers are the IR's value numbers (`%45`), so a program can be read
 //! next to `ouroc emit ir --after memplan`.
 
-use crate::spec::{KernelSpec, dtype_serde};
+use crate::spec::{Family, KernelSpec, dtype_serde};
 use ouroc_ir::{DType, WeightSource};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -202,6 +202,31 @@ impl Program {
 
     pub fn kernel(&self, name: &str) -> Option<&Kernel> {
         self.kernels().find(|k| k.spec.name == name)
+    }
+
+    /// Weight bytes read for one token: (by the kernels outside the loop, by
+    /// one loop step). A weight counts in its table dtype; a gather reads
+    /// one row of its table. Decode reads `outside + steps_run * per_step`.
+    pub fn weight_bytes_read(&self) -> (u64, u64) {
+        let read = |ks: &[Kernel]| -> u64 {
+            let mut total = 0;
+            for k in ks {
+                for op in &k.inputs {
+                    if let Operand::Weight(id) = op
+                        && let Some(w) = self.weight(*id)
+                    {
+                        let elems = match &k.spec.family {
+                            Family::Gather(g) => g.width,
+                            _ => w.shape.iter().product(),
+                        };
+                        total += (elems * w.dtype.size_bytes()) as u64;
+                    }
+                }
+            }
+            total
+        };
+        let outside = read(&self.before) + read(&self.after);
+        (outside, self.loop_.as_ref().map_or(0, |l| read(&l.body)))
     }
 
     /// Number of distinct kernel codes ([`KernelSpec::code_key`]).

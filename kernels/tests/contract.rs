@@ -245,3 +245,23 @@ fn in_place_reuse_with_a_different_row_layout_gets_its_own_region() {
         .unwrap();
     assert_eq!(got.outputs[0].data, want.outputs[0].data);
 }
+
+/// The decode weight traffic: each loop step reads every layer's matrices
+/// once (merged and folded, the same bytes as the checkpoint's), the top
+/// block one embedding row and the whole head.
+#[test]
+fn weight_bytes_read_counts_layers_per_step_and_one_embedding_row() {
+    let ckpt = open("mha-r4");
+    let c = &ckpt.config;
+    let prog = lower(&optimised(&graph(&ckpt, DType::F32, "last"))).unwrap();
+    let (outside, per_step) = prog.weight_bytes_read();
+    let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+    let matrices = c.num_hidden_layers * (c.q_dim() * h + 2 * c.kv_dim() * h + h * c.q_dim() + 3 * i * h);
+    // Besides the matrices a step reads only vectors of width h (norm weights, the exit gate).
+    let vectors = (per_step as usize / 4 - matrices) / h;
+    assert!(
+        per_step as usize >= 4 * matrices && vectors <= 6 * c.num_hidden_layers + 2,
+        "{per_step}"
+    );
+    assert_eq!(outside as usize, 4 * (h + v * h), "one embedding row and the head");
+}

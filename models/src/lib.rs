@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod safetensors_file;
+pub mod random;
 pub mod shapes;
 pub mod weights;
 

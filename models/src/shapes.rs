@@ -10,6 +10,14 @@ pub const SHAPES: [&str; 3] = ["1.4b", "2.6b", "small"];
 /// (bf16, R = 4), `small` = hidden 512, 8 layers, intermediate 1408,
 /// 8 heads, vocab 49152, R = 4.
 pub fn named_shape(name: &str) -> Result<OuroConfig, String> {
+    let json = shape_config_json(name)?;
+    OuroConfig::from_json_str(&json, &format!("shape {name}"))
+        .map(|(c, _)| c)
+        .map_err(|e| e.to_string())
+}
+
+/// The `config.json` text of a named shape (what a random checkpoint of it holds).
+pub fn shape_config_json(name: &str) -> Result<String, String> {
     let (hidden, inter, layers, heads) = match name {
         "1.4b" => (2048, 5632, 24, 16),
         "2.6b" => (2048, 5632, 48, 16),
@@ -24,9 +32,7 @@ pub fn named_shape(name: &str) -> Result<OuroConfig, String> {
         "tie_word_embeddings": false, "total_ut_steps": 4, "early_exit_threshold": 1.0,
         "use_sliding_window": false, "torch_dtype": "bfloat16", "bos_token_id": 0, "eos_token_id": 0}}"#
     );
-    OuroConfig::from_json_str(&json, &format!("shape {name}"))
-        .map(|(c, _)| c)
-        .map_err(|e| e.to_string())
+    Ok(json)
 }
 
 #[cfg(test)]
