@@ -40,6 +40,45 @@ pub enum Command {
     /// Generate text from a prompt, streaming it, then print speed and the
     /// distribution of exit depths (how many loop steps each token used)
     Run(RunArgs),
+    /// Measure prefill and decode speed on the compiled CPU path (median of several runs),
+    /// per precision, with the weight bytes a decode token reads against the machine's
+    /// measured read bandwidth
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Checkpoint directory
+    #[arg(required_unless_present = "shape", conflicts_with = "shape")]
+    pub ckpt: Option<PathBuf>,
+    /// Benchmark random bf16 weights of a named shape instead (1.4b, 2.6b, small); they are
+    /// written once as a checkpoint directory (see --weights-dir) and reused
+    #[arg(long, value_name = "NAME")]
+    pub shape: Option<String>,
+    /// Where --shape's random checkpoint lives (default: <temp dir>/ouroc-shapes/NAME)
+    #[arg(long, value_name = "DIR", requires = "shape")]
+    pub weights_dir: Option<PathBuf>,
+    /// Precisions to measure, in order (repeat the flag or separate with commas)
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Precision::Bf16, Precision::F32])]
+    pub precision: Vec<Precision>,
+    /// Prompt length of the prefill measurement (random token ids)
+    #[arg(long, default_value_t = 128, value_name = "N")]
+    pub prefill_tokens: usize,
+    /// Tokens decoded (greedily, one at a time) after the prefill
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    pub decode_tokens: usize,
+    /// Runs per precision; the median is reported
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub runs: usize,
+    /// Exit policy (as for `run`); default `last`, every loop step, as PyTorch runs them
+    #[arg(long = "exit", value_name = "POLICY", default_value = "last")]
+    pub exit: String,
+    /// Number of loop steps R (default: the config's total_ut_steps)
+    #[arg(long, value_name = "R")]
+    pub loops: Option<usize>,
+    /// Also write the results as JSON to this file
+    #[arg(long, value_name = "FILE.json")]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -4,8 +4,11 @@
 //!   [`ouroc_kernels::spec::Family`], shape-specialised, JIT-compiled for the
 //!   host by [`cpu::Jit`] and printable as CLIF by [`cpu::clif_text`].
 //!
-//! - [`ptx`]: PTX text for sm_80 (in progress).
-//! - [`ptx_emu`]: an emulator of the PTX subset [`ptx`] emits (in progress).
+//! - [`ptx`]: PTX text for sm_80 (A100), one emitter per family, with the
+//!   launch configuration of each entry ([`ptx::KernelAbi`]);
+//! - [`ptx_emu`]: an emulator of the PTX subset [`ptx`] emits, parsed from
+//!   the text, with warp-level SIMT semantics, so tests check kernels
+//!   numerically without a GPU.
 //!
 //! The MLIR backend is not written yet.
 

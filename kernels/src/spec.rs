@@ -409,6 +409,26 @@ impl KernelSpec {
     }
 }
 
+/// The dtype each operand of a kernel is read in, in operand order, for
+/// every backend: activations in `act`; a gather table in its own dtype and
+/// the ids i32; RopeTable positions i32; Linear weights (and bias) in the
+/// weight dtype; every other weight (norm and gate weights) in `act`.
+pub fn operand_dtypes(spec: &KernelSpec) -> Vec<DType> {
+    let act = spec.act;
+    match &spec.family {
+        Family::Gather(g) => vec![g.table, DType::I32],
+        Family::RopeTable(_) => vec![DType::I32],
+        Family::Linear(l) => {
+            let mut d = vec![act, l.weight];
+            if l.bias {
+                d.push(l.weight);
+            }
+            d
+        }
+        f => vec![act; f.operands()],
+    }
+}
+
 impl fmt::Display for KernelSpec {
     /// `linear<f32> {n = 96, k = 32, weight = f32}`: family, activation
     /// dtype, attributes (the name and operands are printed by the program).

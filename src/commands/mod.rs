@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+mod bench;
 mod compile;
 mod emit;
 mod inspect;
@@ -24,6 +25,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Compile(args) => compile::run(&args),
         Command::Logits(args) => logits::run(&args),
         Command::Run(args) => run::run(&args),
+        Command::Bench(args) => bench::run(&args),
     }
 }
 

@@ -1,6 +1,6 @@
 //! `Linear`: `y[t, o] = round(sum_k x[t, k] * W[o, k] + b[o])`.
 
-use super::{Emit, mf};
+use super::{Emit, mf, vbits};
 use cranelift_codegen::ir::{InstBuilder, StackSlotData, StackSlotKind, Value, types};
 use ouroc_ir::DType;
 use ouroc_kernels::spec::LinearSpec;
@@ -10,23 +10,36 @@ pub(super) fn emit(e: &mut Emit, act: DType, l: &LinearSpec) {
     let (x, w, y) = (e.arg(0), e.arg(1), e.arg(res));
     let bias = if l.bias { Some(e.arg(2)) } else { None };
     let (sx, sy) = (e.stride_bytes(0, act), e.stride_bytes(res, act));
+    // bf16 weights are read 8 at a time (16 bytes) and split into their
+    // even and odd elements (`<< 16`, `& 0xffff0000`): x must then be in
+    // the same order, so its row is first copied, as f32, to a private
+    // buffer with each group of 8 stored evens first (see `swizzle_row`).
+    let swizzle = l.weight == DType::BF16;
     // With n == k a result row may be its own input row (in place): read x
     // from a private copy of the row then.
-    let copy = (l.n == l.k).then(|| {
-        let bytes = (l.k * act.size_bytes()).next_multiple_of(16) as u32;
+    let copy = (l.n == l.k || swizzle).then(|| {
+        let elem = if swizzle { 4 } else { act.size_bytes() };
+        let bytes = (l.k * elem).next_multiple_of(16) as u32;
         e.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, bytes, 4))
     });
+    let xd = if swizzle { DType::F32 } else { act };
     e.for_tokens(|e, t| {
         let mut xr = e.row(x, sx, t);
         let yr = e.row(y, sy, t);
         if let Some(slot) = copy {
             let tmp = e.b.ins().stack_addr(e.ptr, slot, 0);
-            copy_bytes(e, xr, tmp, l.k * act.size_bytes());
+            if swizzle {
+                swizzle_row(e, act, xr, tmp, l.k);
+            } else {
+                copy_bytes(e, xr, tmp, l.k * act.size_bytes());
+            }
             xr = tmp;
         }
         let ctx = Rows {
             l,
             act,
+            xd,
+            swizzled: swizzle,
             xr,
             w,
             bias,
@@ -50,6 +63,29 @@ pub(super) fn emit(e: &mut Emit, act: DType, l: &LinearSpec) {
     });
 }
 
+/// Copy the `k` elements of an `act` row at `src` to `dst` as f32, each
+/// whole group of 8 as `x0 x2 x4 x6 x1 x3 x5 x7` (the order of the even
+/// and odd halves of 8 bf16 weights), the `k % 8` last ones in order.
+fn swizzle_row(e: &mut Emit, act: DType, src: Value, dst: Value, k: usize) {
+    let xs = act.size_bytes() as i64;
+    e.for_const(k / 8, &[], |e, g, _| {
+        let s = e.b.ins().imul_imm_u(g, 8 * xs);
+        let s = e.b.ins().iadd(src, s);
+        let d = e.b.ins().imul_imm_u(g, 32);
+        let d = e.b.ins().iadd(dst, d);
+        for i in 0..8 {
+            let v = e.load_s(act, s, (i * xs) as i32);
+            let at = if i % 2 == 0 { i / 2 } else { 4 + i / 2 };
+            e.b.ins().store(mf(), v, d, (at * 4) as i32);
+        }
+        Vec::new()
+    });
+    for i in k / 8 * 8..k {
+        let v = e.load_s(act, src, (i as i64 * xs) as i32);
+        e.b.ins().store(mf(), v, dst, (i * 4) as i32);
+    }
+}
+
 /// Copy `bytes` bytes from `src` to `dst`: 16 at a time, then single bytes.
 pub(super) fn copy_bytes(e: &mut Emit, src: Value, dst: Value, bytes: usize) {
     let chunks = bytes / 16;
@@ -69,7 +105,12 @@ pub(super) fn copy_bytes(e: &mut Emit, src: Value, dst: Value, bytes: usize) {
 /// What one block of output rows needs.
 struct Rows<'a> {
     l: &'a LinearSpec,
+    /// The result's dtype.
     act: DType,
+    /// The dtype of the x row read (f32 when swizzled).
+    xd: DType,
+    /// x is in `swizzle_row` order and W is bf16: read 8 weights at a time.
+    swizzled: bool,
     xr: Value,
     w: Value,
     bias: Option<Value>,
@@ -79,8 +120,8 @@ struct Rows<'a> {
 impl Rows<'_> {
     /// Outputs `o .. o + r` of the current token.
     fn emit(&self, e: &mut Emit, o: Value, r: usize) {
-        let (l, act, wd) = (self.l, self.act, self.l.weight);
-        let (xs, ws) = (act.size_bytes() as i32, wd.size_bytes() as i32);
+        let (l, act, wd, xd) = (self.l, self.act, self.l.weight, self.xd);
+        let (xs, ws) = (xd.size_bytes() as i32, wd.size_bytes() as i32);
         let row_bytes = (l.k * wd.size_bytes()) as i64;
         let w_off = e.b.ins().imul_imm_u(o, row_bytes);
         let w0 = e.b.ins().iadd(self.w, w_off);
@@ -100,17 +141,35 @@ impl Rows<'_> {
         let k8 = l.k / 8 * 8;
         if k8 > 0 {
             let (start, end) = (e.iconst(0), e.iconst(k8));
-            let xr = self.xr;
+            let (xr, swizzled) = (self.xr, self.swizzled);
+            let high = if swizzled {
+                let m = e.b.ins().iconst(types::I32, 0xffff_0000u32 as i64);
+                Some(e.b.ins().splat(types::I32X4, m))
+            } else {
+                None
+            };
             acc = e.for_loop(start, end, 8, &acc, |e, kk, acc| {
-                let xp = e.elem_addr(xr, kk, act);
-                let xa = e.load_v(act, xp, 0);
-                let xb = e.load_v(act, xp, 4 * xs);
+                let xp = e.elem_addr(xr, kk, xd);
+                let xa = e.load_v(xd, xp, 0);
+                let xb = e.load_v(xd, xp, 4 * xs);
                 let mut next = acc.to_vec();
                 for j in 0..r {
                     let wp = e.elem_addr(wr[j], kk, wd);
-                    let wa = e.load_v(wd, wp, 0);
+                    let (wa, wb) = match high {
+                        // 8 bf16 as 4 u32 lanes: low halves are the even
+                        // elements, high halves the odd ones.
+                        Some(high) => {
+                            let v = e.b.ins().load(types::I32X4, mf(), wp, 0);
+                            let even = e.b.ins().ishl_imm_u(v, 16);
+                            let odd = e.b.ins().band(v, high);
+                            (
+                                e.b.ins().bitcast(types::F32X4, vbits(), even),
+                                e.b.ins().bitcast(types::F32X4, vbits(), odd),
+                            )
+                        }
+                        None => (e.load_v(wd, wp, 0), e.load_v(wd, wp, 4 * ws)),
+                    };
                     next[j] = e.b.ins().fma(wa, xa, acc[j]);
-                    let wb = e.load_v(wd, wp, 4 * ws);
                     next[r + j] = e.b.ins().fma(wb, xb, acc[r + j]);
                 }
                 next
@@ -118,14 +177,14 @@ impl Rows<'_> {
         }
         let mut k0 = k8;
         if l.k - k8 >= 4 {
-            let xa = e.load_v(act, self.xr, k8 as i32 * xs);
+            let xa = e.load_v(xd, self.xr, k8 as i32 * xs);
             for j in 0..r {
                 let wa = e.load_v(wd, wr[j], k8 as i32 * ws);
                 acc[j] = e.b.ins().fma(wa, xa, acc[j]);
             }
             k0 += 4;
         }
-        let xtail: Vec<Value> = (k0..l.k).map(|kk| e.load_s(act, self.xr, kk as i32 * xs)).collect();
+        let xtail: Vec<Value> = (k0..l.k).map(|kk| e.load_s(xd, self.xr, kk as i32 * xs)).collect();
         let bias = self.bias.map(|b| e.elem_addr(b, o, wd));
         let yp = e.elem_addr(self.yr, o, act);
         for j in 0..r {
@@ -142,7 +201,7 @@ impl Rows<'_> {
                 let bv = e.load_s(wd, bp, j as i32 * ws);
                 sum = e.b.ins().fadd(sum, bv);
             }
-            e.store_s(act, sum, yp, j as i32 * xs);
+            e.store_s(act, sum, yp, j as i32 * act.size_bytes() as i32);
         }
     }
 }

@@ -167,22 +167,7 @@ pub fn extra_args(spec: &KernelSpec) -> usize {
     }
 }
 
-/// The dtype of each operand of a kernel, in operand order (see the module docs).
-pub fn operand_dtypes(spec: &KernelSpec) -> Vec<DType> {
-    let act = spec.act;
-    match &spec.family {
-        Family::Gather(g) => vec![g.table, DType::I32],
-        Family::RopeTable(_) => vec![DType::I32],
-        Family::Linear(l) => {
-            let mut d = vec![act, l.weight];
-            if l.bias {
-                d.push(l.weight);
-            }
-            d
-        }
-        f => vec![act; f.operands()],
-    }
-}
+pub use ouroc_kernels::spec::operand_dtypes;
 
 /// Whether this backend emits kernels of this family (every family now;
 /// dtypes and shapes are checked by [`clif_text`] / [`Jit::compile`]).

@@ -1,0 +1,554 @@
+//! Pre-decoded instructions: registers are indices, immediates are bits of
+//! the instruction type, labels are instruction indices, modifiers are enums.
+
+use super::num::Round;
+
+/// A PTX fundamental type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ty {
+    B8,
+    B16,
+    B32,
+    B64,
+    U8,
+    U16,
+    U32,
+    U64,
+    S8,
+    S16,
+    S32,
+    S64,
+    F16,
+    F16x2,
+    Bf16,
+    Bf16x2,
+    F32,
+    F64,
+    Pred,
+}
+
+impl Ty {
+    pub(crate) fn parse(s: &str) -> Option<Ty> {
+        Some(match s {
+            "b8" => Ty::B8,
+            "b16" => Ty::B16,
+            "b32" => Ty::B32,
+            "b64" => Ty::B64,
+            "u8" => Ty::U8,
+            "u16" => Ty::U16,
+            "u32" => Ty::U32,
+            "u64" => Ty::U64,
+            "s8" => Ty::S8,
+            "s16" => Ty::S16,
+            "s32" => Ty::S32,
+            "s64" => Ty::S64,
+            "f16" => Ty::F16,
+            "f16x2" => Ty::F16x2,
+            "bf16" => Ty::Bf16,
+            "bf16x2" => Ty::Bf16x2,
+            "f32" => Ty::F32,
+            "f64" => Ty::F64,
+            "pred" => Ty::Pred,
+            _ => return None,
+        })
+    }
+    pub(crate) fn bits(self) -> u32 {
+        match self {
+            Ty::B8 | Ty::U8 | Ty::S8 => 8,
+            Ty::B16 | Ty::U16 | Ty::S16 | Ty::F16 | Ty::Bf16 => 16,
+            Ty::B32 | Ty::U32 | Ty::S32 | Ty::F32 | Ty::F16x2 | Ty::Bf16x2 => 32,
+            Ty::B64 | Ty::U64 | Ty::S64 | Ty::F64 => 64,
+            Ty::Pred => 1,
+        }
+    }
+    pub(crate) fn bytes(self) -> u32 {
+        self.bits().div_ceil(8)
+    }
+    pub(crate) fn is_bit(self) -> bool {
+        matches!(self, Ty::B8 | Ty::B16 | Ty::B32 | Ty::B64)
+    }
+    pub(crate) fn is_signed(self) -> bool {
+        matches!(self, Ty::S8 | Ty::S16 | Ty::S32 | Ty::S64)
+    }
+    pub(crate) fn is_unsigned(self) -> bool {
+        matches!(self, Ty::U8 | Ty::U16 | Ty::U32 | Ty::U64)
+    }
+    pub(crate) fn is_int(self) -> bool {
+        self.is_signed() || self.is_unsigned()
+    }
+    pub(crate) fn is_float(self) -> bool {
+        matches!(self, Ty::F16 | Ty::F16x2 | Ty::Bf16 | Ty::Bf16x2 | Ty::F32 | Ty::F64)
+    }
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Ty::B8 => "b8",
+            Ty::B16 => "b16",
+            Ty::B32 => "b32",
+            Ty::B64 => "b64",
+            Ty::U8 => "u8",
+            Ty::U16 => "u16",
+            Ty::U32 => "u32",
+            Ty::U64 => "u64",
+            Ty::S8 => "s8",
+            Ty::S16 => "s16",
+            Ty::S32 => "s32",
+            Ty::S64 => "s64",
+            Ty::F16 => "f16",
+            Ty::F16x2 => "f16x2",
+            Ty::Bf16 => "bf16",
+            Ty::Bf16x2 => "bf16x2",
+            Ty::F32 => "f32",
+            Ty::F64 => "f64",
+            Ty::Pred => "pred",
+        }
+    }
+}
+
+/// Special registers (all `.u32`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sreg {
+    Tid(u8),
+    Ntid(u8),
+    Ctaid(u8),
+    Nctaid(u8),
+    Laneid,
+    Warpid,
+    Nwarpid,
+    LanemaskEq,
+    LanemaskLt,
+    LanemaskLe,
+    LanemaskGt,
+    LanemaskGe,
+    DynSmem,
+    TotalSmem,
+}
+
+impl Sreg {
+    pub(crate) fn parse(s: &str) -> Option<Sreg> {
+        let dim = |d: &str| match d {
+            "x" => Some(0u8),
+            "y" => Some(1),
+            "z" => Some(2),
+            _ => None,
+        };
+        if let Some((base, d)) = s.split_once('.') {
+            let d = dim(d)?;
+            return Some(match base {
+                "%tid" => Sreg::Tid(d),
+                "%ntid" => Sreg::Ntid(d),
+                "%ctaid" => Sreg::Ctaid(d),
+                "%nctaid" => Sreg::Nctaid(d),
+                _ => return None,
+            });
+        }
+        Some(match s {
+            "%laneid" => Sreg::Laneid,
+            "%warpid" => Sreg::Warpid,
+            "%nwarpid" => Sreg::Nwarpid,
+            "%lanemask_eq" => Sreg::LanemaskEq,
+            "%lanemask_lt" => Sreg::LanemaskLt,
+            "%lanemask_le" => Sreg::LanemaskLe,
+            "%lanemask_gt" => Sreg::LanemaskGt,
+            "%lanemask_ge" => Sreg::LanemaskGe,
+            "%dynamic_smem_size" => Sreg::DynSmem,
+            "%total_smem_size" => Sreg::TotalSmem,
+            _ => return None,
+        })
+    }
+}
+
+/// A source operand.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Src {
+    /// Register index into the warp's register file.
+    Reg(u32),
+    /// Raw bits of the instruction type.
+    Imm(u64),
+    Sreg(Sreg),
+}
+
+/// A destination: a register (with its width, to mask writes) or the sink `_`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Dst {
+    Reg { idx: u32, bits: u32 },
+    Sink,
+}
+
+/// A predicate source: index and negation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct PredSrc {
+    pub idx: u32,
+    pub neg: bool,
+}
+
+/// State spaces an address may refer to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Space {
+    Global,
+    Shared,
+    Param,
+    Const,
+    Generic,
+}
+
+impl Space {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Space::Global => "global",
+            Space::Shared => "shared",
+            Space::Param => "param",
+            Space::Const => "const",
+            Space::Generic => "generic",
+        }
+    }
+}
+
+/// `[base + off]`; `base` None means an absolute address (a variable's
+/// address folded into `off`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Addr {
+    pub base: Option<u32>,
+    pub off: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BinOp {
+    Add,
+    Sub,
+    AddSat,
+    SubSat,
+    MulLo,
+    MulHi,
+    MulWide,
+    Mul,
+    Div,
+    Rem,
+    Min,
+    Max,
+    And,
+    Or,
+    Xor,
+    Shl,
+    Shr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UnOp {
+    Neg,
+    Abs,
+    Not,
+    Cnot,
+    Popc,
+    Clz,
+    Brev,
+    Rcp,
+    Sqrt,
+    Rsqrt,
+    Ex2,
+    Lg2,
+    Sin,
+    Cos,
+    Tanh,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MadKind {
+    Lo,
+    Hi,
+    Wide,
+}
+
+/// Float modifiers shared by arithmetic instructions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct FMods {
+    pub ftz: bool,
+    pub sat: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cmp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Lo,
+    Ls,
+    Hi,
+    Hs,
+    Equ,
+    Neu,
+    Ltu,
+    Leu,
+    Gtu,
+    Geu,
+    Num,
+    Nan,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BoolOp {
+    And,
+    Or,
+    Xor,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ShflMode {
+    Up,
+    Down,
+    Bfly,
+    Idx,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum VoteMode {
+    All,
+    Any,
+    Uni,
+    Ballot,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AtomOp {
+    Add,
+    Min,
+    Max,
+    And,
+    Or,
+    Xor,
+    Exch,
+    Cas,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReduxOp {
+    Add,
+    Min,
+    Max,
+    And,
+    Or,
+    Xor,
+}
+
+/// How `cvt` rounds: nothing, to an integral value (`.rni`...), or to the
+/// destination format (`.rn`...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CvtRound {
+    None,
+    Int(Round),
+    Float(Round),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Op {
+    Mov {
+        d: Dst,
+        a: Src,
+        bits: u32,
+    },
+    MovPred {
+        d: u32,
+        a: PredSrc,
+    },
+    SetPredConst {
+        d: u32,
+        v: bool,
+    },
+    Pack {
+        d: Dst,
+        parts: Vec<Src>,
+        part_bits: u32,
+    },
+    Unpack {
+        ds: Vec<Dst>,
+        a: Src,
+        part_bits: u32,
+    },
+    Ld {
+        space: Space,
+        ty: Ty,
+        ds: Vec<Dst>,
+        addr: Addr,
+    },
+    St {
+        space: Space,
+        ty: Ty,
+        srcs: Vec<Src>,
+        addr: Addr,
+    },
+    Cvta {
+        to: bool,
+        shared: bool,
+        d: Dst,
+        a: Src,
+    },
+    Bin {
+        op: BinOp,
+        ty: Ty,
+        d: Dst,
+        a: Src,
+        b: Src,
+        fm: FMods,
+    },
+    Un {
+        op: UnOp,
+        ty: Ty,
+        d: Dst,
+        a: Src,
+        fm: FMods,
+    },
+    Mad {
+        kind: MadKind,
+        ty: Ty,
+        d: Dst,
+        a: Src,
+        b: Src,
+        c: Src,
+    },
+    Fma {
+        ty: Ty,
+        d: Dst,
+        a: Src,
+        b: Src,
+        c: Src,
+        fm: FMods,
+    },
+    Bfe {
+        ty: Ty,
+        d: Dst,
+        a: Src,
+        b: Src,
+        c: Src,
+    },
+    Prmt {
+        d: Dst,
+        a: Src,
+        b: Src,
+        c: Src,
+    },
+    Setp {
+        cmp: Cmp,
+        ty: Ty,
+        ftz: bool,
+        p: Option<u32>,
+        q: Option<u32>,
+        a: Src,
+        b: Src,
+        comb: Option<(BoolOp, PredSrc)>,
+    },
+    Selp {
+        d: Dst,
+        a: Src,
+        b: Src,
+        c: PredSrc,
+    },
+    PredLogic {
+        op: BoolOp,
+        d: u32,
+        a: PredSrc,
+        b: PredSrc,
+    },
+    PredNot {
+        d: u32,
+        a: PredSrc,
+    },
+    Cvt {
+        dty: Ty,
+        aty: Ty,
+        rnd: CvtRound,
+        ftz: bool,
+        sat: bool,
+        relu: bool,
+        satfinite: bool,
+        d: Dst,
+        a: Src,
+        b: Option<Src>,
+    },
+    Shfl {
+        mode: ShflMode,
+        d: Dst,
+        p: Option<u32>,
+        a: Src,
+        b: Src,
+        c: Src,
+        mask: Src,
+    },
+    Vote {
+        mode: VoteMode,
+        d: Dst,
+        dp: Option<u32>,
+        a: PredSrc,
+        mask: Src,
+    },
+    Redux {
+        op: ReduxOp,
+        ty: Ty,
+        d: Dst,
+        a: Src,
+        mask: Src,
+    },
+    Activemask {
+        d: Dst,
+    },
+    Bra {
+        target: u32,
+        uni: bool,
+    },
+    Exit,
+    Bar {
+        id: Src,
+        count: Option<Src>,
+        aligned: bool,
+    },
+    BarWarp {
+        mask: Src,
+    },
+    Nop,
+    CpAsync {
+        dst: Addr,
+        src: Addr,
+        size: u32,
+        src_size: Option<Src>,
+        ignore: Option<PredSrc>,
+    },
+    CpCommit,
+    CpWait {
+        n: u32,
+        all: bool,
+    },
+    Ldmatrix {
+        trans: bool,
+        ds: Vec<Dst>,
+        addr: Addr,
+    },
+    Mma {
+        k: u32,
+        f16_inputs: bool,
+        c_f16: bool,
+        d_f16: bool,
+        d: Vec<Dst>,
+        a: Vec<Src>,
+        b: Vec<Src>,
+        c: Vec<Src>,
+    },
+    Atom {
+        space: Space,
+        op: AtomOp,
+        ty: Ty,
+        d: Dst,
+        addr: Addr,
+        b: Src,
+        c: Option<Src>,
+    },
+}
+
+/// One instruction with its guard and where it came from.
+#[derive(Debug, Clone)]
+pub(crate) struct Inst {
+    pub guard: Option<PredSrc>,
+    pub op: Op,
+    pub line: u32,
+    pub text: String,
+}

@@ -1,0 +1,238 @@
+//! `ouroc bench`: prefill and decode speed of the compiled CPU path.
+//!
+//! Per precision: build, optimise, lower and JIT-compile once, then `runs`
+//! times: forget the KV cache, prefill `prefill_tokens` random ids, decode
+//! `decode_tokens` tokens greedily. Reports medians, the weight bytes a
+//! decode token reads (from the Program) and what that is as a share of
+//! the read bandwidth measured here, in this process, just before.
+
+use super::{build, open};
+use crate::cli::{BenchArgs, ModelFlags, Precision};
+use anyhow::{Context, Result, bail};
+use ouroc_models::StorageDtype;
+use ouroc_runtime::cpu::CpuForward;
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// One precision's medians.
+struct Measured {
+    precision: Precision,
+    prefill_tps: f64,
+    decode_tps: f64,
+    /// Mean loop steps a decode token ran.
+    decode_steps: f64,
+    decode_bytes_per_token: f64,
+    setup_s: f64,
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    if args.runs == 0 || args.prefill_tokens == 0 {
+        bail!("--runs and --prefill-tokens must be at least 1");
+    }
+    let dir = match (&args.ckpt, &args.shape) {
+        (Some(d), _) => d.clone(),
+        (None, Some(shape)) => random_checkpoint(shape, args.weights_dir.clone())?,
+        (None, None) => bail!("give a checkpoint directory or --shape NAME"),
+    };
+    let ckpt = open(&dir)?;
+    let cfg = &ckpt.config;
+    let positions = args.prefill_tokens + args.decode_tokens;
+    if positions > cfg.max_position_embeddings {
+        bail!(
+            "{positions} positions (--prefill-tokens + --decode-tokens) exceed the context of {}",
+            cfg.max_position_embeddings
+        );
+    }
+    let threads = 1;
+    eprintln!("ouroc bench: {} ({} parameters)", dir.display(), ckpt.parameter_count());
+    eprintln!(
+        "measuring the read bandwidth ({threads} thread{})...",
+        if threads == 1 { "" } else { "s" }
+    );
+    let bandwidth = read_bandwidth(threads);
+    let ids = random_ids(args.prefill_tokens, cfg.vocab_size);
+    let mut results = Vec::new();
+    for &precision in &args.precision {
+        let flags = ModelFlags {
+            exit: Some(args.exit.clone()),
+            precision,
+            loops: args.loops,
+            unrolled: false,
+        };
+        let t0 = Instant::now();
+        let name = format!("{precision:?}").to_lowercase();
+        eprintln!("[{name}] compiling...");
+        let graph = build(&ckpt, &flags)?;
+        let (optimised, _) = ouroc_passes::default_pipeline().run(&graph, None)?;
+        let program = ouroc_kernels::lower(&optimised).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (outside, per_step) = program.weight_bytes_read();
+        eprintln!("[{name}] loading weights and JIT-compiling kernels...");
+        let mut model = CpuForward::new(program, &ckpt, positions, true).map_err(anyhow::Error::msg)?;
+        let setup_s = t0.elapsed().as_secs_f64();
+        let (mut prefill, mut decode, mut steps) = (vec![], vec![], vec![]);
+        for run in 0..args.runs {
+            model.reset();
+            let t = Instant::now();
+            let mut step = model.run(&ids).map_err(anyhow::Error::msg)?;
+            prefill.push(ids.len() as f64 / t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            let mut ran = 0;
+            for _ in 0..args.decode_tokens {
+                step = model.run(&[argmax(&step.logits)]).map_err(anyhow::Error::msg)?;
+                ran += step.steps_run;
+            }
+            if args.decode_tokens > 0 {
+                decode.push(args.decode_tokens as f64 / t.elapsed().as_secs_f64());
+                steps.push(ran as f64 / args.decode_tokens as f64);
+            }
+            eprintln!(
+                "[{name}] run {}/{}: prefill {:.2} tokens/s, decode {:.2} tokens/s",
+                run + 1,
+                args.runs,
+                prefill[run],
+                decode.last().copied().unwrap_or(0.0)
+            );
+        }
+        let decode_steps = median(&mut steps);
+        results.push(Measured {
+            precision,
+            prefill_tps: median(&mut prefill),
+            decode_tps: median(&mut decode),
+            decode_steps,
+            decode_bytes_per_token: outside as f64 + decode_steps * per_step as f64,
+            setup_s,
+        });
+    }
+    println!(
+        "{} layers x {} loop steps, exit {}, {} prefill + {} decode tokens, median of {} runs, {threads} thread(s)",
+        cfg.num_hidden_layers,
+        args.loops.unwrap_or(cfg.total_ut_steps),
+        args.exit,
+        args.prefill_tokens,
+        args.decode_tokens,
+        args.runs
+    );
+    println!("read bandwidth measured here: {bandwidth:.1} GB/s");
+    println!(
+        "{:<9} {:>10} {:>10} {:>11} {:>13} {:>12} {:>10} {:>8}",
+        "precision", "prefill/s", "decode/s", "steps/tok", "GB read/tok", "decode GB/s", "% of read", "setup s"
+    );
+    for m in &results {
+        let gbs = m.decode_bytes_per_token * m.decode_tps / 1e9;
+        println!(
+            "{:<9} {:>10.2} {:>10.2} {:>11.2} {:>13.3} {:>12.1} {:>9.0}% {:>8.1}",
+            format!("{:?}", m.precision).to_lowercase(),
+            m.prefill_tps,
+            m.decode_tps,
+            m.decode_steps,
+            m.decode_bytes_per_token / 1e9,
+            gbs,
+            100.0 * gbs / bandwidth,
+            m.setup_s
+        );
+    }
+    if let Some(path) = &args.json {
+        let rows: Vec<serde_json::Value> = results
+            .iter()
+            .map(|m| {
+                json!({
+                    "precision": format!("{:?}", m.precision).to_lowercase(),
+                    "prefill_tokens_per_s": m.prefill_tps,
+                    "decode_tokens_per_s": m.decode_tps,
+                    "decode_loop_steps_per_token": m.decode_steps,
+                    "decode_weight_bytes_per_token": m.decode_bytes_per_token,
+                    "setup_s": m.setup_s,
+                })
+            })
+            .collect();
+        let doc = json!({
+            "checkpoint": dir,
+            "threads": threads,
+            "exit": args.exit,
+            "prefill_tokens": args.prefill_tokens,
+            "decode_tokens": args.decode_tokens,
+            "runs": args.runs,
+            "read_bandwidth_gb_s": bandwidth,
+            "results": rows,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// The random bf16 checkpoint of `shape`, written once (with progress) and reused.
+fn random_checkpoint(shape: &str, dir: Option<PathBuf>) -> Result<PathBuf> {
+    ouroc_models::shapes::named_shape(shape).map_err(anyhow::Error::msg)?;
+    let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("ouroc-shapes").join(shape));
+    const SEED: u64 = 1;
+    if ouroc_models::random::is_current(&dir, shape, StorageDtype::BF16, SEED) {
+        eprintln!("using the random {shape} checkpoint in {}", dir.display());
+        return Ok(dir);
+    }
+    eprintln!("writing a random {shape} checkpoint (bf16) to {}", dir.display());
+    let mut last = 0;
+    ouroc_models::random::write_random_checkpoint(shape, &dir, StorageDtype::BF16, SEED, &mut |done, total| {
+        let pct = done * 100 / total.max(1);
+        if pct >= last + 10 || done == total {
+            eprintln!("  {pct}% of {:.2} GB", total as f64 / 1e9);
+            last = pct;
+        }
+    })
+    .map_err(anyhow::Error::msg)?;
+    Ok(dir)
+}
+
+/// Deterministic token ids below `vocab`.
+fn random_ids(n: usize, vocab: usize) -> Vec<u32> {
+    let mut s = 0x2545_f491_4f6c_dd1du64;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % vocab as u64) as u32
+        })
+        .collect()
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Read bandwidth in GB/s: `threads` threads each summing their share of a
+/// 512 MiB buffer (far larger than any cache), best of 3.
+fn read_bandwidth(threads: usize) -> f64 {
+    let words = (512usize << 20) / 8;
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let sum: u64 = std::thread::scope(|s| {
+            let handles: Vec<_> = buf
+                .chunks(words.div_ceil(threads))
+                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &x| a.wrapping_add(x))))
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("a summing thread")).sum()
+        });
+        std::hint::black_box(sum);
+        best = best.max((words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
