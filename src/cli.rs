@@ -158,6 +158,18 @@ pub enum Emit {
         #[arg(long, value_name = "NAME")]
         kernel: Option<String>,
     },
+    /// The PTX (ISA 8.0, sm_80 / A100) of the optimised model: one module with an entry per
+    /// distinct kernel and variant, preceded by each kernel's launch records (when each entry
+    /// runs, grid, block, shared memory) as comments
+    Ptx {
+        #[command(flatten)]
+        source: SourceArgs,
+        #[command(flatten)]
+        model: ModelFlags,
+        /// Print only this kernel, as a module of its own (a name such as `l0.qkv`)
+        #[arg(long, value_name = "NAME")]
+        kernel: Option<String>,
+    },
 }
 
 /// Where the model comes from: a checkpoint, or a named shape without weights.

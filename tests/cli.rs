@@ -523,3 +523,37 @@ fn emit_clif_prints_each_distinct_kernel_once_or_the_one_asked_for() {
         &["no kernel named `l9.qkv`", "l0.qkv", "lm_head"],
     );
 }
+
+#[test]
+fn emit_ptx_prints_launch_records_then_one_module_or_one_kernel() {
+    let dir = fixture("mha-r4");
+    let o = ouroc(&["emit", "ptx", dir.to_str().unwrap(), "--precision", "bf16"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains(".target sm_80") && text.contains(".address_size 64"),
+        "{text}"
+    );
+    assert_eq!(text.matches(".target sm_80").count(), 1, "one module");
+    // Layers share code: the records name both users of the tensor-core GEMM entry.
+    let gemm = text
+        .lines()
+        .find(|l| l.starts_with("// ouroc_l0_qkv_gemm "))
+        .expect("a GEMM record");
+    assert!(
+        gemm.contains("TokensAtLeast") && gemm.ends_with("(l0.qkv, l1.qkv)"),
+        "{gemm}"
+    );
+    assert!(text.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
+    assert_eq!(text.matches(".entry ouroc_l0_qkv_gemm").count(), 1);
+
+    let one = ouroc(&["emit", "ptx", dir.to_str().unwrap(), "--kernel", "step_end"]);
+    assert!(one.status.success(), "{}", stderr(&one));
+    let one = stdout(&one);
+    assert_eq!(one.matches(".entry ").count(), 1, "{one}");
+    assert!(one.starts_with("// ouroc_step_end when Always"), "{one}");
+    fails_with(
+        &["emit", "ptx", dir.to_str().unwrap(), "--kernel", "nope"],
+        &["no kernel named `nope`"],
+    );
+}

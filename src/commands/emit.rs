@@ -19,16 +19,59 @@ pub fn program(source: &SourceArgs, flags: &ModelFlags) -> Result<Program> {
     ouroc_kernels::lower(&optimised).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// The kernel of `program` named `name`, or an error listing the names.
+fn named_kernel<'p>(program: &'p Program, name: &str) -> Result<&'p ouroc_kernels::Kernel> {
+    match program.kernel(name) {
+        Some(k) => Ok(k),
+        None => {
+            let names: Vec<&str> = program.kernels().map(|k| k.spec.name.as_str()).collect();
+            bail!("no kernel named `{name}`; this program's kernels: {}", names.join(", "))
+        }
+    }
+}
+
+pub fn ptx(source: &SourceArgs, flags: &ModelFlags, kernel: Option<&str>) -> Result<()> {
+    use ouroc_codegen::ptx;
+    let program = program(source, flags)?;
+    let (text, abis) = match kernel {
+        Some(name) => {
+            let k = ptx::emit(&named_kernel(&program, name)?.spec)?;
+            (k.text, vec![k.abi])
+        }
+        None => {
+            let m = ptx::module(&program)?;
+            (m.text, m.kernels)
+        }
+    };
+    // One line per entry, naming every kernel that launches it (layers share code).
+    let mut lines: Vec<(String, Vec<&str>)> = Vec::new();
+    for abi in &abis {
+        for e in &abi.entries {
+            let line = format!(
+                "{} when {:?}, launch {}",
+                e.entry,
+                e.when,
+                serde_json::to_string(&e.launch)?
+            );
+            match lines.iter_mut().find(|(l, _)| *l == line) {
+                Some((_, users)) => users.push(&abi.name),
+                None => lines.push((line, vec![&abi.name])),
+            }
+        }
+    }
+    let mut out = String::new();
+    for (line, users) in &lines {
+        out += &format!("// {line} ({})\n", users.join(", "));
+    }
+    out += "\n";
+    out += &text;
+    print_out(&out)
+}
+
 pub fn clif(source: &SourceArgs, flags: &ModelFlags, kernel: Option<&str>) -> Result<()> {
     let program = program(source, flags)?;
     let chosen: Vec<&ouroc_kernels::Kernel> = match kernel {
-        Some(name) => match program.kernel(name) {
-            Some(k) => vec![k],
-            None => {
-                let names: Vec<&str> = program.kernels().map(|k| k.spec.name.as_str()).collect();
-                bail!("no kernel named `{name}`; this program's kernels: {}", names.join(", "))
-            }
-        },
+        Some(name) => vec![named_kernel(&program, name)?],
         // Kernels with the same code key share one function: print it once,
         // naming every kernel that uses it.
         None => {

@@ -22,6 +22,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Emit {
             what: Emit::Clif { source, model, kernel },
         } => emit::clif(&source, &model, kernel.as_deref()),
+        Command::Emit {
+            what: Emit::Ptx { source, model, kernel },
+        } => emit::ptx(&source, &model, kernel.as_deref()),
         Command::Compile(args) => compile::run(&args),
         Command::Logits(args) => logits::run(&args),
         Command::Run(args) => run::run(&args),
