@@ -79,6 +79,8 @@ pub struct BenchArgs {
     /// Also write the results as JSON to this file
     #[arg(long, value_name = "FILE.json")]
     pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub cpu: CpuFlags,
 }
 
 #[derive(Args, Debug)]
@@ -122,6 +124,23 @@ pub struct RunArgs {
     /// JIT-compiled kernels) or interp (the reference interpreter, slow, for checking)
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     pub backend: Backend,
+    #[command(flatten)]
+    pub cpu: CpuFlags,
+}
+
+/// How the compiled CPU engine runs.
+#[derive(Args, Debug, Clone)]
+pub struct CpuFlags {
+    /// Threads for the compiled kernels (default: all cores); each matrix-vector product is
+    /// split over them by output rows
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
+    /// KV cache in decode: full (one cache per loop step and layer, as trained), last (every
+    /// step reads and writes one shared cache per layer, seeded from the last step's), mean
+    /// (one shared cache seeded with the mean of the steps' caches); last and mean use 1/R of
+    /// the decode KV memory. Prefill always fills every step's cache
+    #[arg(long, value_name = "MODE", default_value = "full")]
+    pub kv: String,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,7 +262,35 @@ pub struct LogitsArgs {
     #[arg(long, value_enum, default_value_t = Mode::Prefill)]
     pub mode: Mode,
     /// Write f32 `logits` [T, V], `hidden_states` [R, T, H], `exit_lambda` [R, T]
-    /// and i32 `exit_step` [T] to this safetensors file (it is replaced)
+    /// and i32 `exit_step` [T] to this safetensors file (it is replaced); `exit_lambda`
+    /// is left out when the backend's program has no exit gate (cpu under last / step:K)
     #[arg(long, value_name = "FILE.safetensors")]
     pub out: Option<PathBuf>,
+    /// interp: the reference interpreter on the imported graph; cpu: the optimised graph's
+    /// Program on Cranelift-compiled kernels (every loop step runs, as in the reference)
+    #[arg(long, value_enum, default_value_t = LogitsBackend::Interp)]
+    pub backend: LogitsBackend,
+    /// Threads for --backend cpu (default: all cores)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
+}
+
+impl CpuFlags {
+    /// The runtime options these flags ask for.
+    pub fn options(&self, max_positions: usize, early_exit: bool) -> Result<ouroc_runtime::cpu::CpuOptions, String> {
+        Ok(ouroc_runtime::cpu::CpuOptions {
+            max_positions,
+            early_exit,
+            threads: self.threads.map_or(0, usize::from),
+            kv: ouroc_runtime::cpu::KvMode::parse(&self.kv)?,
+        })
+    }
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsBackend {
+    /// The reference interpreter
+    Interp,
+    /// Cranelift JIT-compiled kernels of the optimised graph
+    Cpu,
 }

@@ -557,3 +557,171 @@ fn emit_ptx_prints_launch_records_then_one_module_or_one_kernel() {
         &["no kernel named `nope`"],
     );
 }
+
+/// `--backend cpu` runs the optimised Program on the compiled kernels and
+/// writes the same research outputs: logits, every step's hidden state and
+/// exit gate, exit steps, in prefill and through the KV cache.
+#[test]
+fn logits_on_the_cpu_backend_match_golden_hidden_states_gates_and_logits() {
+    let golden = Golden::load("mha-r4");
+    let ids = prompt_arg("mha-r4");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixture("mha-r4");
+    for (mode, pol, threads) in [("prefill", "threshold:0.5", "1"), ("decode", "weighted", "2")] {
+        let out = tmp.path().join(format!("{mode}.safetensors"));
+        let args = [
+            "logits",
+            dir.to_str().unwrap(),
+            "--ids",
+            &ids,
+            "--mode",
+            mode,
+            "--exit",
+            pol,
+            "--backend",
+            "cpu",
+            "--threads",
+            threads,
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        let o = ouroc(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(stdout(&o).contains("cpu backend"), "{}", stdout(&o));
+        let (logits, shape, steps) = read_out(&out);
+        assert_eq!(shape, vec![12, 288]);
+        let e = rel_err(&logits, &golden.get(&format!("f32/{pol}/logits")).f32);
+        assert!(e < 1e-4, "{mode} {pol}: relative error {e}");
+        assert_eq!(steps, golden.get(&format!("f32/{pol}/exit_step")).i32);
+        let bytes = std::fs::read(&out).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        for name in ["hidden_states", "exit_lambda"] {
+            let got: Vec<f32> = st
+                .tensor(name)
+                .unwrap()
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            let e = rel_err(&got, &golden.get(&format!("f32/{name}")).f32);
+            assert!(e < 1e-4, "{mode} {name}: relative error {e}");
+        }
+    }
+    // Under `last` the optimised program has no exit gate: no lambdas to write.
+    let out = tmp.path().join("last.safetensors");
+    let o = ouroc(&[
+        "logits",
+        dir.to_str().unwrap(),
+        "--ids",
+        &ids,
+        "--exit",
+        "last",
+        "--backend",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bytes = std::fs::read(&out).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    assert!(st.tensor("exit_lambda").is_err());
+    let (logits, _, _) = read_out(&out);
+    assert!(rel_err(&logits, &golden.get("f32/last/logits").f32) < 1e-4);
+    fails_with(
+        &[
+            "logits",
+            dir.to_str().unwrap(),
+            "--ids",
+            "1",
+            "--backend",
+            "cpu",
+            "--threads",
+            "0",
+        ],
+        &["--threads"],
+    );
+}
+
+#[test]
+fn run_threads_do_not_change_the_text_and_kv_modes_are_reported() {
+    let run = |extra: &[&str]| {
+        let mut a = vec![
+            "run",
+            "--prompt",
+            "import os",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "0",
+        ];
+        a.extend_from_slice(extra);
+        let o = ouroc(&a);
+        assert!(o.status.success(), "{a:?}: {}", stderr(&o));
+        o
+    };
+    let one = run(&["--threads", "1"]);
+    let two = run(&["--threads", "2"]);
+    assert_eq!(stdout(&one), stdout(&two));
+    assert!(stderr(&two).contains("2 thread(s), KV cache full"), "{}", stderr(&two));
+    for mode in ["last", "mean"] {
+        let o = run(&["--kv", mode]);
+        assert!(stderr(&o).contains(&format!("KV cache {mode}")), "{}", stderr(&o));
+        // The prompt's logits come from prefill, which fills every step's cache in every mode.
+        let first = |o: &Output| stdout(o).chars().take("import os".len() + 1).collect::<String>();
+        assert_eq!(first(&o), first(&one));
+    }
+    fails_with(
+        &["run", "--prompt", "x", "--kv", "first"],
+        &["unknown KV mode `first`", "full, last, mean"],
+    );
+    fails_with(&["run", "--prompt", "x", "--threads", "0"], &["--threads"]);
+    fails_with(
+        &["run", "--prompt", "x", "--backend", "interp", "--threads", "2"],
+        &["--backend cpu only"],
+    );
+}
+
+#[test]
+fn bench_reports_prefill_decode_and_bandwidth_per_precision() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("bench.json");
+    let dir = fixture("gqa-hd");
+    let o = ouroc(&[
+        "bench",
+        dir.to_str().unwrap(),
+        "--prefill-tokens",
+        "8",
+        "--decode-tokens",
+        "4",
+        "--runs",
+        "2",
+        "--threads",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("read bandwidth measured here"), "{out}");
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = doc["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "bf16 and f32 by default");
+    for (row, prec) in rows.iter().zip(["bf16", "f32"]) {
+        assert_eq!(row["precision"], prec);
+        assert!(row["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert!(row["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+        // `last` runs all 4 steps of every decode token.
+        assert_eq!(row["decode_loop_steps_per_token"].as_f64().unwrap(), 4.0);
+    }
+    let bytes = |i: usize| rows[i]["decode_weight_bytes_per_token"].as_f64().unwrap();
+    assert!(
+        (bytes(1) / bytes(0) - 2.0).abs() < 0.05,
+        "f32 weights are twice bf16's bytes"
+    );
+    fails_with(&["bench", dir.to_str().unwrap(), "--runs", "0"], &["--runs"]);
+    fails_with(&["bench", "--shape", "7b"], &["unknown shape `7b`"]);
+    fails_with(
+        &["bench", dir.to_str().unwrap(), "--prefill-tokens", "100000"],
+        &["exceed the context"],
+    );
+}

@@ -18,26 +18,165 @@
 //!   byte buffer of rows of `kv_heads * head_dim` activation-dtype elements,
 //!   grown before each call to hold `past + seq` rows; an attention kernel
 //!   gets a one-element [`KvSeq`] array and an f32 score scratch, and the
-//!   slot's `past` is advanced by `seq` after it ran;
+//!   slot's `past` is advanced by `seq` after it ran (decode may share
+//!   stores across steps, see [`KvMode`] below);
 //! - **loop**: carried values set from their inits, the body per step,
 //!   the exit policy per token at the end of each step (as the reference:
 //!   `ExitPolicy::decided_exit` for `last` / `step:K` / `threshold`, the
 //!   f32 `p_r * out_r` accumulation for `weighted`), then the carried
 //!   values set from their nexts (a parallel copy);
 //! - **early exit** (option `early_exit`): in decode (one new token), once
-//!   the token's exit is decided the later steps do not run, and the KV
-//!   rows the exit step appended are copied to the slots of every later
-//!   step (so later tokens see a full cache), as `ExecOptions::exit_skips`.
+//!   the token's exit is decided the later steps do not run; under
+//!   [`KvMode::Full`] the KV rows the exit step appended are copied to the
+//!   slots of every later step (so later tokens see a full cache), as
+//!   `ExecOptions::exit_skips`.
 //!
-//! Batch is 1 (the [`Forward`] trait runs one sequence); kernels run on
-//! the calling thread.
+//! Batch is 1 (the [`Forward`] trait runs one sequence).
+//!
+//! # Threads
+//!
+//! [`CpuOptions::threads`] threads run the kernels (the calling thread and
+//! `threads - 1` workers of a persistent [`Pool`], parked between calls).
+//! A `Linear` of `n >= 8` output rows is split into at most `threads`
+//! chunks of consecutive rows, each a multiple of 4 rows but the last: for
+//! every chunk size a kernel of the same spec with `n` = that size is
+//! compiled (equal chunks share it through the code key), and each chunk
+//! is launched as one task of a pool job (the threads claim the tasks, the
+//! caller included, so a thread the OS has not scheduled delays nothing)
+//! with the weight pointer advanced by its first row `row0` (`row0 * k`
+//! weight elements), the bias pointer by `row0` elements and the result
+//! pointer by `row0` columns (the result's row stride stays the full
+//! buffer width). When the result buffer overlaps the input `x` (in place),
+//! the `x` rows are first copied to a scratch so no chunk reads a row
+//! another chunk has written. Each output element is computed by exactly
+//! one thread with the same instructions as the unsplit kernel (the row
+//! blocking of 4 does not change a row's arithmetic), so results are bit
+//! for bit the same for every thread count. Every other family runs on the
+//! calling thread. With `threads == 1` nothing is split and no worker
+//! exists. [`CpuForward::launches`] counts the Program's kernels run (a
+//! split launch counts once).
+//!
+//! # KV-cache sharing ([`KvMode`], spec §6)
+//!
+//! A call of one token is *decode* (the same test as early exit); a call of
+//! several tokens is *prefill*. For the loop's attention layers:
+//!
+//! - `full` (the default): one store per (step, layer) at all times; step
+//!   r's attention of layer i reads and appends to store (r, i).
+//! - `last` and `mean`: prefill fills all R stores as `full` does (prefill
+//!   needs them). At the first decode call (after `new` or `reset`), the R
+//!   stores of each layer are collapsed into one *shared* store per layer
+//!   and the per-step stores are freed:
+//!   - `last`: the shared store is step R-1's store, unchanged;
+//!   - `mean`: element j of row p of the shared K (and V) store is
+//!     `round((K_0[p][j] + K_1[p][j] + ... + K_{R-1}[p][j]) / R)`: the
+//!     stored activation-dtype values widened to f32, summed in f32 in step
+//!     order, divided by R as f32, rounded to the activation dtype.
+//!
+//!   From then on, until [`CpuForward::reset`], every call (of one token or
+//!   more) runs against the shared stores: step r's attention of layer i
+//!   writes the K/V of the new positions `past .. past + seq` into the
+//!   shared store of layer i (over the rows an earlier step of the same
+//!   call wrote there) and attends over positions `0 ..= past + t`, so a
+//!   step sees the shared rows for the past positions and its own K/V for
+//!   the new ones. When the call's last step has run (step R-1, or the exit
+//!   step e of an early-exiting decode token), the new rows become:
+//!   - `last`: the K/V of the last step that ran for the token (step R-1,
+//!     or e);
+//!   - `mean`: the mean over the steps that ran (0 ..= e, or all R), with
+//!     the arithmetic above (f32 sum in step order, divided by the number
+//!     of steps run, rounded).
+//!
+//!   Decode then appends one K and one V row per layer per token instead
+//!   of R: KV memory grows at 1/R of `full`'s ([`CpuForward::kv_bytes`]).
+//!   Early exit has no later-step slots to fill under `last` / `mean`.
+//!
+//! Attention outside the loop (none in Ouro) always has its own store.
 
 use crate::generate::{Forward, Step};
+use crate::threads::{Pool, resolve_threads};
 use ouroc_codegen::cpu::{Jit, KvSeq, RawKernel, extra_args, operand_dtypes};
 use ouroc_ir::{DType, ExitPolicy, WeightSource};
-use ouroc_kernels::spec::Family;
-use ouroc_kernels::{ActRef, ActValue, Kernel, LoopSpec, Operand, Program};
+use ouroc_kernels::spec::{Family, LinearSpec};
+use ouroc_kernels::{ActRef, ActValue, Kernel, KernelSpec, LoopSpec, Operand, Program};
 use std::collections::HashMap;
+use std::fmt;
+
+/// How decode shares the KV cache across loop steps (see the module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum KvMode {
+    /// One cache per (loop step, layer), in prefill and decode.
+    #[default]
+    Full,
+    /// Decode: one cache per layer, step R-1's after prefill; each token's
+    /// rows hold the K/V of the last step it ran.
+    Last,
+    /// Decode: one cache per layer, the mean over steps of the R caches
+    /// after prefill; each token's rows hold the mean over the steps it ran.
+    Mean,
+}
+
+impl KvMode {
+    /// Every mode, in the order `--kv` lists them.
+    pub const ALL: [KvMode; 3] = [KvMode::Full, KvMode::Last, KvMode::Mean];
+
+    /// The name `--kv` takes: `full`, `last`, `mean`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvMode::Full => "full",
+            KvMode::Last => "last",
+            KvMode::Mean => "mean",
+        }
+    }
+
+    /// Parse a name (`full`, `last`, `mean`).
+    pub fn parse(s: &str) -> Result<KvMode, String> {
+        KvMode::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = KvMode::ALL.iter().map(|m| m.name()).collect();
+            format!("unknown KV mode `{s}`; valid modes: {}", names.join(", "))
+        })
+    }
+}
+
+impl fmt::Display for KvMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for KvMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<KvMode, String> {
+        KvMode::parse(s)
+    }
+}
+
+/// How a [`CpuForward`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuOptions {
+    /// The context length (prompt + generated positions) accepted.
+    pub max_positions: usize,
+    /// In decode, skip the loop steps after a token's exit.
+    pub early_exit: bool,
+    /// Threads the kernels run on, the calling thread included; 0 = all
+    /// cores (`std::thread::available_parallelism`).
+    pub threads: usize,
+    /// KV-cache sharing in decode.
+    pub kv: KvMode,
+}
+
+impl CpuOptions {
+    /// `max_positions` positions, no early exit, all cores, `KvMode::Full`.
+    pub fn new(max_positions: usize) -> CpuOptions {
+        CpuOptions {
+            max_positions,
+            early_exit: false,
+            threads: 0,
+            kv: KvMode::Full,
+        }
+    }
+}
 
 /// Where one kernel argument lives.
 #[derive(Clone, Copy, Debug)]
@@ -53,6 +192,23 @@ enum Arg {
     Weight(*const u8),
 }
 
+/// A `Linear` split over its output rows (see the module docs).
+struct Split {
+    /// Per chunk, in task order: its kernel and first row.
+    chunks: Vec<(RawKernel, usize)>,
+    /// Bytes of one weight row (`k` elements of the weight dtype).
+    w_row_bytes: usize,
+    /// Bytes of one weight-dtype element (the bias).
+    w_elem: usize,
+    /// Bytes of one activation element (the result columns).
+    act_elem: usize,
+    /// Index of the result argument (2, or 3 with a bias).
+    res: usize,
+    bias: bool,
+    /// The result overlaps `x`: copy `x`'s rows (`k` elements) first.
+    copy_x: Option<usize>,
+}
+
 /// One pre-bound kernel launch.
 struct Launch {
     f: RawKernel,
@@ -60,19 +216,31 @@ struct Launch {
     args: Vec<Arg>,
     /// `Attention`: its layer.
     attention: Option<usize>,
+    split: Option<Split>,
 }
 
-/// One KV slot (loop step, layer) of the single sequence.
-#[derive(Default)]
+/// One KV store: K and V rows of one (step, layer) slot, or of a layer's
+/// shared cache in decode.
 struct KvStore {
     k: Vec<u8>,
     v: Vec<u8>,
     /// Positions stored.
     len: usize,
     row_bytes: usize,
+    dtype: DType,
 }
 
 impl KvStore {
+    fn new(row_bytes: usize, dtype: DType) -> KvStore {
+        KvStore {
+            k: Vec::new(),
+            v: Vec::new(),
+            len: 0,
+            row_bytes,
+            dtype,
+        }
+    }
+
     fn reserve_rows(&mut self, rows: usize) {
         let need = rows * self.row_bytes;
         if self.k.len() < need {
@@ -81,6 +249,163 @@ impl KvStore {
             self.v.resize(cap, 0);
         }
     }
+
+    /// Elements per row.
+    fn row_elems(&self) -> usize {
+        self.row_bytes / self.dtype.size_bytes()
+    }
+
+    /// Element `i` (counted from row 0) of `k` (or `v`) as f32.
+    fn get(&self, v: bool, i: usize) -> f32 {
+        let (buf, d) = (if v { &self.v } else { &self.k }, self.dtype);
+        assert!((i + 1) * d.size_bytes() <= buf.len());
+        // SAFETY: inside the buffer (checked above).
+        unsafe { load(buf.as_ptr().add(i * d.size_bytes()), d) }
+    }
+
+    fn set(&mut self, v: bool, i: usize, x: f32) {
+        let d = self.dtype;
+        let buf = if v { &mut self.v } else { &mut self.k };
+        assert!((i + 1) * d.size_bytes() <= buf.len());
+        // SAFETY: inside the buffer (checked above).
+        unsafe { store(buf.as_mut_ptr().add(i * d.size_bytes()), d, x) }
+    }
+}
+
+/// The KV cache of the single sequence (see the module docs).
+struct KvCache {
+    mode: KvMode,
+    /// Loop steps (1 without a loop).
+    steps: usize,
+    /// Per-step stores by (step, layer); attention outside the loop uses
+    /// step 0. The loop layers' are removed while `shared` is in use.
+    slots: HashMap<(usize, usize), KvStore>,
+    /// `last` / `mean` after the first decode call: one store per loop layer.
+    shared: Option<HashMap<usize, KvStore>>,
+    /// The loop's attention layers: (layer, row bytes, dtype).
+    loop_layers: Vec<(usize, usize, DType)>,
+    /// `mean`, shared: per loop layer, the f32 sums of the current call's
+    /// new K then V rows over the steps run so far.
+    acc: HashMap<usize, Vec<f32>>,
+}
+
+impl KvCache {
+    /// The store step `step`'s attention of `layer` uses (`in_loop`: a
+    /// loop-body kernel).
+    fn store_mut(&mut self, in_loop: bool, step: usize, layer: usize) -> &mut KvStore {
+        match &mut self.shared {
+            Some(sh) if in_loop => sh.get_mut(&layer).expect("a shared store per loop layer"),
+            _ => self.slots.get_mut(&(step, layer)).expect("a slot per (step, layer)"),
+        }
+    }
+
+    fn store(&self, step: usize, layer: usize) -> Option<&KvStore> {
+        if step >= self.steps {
+            return None;
+        }
+        match &self.shared {
+            Some(sh) if sh.contains_key(&layer) => sh.get(&layer),
+            _ => self.slots.get(&(step, layer)),
+        }
+    }
+
+    fn stores(&self) -> impl Iterator<Item = &KvStore> {
+        self.slots.values().chain(self.shared.iter().flat_map(|s| s.values()))
+    }
+
+    /// Collapse the loop layers' R stores into one each (`last` / `mean`).
+    fn collapse(&mut self) {
+        let mut shared = HashMap::new();
+        for &(layer, row_bytes, dtype) in &self.loop_layers {
+            let stores: Vec<KvStore> = (0..self.steps)
+                .map(|s| self.slots.remove(&(s, layer)).expect("a slot per (step, layer)"))
+                .collect();
+            let store = match self.mode {
+                KvMode::Mean => {
+                    let len = stores[0].len;
+                    let mut m = KvStore::new(row_bytes, dtype);
+                    m.reserve_rows(len + 1);
+                    m.len = len;
+                    let r = self.steps as f32;
+                    for v in [false, true] {
+                        for i in 0..len * m.row_elems() {
+                            let sum = stores.iter().fold(0.0f32, |a, s| a + s.get(v, i));
+                            m.set(v, i, sum / r);
+                        }
+                    }
+                    m
+                }
+                _ => stores.into_iter().last().expect("at least one step"),
+            };
+            shared.insert(layer, store);
+        }
+        self.shared = Some(shared);
+    }
+
+    /// The loop's stores back to one per (step, layer), all empty.
+    fn reset(&mut self) {
+        self.shared = None;
+        self.acc.clear();
+        for &(layer, row_bytes, dtype) in &self.loop_layers {
+            for s in 0..self.steps {
+                self.slots
+                    .entry((s, layer))
+                    .or_insert_with(|| KvStore::new(row_bytes, dtype));
+            }
+        }
+        for s in self.slots.values_mut() {
+            s.len = 0;
+        }
+    }
+
+    /// `mean`, shared: add the `seq` new rows step's attention of `layer`
+    /// just wrote to the layer's sums.
+    fn accumulate(&mut self, layer: usize, seq: usize) {
+        let store = &self.shared.as_ref().expect("shared")[&layer];
+        let (e, first) = (store.row_elems(), store.len * store.row_elems());
+        let acc = self.acc.entry(layer).or_insert_with(|| vec![0.0; 2 * seq * e]);
+        for (h, v) in [false, true].into_iter().enumerate() {
+            for j in 0..seq * e {
+                acc[h * seq * e + j] += store.get(v, first + j);
+            }
+        }
+    }
+
+    /// Shared: after the call's last step, keep its new rows (the last
+    /// step's as written, or the mean over `steps_run` steps) and advance.
+    fn finish_shared(&mut self, seq: usize, steps_run: usize) {
+        let mean = self.mode == KvMode::Mean;
+        let mut acc = std::mem::take(&mut self.acc);
+        let sh = self.shared.as_mut().expect("shared");
+        for (&layer, store) in sh.iter_mut() {
+            if mean {
+                let sums = acc.remove(&layer).expect("every loop layer ran at least once");
+                let (e, first) = (store.row_elems(), store.len * store.row_elems());
+                for (h, v) in [false, true].into_iter().enumerate() {
+                    for j in 0..seq * e {
+                        store.set(v, first + j, sums[h * seq * e + j] / steps_run as f32);
+                    }
+                }
+            }
+            store.len += seq;
+        }
+    }
+}
+
+/// What one call computed at every position (the research interface,
+/// `ouroc logits --backend cpu`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Trace {
+    /// The first output (the logits) of every position, row after row.
+    pub logits: Vec<f32>,
+    /// Per loop step run: the step's output (`LoopSpec::out`) of every
+    /// position, row after row.
+    pub step_outputs: Vec<Vec<f32>>,
+    /// Per loop step run: the exit gate's lambda of every position; empty
+    /// when the program does not compute the gate (`last`, `step:K`).
+    pub lambdas: Vec<Vec<f32>>,
+    /// The exit step the policy chose per position (0-based).
+    pub exit_steps: Vec<usize>,
 }
 
 /// A model compiled to CPU machine code, run through its KV cache.
@@ -100,11 +425,17 @@ pub struct CpuForward {
     vocab: Option<usize>,
     /// The arena, as u64 cells (8-byte aligned); grown per call.
     arena: Vec<u64>,
-    kv: HashMap<(usize, usize), KvStore>,
+    kv: KvCache,
     scratch: Vec<f32>,
+    /// Copies of `x` for split in-place linears.
+    x_copy: Vec<u64>,
     past: usize,
-    /// Kernel launches so far (all calls).
+    /// Kernel launches so far (all calls): one per Program kernel run,
+    /// whatever the threads.
     pub launches: usize,
+    pool: Pool,
+    /// Filled by the loop during [`CpuForward::run_traced`].
+    trace: Option<Trace>,
     // Dropped last: the launches' function pointers live in it.
     _jit: Jit,
 }
@@ -161,16 +492,85 @@ fn materialise(p: &Program, src: &dyn WeightSource) -> Result<HashMap<u32, Vec<f
         .map_err(|(id, msg)| format!("weight %{id}: {msg}"))
 }
 
+/// The row split of a Linear on `threads` threads (None: one chunk).
+fn split_linear(
+    jit: &mut Jit,
+    k: &Kernel,
+    l: &LinearSpec,
+    values: &HashMap<u32, ActValue>,
+    threads: usize,
+) -> Result<Option<Split>, String> {
+    let parts = row_chunks(l.n, threads);
+    if parts.len() < 2 {
+        return Ok(None);
+    }
+    let mut chunks = Vec::with_capacity(parts.len());
+    for (row0, rows) in parts {
+        let spec = KernelSpec {
+            name: format!("{}[{row0}..{}]", k.spec.name, row0 + rows),
+            act: k.spec.act,
+            family: Family::Linear(LinearSpec { n: rows, ..l.clone() }),
+        };
+        let id = jit.compile(&spec).map_err(|e| e.to_string())?;
+        chunks.push((jit.kernel(id).raw(), row0));
+    }
+    let act_elem = k.spec.act.size_bytes();
+    let y = &values[&k.outputs[0]];
+    let copy_x = match &k.inputs[0] {
+        Operand::Act(r) if overlap(&values[&r.value], y) => Some(l.k * act_elem),
+        _ => None,
+    };
+    Ok(Some(Split {
+        chunks,
+        w_row_bytes: l.k * l.weight.size_bytes(),
+        w_elem: l.weight.size_bytes(),
+        act_elem,
+        res: 2 + l.bias as usize,
+        bias: l.bias,
+        copy_x,
+    }))
+}
+
+/// The chunks (first row, rows) a Linear of `n` rows is split into on
+/// `threads` threads: none (one chunk) under 8 rows or on one thread.
+fn row_chunks(n: usize, threads: usize) -> Vec<(usize, usize)> {
+    if threads <= 1 || n < 8 {
+        return vec![(0, n)];
+    }
+    let size = n.div_ceil(threads).next_multiple_of(4);
+    (0..n.div_ceil(size))
+        .map(|c| (c * size, size.min(n - c * size)))
+        .collect()
+}
+
+/// Whether the per-token byte ranges of two arena values overlap.
+fn overlap(a: &ActValue, b: &ActValue) -> bool {
+    let range = |v: &ActValue| (v.offset as usize, v.offset as usize + v.width * v.dtype.size_bytes());
+    let ((a0, a1), (b0, b1)) = (range(a), range(b));
+    a0 < b1 && b0 < a1
+}
+
 impl CpuForward {
     /// Check `program`, load its weights from `weights`, JIT-compile its
     /// kernels. `max_positions`: the context length (prompt + generated)
-    /// accepted. `early_exit`: in decode, skip the steps after a token's exit.
+    /// accepted. `early_exit`: in decode, skip the steps after a token's
+    /// exit. Runs on all cores with [`KvMode::Full`] (see
+    /// [`CpuForward::with_options`]).
     pub fn new(
         program: Program,
         weights: &dyn WeightSource,
         max_positions: usize,
         early_exit: bool,
     ) -> Result<CpuForward, String> {
+        let opts = CpuOptions {
+            early_exit,
+            ..CpuOptions::new(max_positions)
+        };
+        CpuForward::with_options(program, weights, &opts)
+    }
+
+    /// As [`CpuForward::new`], with the threads and KV mode of `opts`.
+    pub fn with_options(program: Program, weights: &dyn WeightSource, opts: &CpuOptions) -> Result<CpuForward, String> {
         program.check()?;
         if program.inputs.len() != 2 {
             return Err(format!(
@@ -202,6 +602,8 @@ impl CpuForward {
                 }
             }
         }
+        let pool = Pool::new(resolve_threads(opts.threads))?;
+        let threads = pool.threads();
         let resident = materialise(&program, weights)?;
         let mut jit = Jit::new().map_err(|e| e.to_string())?;
         // Encode each weight in every dtype a kernel reads it in.
@@ -222,8 +624,18 @@ impl CpuForward {
         let mut bind = |ks: &[Kernel]| -> Result<Vec<Launch>, String> {
             ks.iter()
                 .map(|k| {
-                    let id = jit.compile(&k.spec).map_err(|e| e.to_string())?;
-                    let f = jit.kernel(id).raw();
+                    let split = match &k.spec.family {
+                        Family::Linear(l) => split_linear(&mut jit, k, l, &values, threads)?,
+                        _ => None,
+                    };
+                    // A split Linear runs its chunks' kernels only.
+                    let f = match &split {
+                        Some(sp) => sp.chunks[0].0,
+                        None => {
+                            let id = jit.compile(&k.spec).map_err(|e| e.to_string())?;
+                            jit.kernel(id).raw()
+                        }
+                    };
                     let dtypes = operand_dtypes(&k.spec);
                     let mut args = Vec::new();
                     for (op, d) in k.inputs.iter().zip(&dtypes) {
@@ -264,7 +676,12 @@ impl CpuForward {
                         _ => None,
                     };
                     debug_assert_eq!(extra_args(&k.spec), if attention.is_some() { 2 } else { 0 });
-                    Ok(Launch { f, args, attention })
+                    Ok(Launch {
+                        f,
+                        args,
+                        attention,
+                        split,
+                    })
                 })
                 .collect()
         };
@@ -282,32 +699,37 @@ impl CpuForward {
             })
             .min();
         // KV stores: one per (step, layer) attention slot, in the act dtype.
-        let mut kv = HashMap::new();
-        let mut add_slots = |ks: &[Kernel], steps: usize| {
-            for k in ks {
-                if let Family::Attention(a) = &k.spec.family {
-                    for s in 0..steps {
-                        kv.insert(
-                            (s, a.layer),
-                            KvStore {
-                                row_bytes: a.kv_heads * a.head_dim * k.spec.act.size_bytes(),
-                                ..KvStore::default()
-                            },
-                        );
-                    }
-                }
-            }
+        let steps = program.loop_.as_ref().map_or(1, |l| l.steps);
+        let mut kv = KvCache {
+            mode: opts.kv,
+            steps,
+            slots: HashMap::new(),
+            shared: None,
+            loop_layers: Vec::new(),
+            acc: HashMap::new(),
         };
-        add_slots(&program.before, 1);
-        add_slots(&program.after, 1);
-        if let Some(l) = &program.loop_ {
-            add_slots(&l.body, l.steps);
+        let attn = |ks: &[Kernel]| -> Vec<(usize, usize, DType)> {
+            ks.iter()
+                .filter_map(|k| match &k.spec.family {
+                    Family::Attention(a) => {
+                        Some((a.layer, a.kv_heads * a.head_dim * k.spec.act.size_bytes(), k.spec.act))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        for (layer, rb, d) in attn(&program.before).into_iter().chain(attn(&program.after)) {
+            kv.slots.insert((0, layer), KvStore::new(rb, d));
         }
+        if let Some(l) = &program.loop_ {
+            kv.loop_layers = attn(&l.body);
+        }
+        kv.reset();
         Ok(CpuForward {
             values,
             policy,
-            early_exit,
-            max_positions,
+            early_exit: opts.early_exit,
+            max_positions: opts.max_positions,
             weights: enc,
             before,
             body,
@@ -316,8 +738,11 @@ impl CpuForward {
             arena: Vec::new(),
             kv,
             scratch: Vec::new(),
+            x_copy: Vec::new(),
             past: 0,
             launches: 0,
+            trace: None,
+            pool,
             program,
             _jit: jit,
         })
@@ -328,12 +753,62 @@ impl CpuForward {
         self.past
     }
 
-    /// Forget the KV cache.
+    /// Forget the KV cache (under `last` / `mean` the next call is
+    /// prefill again, with one store per (step, layer)).
     pub fn reset(&mut self) {
-        for s in self.kv.values_mut() {
-            s.len = 0;
-        }
+        self.kv.reset();
         self.past = 0;
+    }
+
+    /// Threads the kernels run on (the calling thread included).
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    /// The KV-cache sharing mode.
+    pub fn kv_mode(&self) -> KvMode {
+        self.kv.mode
+    }
+
+    /// Bytes of KV cache in use: the K and V rows of the positions stored,
+    /// over every store.
+    pub fn kv_bytes(&self) -> usize {
+        self.kv.stores().map(|s| 2 * s.len * s.row_bytes).sum()
+    }
+
+    /// Bytes of KV cache allocated (stores grow by doubling).
+    pub fn kv_reserved_bytes(&self) -> usize {
+        self.kv.stores().map(|s| s.k.len() + s.v.len()).sum()
+    }
+
+    /// The K and V rows (`past_len()` rows of `kv_heads * head_dim`
+    /// elements of the activation dtype, row p = position p, bf16 as its 16
+    /// bits) that step `step`'s attention of layer `layer` reads for past
+    /// positions: its own slot, or the layer's shared store once decode
+    /// shares one (`last` / `mean`). None if there is no such slot.
+    pub fn kv_rows(&self, step: usize, layer: usize) -> Option<(&[u8], &[u8])> {
+        let s = self.kv.store(step, layer)?;
+        let n = s.len * s.row_bytes;
+        Some((&s.k[..n], &s.v[..n]))
+    }
+
+    /// As [`CpuForward::kv_rows`], writable: for experiments on the cache
+    /// (tests replace slots to check the sharing modes against `full`).
+    pub fn kv_rows_mut(&mut self, step: usize, layer: usize) -> Option<(&mut [u8], &mut [u8])> {
+        self.kv.store(step, layer)?;
+        let in_loop = self.kv.loop_layers.iter().any(|l| l.0 == layer);
+        let s = self.kv.store_mut(in_loop, step, layer);
+        let n = s.len * s.row_bytes;
+        Some((&mut s.k[..n], &mut s.v[..n]))
+    }
+
+    /// Kernels split over threads (Linear launches of more than one chunk).
+    pub fn split_kernels(&self) -> usize {
+        [&self.before, &self.body, &self.after]
+            .iter()
+            .flat_map(|l| l.iter())
+            .filter(|l| l.split.as_ref().is_some_and(|s| s.chunks.len() > 1))
+            .count()
     }
 
     fn base(&mut self) -> *mut u8 {
@@ -393,7 +868,7 @@ impl CpuForward {
 
     /// Run one pre-bound launch (which = 0 before, 1 body, 2 after).
     fn launch(&mut self, which: usize, i: usize, step: usize, tokens: usize, seq: usize) {
-        let base = self.base();
+        let base = self.arena.as_mut_ptr() as *mut u8;
         let list = match which {
             0 => &self.before,
             1 => &self.body,
@@ -420,14 +895,59 @@ impl CpuForward {
             }
         }
         let f = l.f;
+        self.launches += 1;
+        if let Some(sp) = &l.split {
+            if let Some(row) = sp.copy_x {
+                // In place: the chunks read x from a private copy.
+                let need = (tokens * row).div_ceil(8);
+                if self.x_copy.len() < need {
+                    self.x_copy.resize(need, 0);
+                }
+                let dst = self.x_copy.as_mut_ptr() as *mut u8;
+                let act_elem = sp.act_elem;
+                for t in 0..tokens {
+                    // SAFETY: row t of x (stride strides[0] elements) lies
+                    // in the arena; the copy holds tokens * row bytes.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(args[0].add(t * strides[0] * act_elem), dst.add(t * row), row)
+                    };
+                }
+                args[0] = dst;
+                strides[0] = row / act_elem;
+            }
+            let na = args.len();
+            let mut chunk_args: Vec<usize> = Vec::with_capacity(na * sp.chunks.len());
+            for &(_, row0) in &sp.chunks {
+                for (j, &p) in args.iter().enumerate() {
+                    let off = match j {
+                        1 => row0 * sp.w_row_bytes,
+                        2 if sp.bias => row0 * sp.w_elem,
+                        j if j == sp.res => row0 * sp.act_elem,
+                        _ => 0,
+                    };
+                    // SAFETY: row0 < n: inside the weight, bias and result row.
+                    chunk_args.push(unsafe { p.add(off) } as usize);
+                }
+            }
+            let chunks = &sp.chunks;
+            let strides = &strides;
+            self.pool.run(chunks.len(), &|c| {
+                let a = chunk_args[c * na..].as_ptr() as *const *mut u8;
+                // SAFETY: the kernel ABI as for the whole kernel (below);
+                // each chunk writes only its own columns of the result.
+                unsafe { (chunks[c].0)(a, strides.as_ptr(), tokens) }
+            });
+            return;
+        }
         let mut seqs = [KvSeq {
             k: std::ptr::null_mut(),
             v: std::ptr::null_mut(),
             past: 0,
         }];
         let layer = l.attention;
+        let in_loop = which == 1;
         if let Some(layer) = layer {
-            let slot = self.kv.get_mut(&(step, layer)).expect("a slot per (step, layer)");
+            let slot = self.kv.store_mut(in_loop, step, layer);
             slot.reserve_rows(slot.len + seq);
             seqs[0] = KvSeq {
                 k: slot.k.as_mut_ptr(),
@@ -450,9 +970,15 @@ impl CpuForward {
         // of at least past + seq f32.
         unsafe { f(args.as_ptr(), strides.as_ptr(), tokens) };
         if let Some(layer) = layer {
-            self.kv.get_mut(&(step, layer)).expect("slot").len += seq;
+            if in_loop && self.kv.shared.is_some() {
+                // Shared: the rows stay until the call's last step ran.
+                if self.kv.mode == KvMode::Mean {
+                    self.kv.accumulate(layer, seq);
+                }
+            } else {
+                self.kv.store_mut(in_loop, step, layer).len += seq;
+            }
         }
-        self.launches += 1;
     }
 
     /// After stopping at step `last`, append step `last`'s K/V rows of the
@@ -460,20 +986,38 @@ impl CpuForward {
     fn fill_skipped_slots(&mut self, l_steps: usize, last: usize, seq: usize) {
         let layers: Vec<usize> = self.body.iter().filter_map(|l| l.attention).collect();
         for layer in layers {
-            let src = &self.kv[&(last, layer)];
+            let src = &self.kv.slots[&(last, layer)];
             let rb = src.row_bytes;
             let (k, v) = (
                 src.k[(src.len - seq) * rb..src.len * rb].to_vec(),
                 src.v[(src.len - seq) * rb..src.len * rb].to_vec(),
             );
             for s in last + 1..l_steps {
-                let dst = self.kv.get_mut(&(s, layer)).expect("slot");
+                let dst = self.kv.slots.get_mut(&(s, layer)).expect("slot");
                 dst.reserve_rows(dst.len + seq);
                 dst.k[dst.len * rb..(dst.len + seq) * rb].copy_from_slice(&k);
                 dst.v[dst.len * rb..(dst.len + seq) * rb].copy_from_slice(&v);
                 dst.len += seq;
             }
         }
+    }
+
+    /// [`CpuForward::run`], also returning every position's logits, each
+    /// step's outputs and lambdas, and the exit steps.
+    pub fn run_traced(&mut self, ids: &[u32]) -> Result<(Step, Trace), String> {
+        self.trace = Some(Trace::default());
+        let step = self.run(ids);
+        let mut trace = self.trace.take().expect("set above");
+        let step = step?;
+        let out = self.program.outputs[0];
+        for t in 0..ids.len() {
+            let row = self.read_row(&out, ids.len(), t);
+            trace.logits.extend(row);
+        }
+        if self.program.loop_.is_none() {
+            trace.exit_steps = vec![0; ids.len()];
+        }
+        Ok((step, trace))
     }
 
     /// Run `ids` after the cache: the last position's row of the program's
@@ -509,6 +1053,10 @@ impl CpuForward {
             let (p, _) = self.row_ptr(&ActRef::whole(pos_v, 1), tokens, t);
             // SAFETY: as above.
             unsafe { std::ptr::copy_nonoverlapping(((self.past + t) as i32).to_le_bytes().as_ptr(), p, 4) };
+        }
+        if seq == 1 && self.kv.mode != KvMode::Full && self.kv.shared.is_none() {
+            // The first decode call: one shared store per loop layer.
+            self.kv.collapse();
         }
         for i in 0..self.before.len() {
             self.launch(0, i, 0, tokens, seq);
@@ -564,6 +1112,15 @@ impl CpuForward {
                 };
                 ls.push(lam);
             }
+            if self.trace.is_some() {
+                let rows: Vec<f32> = (0..tokens).flat_map(|t| self.read_row(&l.out, tokens, t)).collect();
+                let lams: Vec<f32> = lambdas.iter().map(|ls| ls[r]).collect();
+                let trace = self.trace.as_mut().expect("checked");
+                trace.step_outputs.push(rows);
+                if l.exit.is_some() {
+                    trace.lambdas.push(lams);
+                }
+            }
             if weighted {
                 for t in 0..tokens {
                     let lam = lambdas[t][r];
@@ -597,7 +1154,9 @@ impl CpuForward {
             }
             let all_decided = lambdas.iter().all(|ls| policy.decided_exit(ls, l.steps).is_some());
             if self.early_exit && seq == 1 && all_decided {
-                self.fill_skipped_slots(l.steps, r, seq);
+                if self.kv.shared.is_none() {
+                    self.fill_skipped_slots(l.steps, r, seq);
+                }
                 break;
             }
             let nexts: Vec<Vec<u8>> = l.carried.iter().map(|c| self.read_bytes(&c.next, tokens)).collect();
@@ -605,15 +1164,22 @@ impl CpuForward {
                 self.write_bytes(c.arg, tokens, data);
             }
         }
+        if self.kv.shared.is_some() {
+            self.kv.finish_shared(seq, steps_run);
+        }
         if weighted {
             for t in 0..tokens {
                 let row = acc[t * width..(t + 1) * width].to_vec();
                 self.write_row(l.result, tokens, t, &row);
             }
         }
-        let t = tokens - 1;
-        let exit = decided[t].unwrap_or_else(|| policy.exit_step(&lambdas[t]));
-        (exit + 1, steps_run)
+        let exits: Vec<usize> = (0..tokens)
+            .map(|t| decided[t].unwrap_or_else(|| policy.exit_step(&lambdas[t])))
+            .collect();
+        if let Some(trace) = &mut self.trace {
+            trace.exit_steps = exits.clone();
+        }
+        (exits[tokens - 1] + 1, steps_run)
     }
 }
 

@@ -9,15 +9,18 @@
 //!   early exit in decode.
 //!
 //! - [`cpu`]: a `Forward` that executes a lowered `Program` with the
-//!   Cranelift JIT-compiled kernels (single thread, one KV slot per
-//!   (loop step, layer), real early exit in decode). KV-cache sharing
-//!   modes and threads are not here yet.
+//!   Cranelift JIT-compiled kernels: Linear kernels split over threads
+//!   ([`cpu::CpuOptions::threads`]), one KV slot per (loop step, layer) or
+//!   decode-time sharing ([`cpu::KvMode`]: full, last, mean), real early
+//!   exit in decode;
+//! - [`threads`]: the persistent worker pool the CPU backend launches on.
 
 pub mod chat;
 pub mod cpu;
 pub mod generate;
 pub mod interp;
 pub mod sampling;
+pub mod threads;
 pub mod tokenizer;
 
 pub use generate::{Forward, GenStats, Step, StopReason, generate};

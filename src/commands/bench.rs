@@ -44,7 +44,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             cfg.max_position_embeddings
         );
     }
-    let threads = 1;
+    let opts = args.cpu.options(positions, true).map_err(anyhow::Error::msg)?;
+    let threads = match opts.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
     eprintln!("ouroc bench: {} ({} parameters)", dir.display(), ckpt.parameter_count());
     eprintln!(
         "measuring the read bandwidth ({threads} thread{})...",
@@ -68,7 +72,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let program = ouroc_kernels::lower(&optimised).map_err(|e| anyhow::anyhow!("{e}"))?;
         let (outside, per_step) = program.weight_bytes_read();
         eprintln!("[{name}] loading weights and JIT-compiling kernels...");
-        let mut model = CpuForward::new(program, &ckpt, positions, true).map_err(anyhow::Error::msg)?;
+        let mut model = CpuForward::with_options(program, &ckpt, &opts).map_err(anyhow::Error::msg)?;
         let setup_s = t0.elapsed().as_secs_f64();
         let (mut prefill, mut decode, mut steps) = (vec![], vec![], vec![]);
         for run in 0..args.runs {
@@ -105,10 +109,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         });
     }
     println!(
-        "{} layers x {} loop steps, exit {}, {} prefill + {} decode tokens, median of {} runs, {threads} thread(s)",
+        "{} layers x {} loop steps, exit {}, KV cache {}, {} prefill + {} decode tokens, median of {} runs, {threads} thread(s)",
         cfg.num_hidden_layers,
         args.loops.unwrap_or(cfg.total_ut_steps),
         args.exit,
+        opts.kv,
         args.prefill_tokens,
         args.decode_tokens,
         args.runs
@@ -150,6 +155,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "checkpoint": dir,
             "threads": threads,
             "exit": args.exit,
+            "kv": opts.kv.to_string(),
             "prefill_tokens": args.prefill_tokens,
             "decode_tokens": args.decode_tokens,
             "runs": args.runs,

@@ -1,7 +1,8 @@
 use super::{build, open};
-use crate::cli::{LogitsArgs, Mode};
+use crate::cli::{LogitsArgs, LogitsBackend, Mode};
 use anyhow::{Context, Result, bail};
 use ouroc_ir::{Interpreter, LoopTrace, Options, Tensor};
+use ouroc_runtime::cpu::{CpuForward, CpuOptions};
 use safetensors::{Dtype, tensor::TensorView};
 use std::collections::BTreeMap;
 
@@ -33,12 +34,6 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
             cfg.max_position_embeddings
         );
     }
-    let opts = Options {
-        round_low_precision: true,
-        max_positions: Some(cfg.max_position_embeddings),
-        exit_skips: false,
-    };
-    let mut interp = Interpreter::new(&graph, &ckpt, opts)?;
     let (steps, policy) = graph
         .exit_control()
         .context("the graph has no loop and no exit_select")?;
@@ -52,19 +47,56 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
         lambda: vec![vec![]; steps],
         exit_step: vec![],
     };
-    for chunk in chunks {
-        let out = interp.run_tokens(&[chunk])?;
-        let trace: LoopTrace = out.trace.context("the loop left no trace")?;
-        c.logits.extend(&out.outputs[0].data);
-        for r in 0..steps {
-            c.hidden[r].extend(&trace.step_outputs[r].data);
-            c.lambda[r].extend(&trace.exit_signals[r].data);
+    match args.backend {
+        LogitsBackend::Interp => {
+            let opts = Options {
+                round_low_precision: true,
+                max_positions: Some(cfg.max_position_embeddings),
+                exit_skips: false,
+            };
+            let mut interp = Interpreter::new(&graph, &ckpt, opts)?;
+            for chunk in chunks {
+                let out = interp.run_tokens(&[chunk])?;
+                let trace: LoopTrace = out.trace.context("the loop left no trace")?;
+                c.logits.extend(&out.outputs[0].data);
+                for r in 0..steps {
+                    c.hidden[r].extend(&trace.step_outputs[r].data);
+                    c.lambda[r].extend(&trace.exit_signals[r].data);
+                }
+                c.exit_step.extend(trace.exit_step);
+            }
         }
-        c.exit_step.extend(trace.exit_step);
+        LogitsBackend::Cpu => {
+            let (optimised, _) = ouroc_passes::default_pipeline().run(&graph, None)?;
+            let program = ouroc_kernels::lower(&optimised).map_err(|e| anyhow::anyhow!("{e}"))?;
+            // Every step for every token, as the reference (and the interpreter here) runs them.
+            let opts = CpuOptions {
+                threads: args.threads.map_or(0, usize::from),
+                ..CpuOptions::new(cfg.max_position_embeddings)
+            };
+            let mut model = CpuForward::with_options(program, &ckpt, &opts).map_err(anyhow::Error::msg)?;
+            for chunk in chunks {
+                let (_, trace) = model.run_traced(&chunk).map_err(anyhow::Error::msg)?;
+                c.logits.extend(&trace.logits);
+                for r in 0..steps {
+                    c.hidden[r].extend(&trace.step_outputs[r]);
+                    // The optimised program drops the exit gate where the policy never reads it.
+                    match trace.lambdas.get(r) {
+                        Some(l) => c.lambda[r].extend(l),
+                        None => c.lambda[r].extend(std::iter::repeat_n(f32::NAN, chunk.len())),
+                    }
+                }
+                c.exit_step.extend(trace.exit_steps);
+            }
+        }
     }
     let t = ids.len();
     let v = cfg.vocab_size;
-    println!("policy {policy}, {steps} loop steps, {:?} mode, {t} tokens", args.mode);
+    println!(
+        "policy {policy}, {steps} loop steps, {:?} mode, {t} tokens, {} backend",
+        args.mode,
+        format!("{:?}", args.backend).to_lowercase()
+    );
     // depth = exit step + 1: how many loop steps the chosen output went through.
     println!(
         "{:>4} {:>6} {:>5}  {:<width$}  argmax",
@@ -76,7 +108,12 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
     );
     for (p, &id) in ids.iter().enumerate() {
         let row = &c.logits[p * v..(p + 1) * v];
-        let lam: Vec<String> = (0..steps).map(|r| format!("{:.3}", c.lambda[r][p])).collect();
+        let lam: Vec<String> = (0..steps)
+            .map(|r| match c.lambda[r][p] {
+                l if l.is_nan() => "-".to_string(),
+                l => format!("{l:.3}"),
+            })
+            .collect();
         println!(
             "{:>4} {:>6} {:>5}  {:<width$}  {}",
             p,
@@ -100,11 +137,14 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
         let hidden: Vec<f32> = c.hidden.concat();
         let lambda: Vec<f32> = c.lambda.concat();
         let exit_i32: Vec<i32> = c.exit_step.iter().map(|&s| s as i32).collect();
-        let tensors = [
+        let mut tensors = vec![
             ("logits", Tensor::new(vec![t, v], c.logits.clone())),
             ("hidden_states", Tensor::new(vec![steps, t, h], hidden)),
-            ("exit_lambda", Tensor::new(vec![steps, t], lambda)),
         ];
+        // Absent when the backend ran a program without the exit gate.
+        if !lambda.iter().any(|l| l.is_nan()) {
+            tensors.push(("exit_lambda", Tensor::new(vec![steps, t], lambda)));
+        }
         let mut bytes: BTreeMap<&str, (Dtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();
         for (name, tensor) in &tensors {
             bytes.insert(

@@ -37,6 +37,16 @@ pub fn run(args: &RunArgs) -> Result<()> {
         seed: args.seed,
     };
     params.check().map_err(anyhow::Error::msg)?;
+    // Flags are checked before the (slow) load.
+    let cpu_opts = match args.backend {
+        Backend::Cpu => Some(args.cpu.options(0, !args.no_early_exit).map_err(anyhow::Error::msg)?),
+        Backend::Interp => {
+            if args.cpu.threads.is_some() || args.cpu.kv != "full" {
+                bail!("--threads and --kv apply to --backend cpu only");
+            }
+            None
+        }
+    };
     let ckpt = open(&dir)?;
     let tok = Tokenizer::load(&dir)?;
     let graph = build(&ckpt, &args.model)?;
@@ -54,6 +64,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         stop_ids.extend(tok.im_end);
     }
     let early_exit = !args.no_early_exit;
+    let cpu_opts = cpu_opts.map(|o| ouroc_runtime::cpu::CpuOptions { max_positions, ..o });
     let t0 = std::time::Instant::now();
     let mut model: Box<dyn Forward + '_> = match args.backend {
         Backend::Interp => {
@@ -62,13 +73,21 @@ pub fn run(args: &RunArgs) -> Result<()> {
         Backend::Cpu => {
             let (optimised, _) = ouroc_passes::default_pipeline().run(&graph, None)?;
             let program = ouroc_kernels::lower(&optimised).map_err(|e| anyhow::anyhow!("{e}"))?;
-            Box::new(CpuForward::new(program, &ckpt, max_positions, early_exit).map_err(anyhow::Error::msg)?)
+            let opts = cpu_opts.clone().expect("parsed for the cpu backend");
+            Box::new(CpuForward::with_options(program, &ckpt, &opts).map_err(anyhow::Error::msg)?)
         }
     };
     let policy = graph.exit_control().map(|(_, p)| p.to_string()).unwrap_or_default();
-    let engine = match args.backend {
-        Backend::Cpu => "Cranelift JIT kernels",
-        Backend::Interp => "reference interpreter",
+    let engine = match &cpu_opts {
+        Some(o) => {
+            let threads = if o.threads == 0 {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            } else {
+                o.threads
+            };
+            format!("Cranelift JIT kernels, {threads} thread(s), KV cache {}", o.kv)
+        }
+        None => "reference interpreter".to_string(),
     };
     eprintln!(
         "ouroc: {} ({} layers x {} loop steps), exit policy {policy}, {engine} (ready in {:.2} s)",
