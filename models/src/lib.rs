@@ -10,8 +10,8 @@ pub mod build;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
-pub mod safetensors_file;
 pub mod random;
+pub mod safetensors_file;
 pub mod shapes;
 pub mod weights;
 

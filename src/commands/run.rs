@@ -73,7 +73,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         Backend::Cpu => {
             let (optimised, _) = ouroc_passes::default_pipeline().run(&graph, None)?;
             let program = ouroc_kernels::lower(&optimised).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let opts = cpu_opts.clone().expect("parsed for the cpu backend");
+            let opts = cpu_opts.expect("parsed for the cpu backend");
             Box::new(CpuForward::with_options(program, &ckpt, &opts).map_err(anyhow::Error::msg)?)
         }
     };
