@@ -177,6 +177,22 @@ pub enum Emit {
         #[arg(long, value_name = "NAME")]
         kernel: Option<String>,
     },
+    /// The model as an MLIR module (func, scf, linalg, tensor, arith, math), verified by MLIR:
+    /// weights as function arguments, the loop as scf.for (scf.while under a threshold policy),
+    /// prefill from an empty KV cache. Needs a build with `--features mlir` (LLVM/MLIR 19)
+    Mlir {
+        #[command(flatten)]
+        source: SourceArgs,
+        #[command(flatten)]
+        model: ModelFlags,
+        /// Export the IR after this pass of the pipeline (`--after memplan`: fully optimised,
+        /// with the fused ops); without it, the imported IR
+        #[arg(long, value_name = "PASS")]
+        after: Option<String>,
+        /// Print each op's location: the IR op it comes from (`loc("%50 = add_rms_norm")`)
+        #[arg(long)]
+        locations: bool,
+    },
     /// The PTX (ISA 8.0, sm_80 / A100) of the optimised model: one module with an entry per
     /// distinct kernel and variant, preceded by each kernel's launch records (when each entry
     /// runs, grid, block, shared memory) as comments

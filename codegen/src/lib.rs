@@ -10,8 +10,11 @@
 //!   the text, with warp-level SIMT semantics, so tests check kernels
 //!   numerically without a GPU.
 //!
-//! The MLIR backend is not written yet.
+//! - `mlir` (feature `mlir`): the graph IR as an MLIR module (func, scf,
+//!   linalg, tensor, arith, math) built through melior and verified by MLIR.
 
 pub mod cpu;
+#[cfg(feature = "mlir")]
+pub mod mlir;
 pub mod ptx;
 pub mod ptx_emu;

@@ -95,3 +95,27 @@ pub fn clif(source: &SourceArgs, flags: &ModelFlags, kernel: Option<&str>) -> Re
     }
     print_out(&text)
 }
+
+/// The MLIR module of the graph as imported, or after the pass `after`.
+pub fn mlir(source: &SourceArgs, flags: &ModelFlags, after: Option<&str>, locations: bool) -> Result<()> {
+    let mut graph = build_source(source, flags)?;
+    if let Some(pass) = after {
+        graph = ouroc_passes::default_pipeline().run(&graph, Some(pass))?.0;
+    }
+    print_out(&mlir_text(&graph, locations)?)
+}
+
+#[cfg(feature = "mlir")]
+fn mlir_text(graph: &ouroc_ir::Graph, locations: bool) -> Result<String> {
+    use ouroc_codegen::mlir;
+    Ok(mlir::export_with(graph, mlir::PrintOptions { locations })?)
+}
+
+#[cfg(not(feature = "mlir"))]
+fn mlir_text(_: &ouroc_ir::Graph, _: bool) -> Result<String> {
+    bail!(
+        "this ouroc was built without MLIR export: rebuild with `cargo build --features mlir` \
+         (needs LLVM/MLIR 19: apt-get install libmlir-19-dev mlir-19-tools llvm-19-dev libclang-19-dev \
+         libpolly-19-dev libzstd-dev; see README.md, \"MLIR export\")"
+    )
+}

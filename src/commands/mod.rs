@@ -23,6 +23,15 @@ pub fn run(cli: Cli) -> Result<()> {
             what: Emit::Clif { source, model, kernel },
         } => emit::clif(&source, &model, kernel.as_deref()),
         Command::Emit {
+            what:
+                Emit::Mlir {
+                    source,
+                    model,
+                    after,
+                    locations,
+                },
+        } => emit::mlir(&source, &model, after.as_deref(), locations),
+        Command::Emit {
             what: Emit::Ptx { source, model, kernel },
         } => emit::ptx(&source, &model, kernel.as_deref()),
         Command::Compile(args) => compile::run(&args),
