@@ -141,6 +141,17 @@ pub struct CpuFlags {
     /// the decode KV memory. Prefill always fills every step's cache
     #[arg(long, value_name = "MODE", default_value = "full")]
     pub kv: String,
+    /// Matrix products (Linear): auto runs them on the runtime's AVX-512 / AVX2 microkernels
+    /// where this CPU has them (much faster for prompts), cranelift always on the generated
+    /// Cranelift kernels
+    #[arg(long, value_enum, default_value_t = LinearImpl::Auto)]
+    pub linear: LinearImpl,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinearImpl {
+    Auto,
+    Cranelift,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -299,6 +310,7 @@ impl CpuFlags {
             early_exit,
             threads: self.threads.map_or(0, usize::from),
             kv: ouroc_runtime::cpu::KvMode::parse(&self.kv)?,
+            microkernels: self.linear == LinearImpl::Auto,
         })
     }
 }

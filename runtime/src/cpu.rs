@@ -93,6 +93,7 @@
 //!
 //! Attention outside the loop (none in Ouro) always has its own store.
 
+use crate::gemm;
 use crate::generate::{Forward, Step};
 use crate::threads::{Pool, resolve_threads};
 use ouroc_codegen::cpu::{Jit, KvSeq, RawKernel, extra_args, operand_dtypes};
@@ -164,6 +165,11 @@ pub struct CpuOptions {
     pub threads: usize,
     /// KV-cache sharing in decode.
     pub kv: KvMode,
+    /// Run `Linear` launches on the std::arch microkernels of
+    /// [`crate::gemm`] (AVX-512 BF16 / AVX-512F / AVX2+FMA, chosen once by
+    /// CPU features) when this CPU has one for the dtypes; false: always the
+    /// Cranelift kernels.
+    pub microkernels: bool,
 }
 
 impl CpuOptions {
@@ -174,6 +180,7 @@ impl CpuOptions {
             early_exit: false,
             threads: 0,
             kv: KvMode::Full,
+            microkernels: true,
         }
     }
 }
@@ -209,9 +216,22 @@ struct Split {
     copy_x: Option<usize>,
 }
 
+/// A `Linear` launch run by [`crate::gemm::linear`] instead of its kernel.
+#[derive(Clone, Copy)]
+struct Gemm {
+    n: usize,
+    k: usize,
+    act: DType,
+    weight: DType,
+    bias: bool,
+    /// Row chunks start at multiples of this (the microkernel's row tile).
+    tile: usize,
+}
+
 /// One pre-bound kernel launch.
 struct Launch {
     f: RawKernel,
+    gemm: Option<Gemm>,
     /// Operands then results.
     args: Vec<Arg>,
     /// `Attention`: its layer.
@@ -624,8 +644,21 @@ impl CpuForward {
         let mut bind = |ks: &[Kernel]| -> Result<Vec<Launch>, String> {
             ks.iter()
                 .map(|k| {
+                    let gemm = match &k.spec.family {
+                        Family::Linear(l) if opts.microkernels && gemm::microkernel(k.spec.act, l.weight) => {
+                            Some(Gemm {
+                                n: l.n,
+                                k: l.k,
+                                act: k.spec.act,
+                                weight: l.weight,
+                                bias: l.bias,
+                                tile: gemm::Variant::best().tile(k.spec.act, l.weight).0,
+                            })
+                        }
+                        _ => None,
+                    };
                     let split = match &k.spec.family {
-                        Family::Linear(l) => split_linear(&mut jit, k, l, &values, threads)?,
+                        Family::Linear(l) if gemm.is_none() => split_linear(&mut jit, k, l, &values, threads)?,
                         _ => None,
                     };
                     // A split Linear runs its chunks' kernels only.
@@ -678,6 +711,7 @@ impl CpuForward {
                     debug_assert_eq!(extra_args(&k.spec), if attention.is_some() { 2 } else { 0 });
                     Ok(Launch {
                         f,
+                        gemm,
                         args,
                         attention,
                         split,
@@ -803,6 +837,15 @@ impl CpuForward {
     }
 
     /// Kernels split over threads (Linear launches of more than one chunk).
+    /// Program kernels run by the std::arch microkernels of [`crate::gemm`].
+    pub fn microkernel_kernels(&self) -> usize {
+        [&self.before, &self.body, &self.after]
+            .iter()
+            .flat_map(|l| l.iter())
+            .filter(|l| l.gemm.is_some())
+            .count()
+    }
+
     pub fn split_kernels(&self) -> usize {
         [&self.before, &self.body, &self.after]
             .iter()
@@ -896,6 +939,35 @@ impl CpuForward {
         }
         let f = l.f;
         self.launches += 1;
+        if let Some(g) = l.gemm {
+            let res = 2 + g.bias as usize;
+            let p = gemm::LinearArgs {
+                tokens,
+                n: g.n,
+                k: g.k,
+                act: g.act,
+                weight: g.weight,
+                x: args[0],
+                x_stride: strides[0],
+                w: args[1],
+                bias: if g.bias { args[2] } else { std::ptr::null() },
+                y: args[res],
+                y_stride: strides[res],
+            };
+            // Equal row chunks, one per thread, cut at the microkernel's row
+            // tile; an in-place launch (y over x) runs whole on this thread.
+            let parts = if p.aliased() { 1 } else { self.pool.threads() };
+            let rows = g.n.div_ceil(parts).next_multiple_of(g.tile.max(1));
+            let chunks = g.n.div_ceil(rows);
+            self.pool.run(chunks, &|c| {
+                let range = c * rows..((c + 1) * rows).min(g.n);
+                // SAFETY: the pointers are the launch's arena rows for
+                // `tokens` tokens and its encoded weights (the same the
+                // kernel would get); chunks write disjoint result columns.
+                unsafe { gemm::linear(&p, range) }
+            });
+            return;
+        }
         if let Some(sp) = &l.split {
             if let Some(row) = sp.copy_x {
                 // In place: the chunks read x from a private copy.

@@ -13,10 +13,14 @@
 //!   ([`cpu::CpuOptions::threads`]), one KV slot per (loop step, layer) or
 //!   decode-time sharing ([`cpu::KvMode`]: full, last, mean), real early
 //!   exit in decode;
-//! - [`threads`]: the persistent worker pool the CPU backend launches on.
+//! - [`threads`]: the persistent worker pool the CPU backend launches on;
+//! - [`gemm`]: std::arch microkernels for `Linear` (AVX-512 BF16, AVX-512F,
+//!   AVX2+FMA, scalar), chosen once by CPU features; the CPU backend runs
+//!   its Linear launches on them by default.
 
 pub mod chat;
 pub mod cpu;
+pub mod gemm;
 pub mod generate;
 pub mod interp;
 pub mod sampling;

@@ -43,10 +43,24 @@ fn cpu(g: &Graph, ckpt: &Checkpoint, early_exit: bool) -> CpuForward {
 }
 
 fn cpu_with(p: &Program, ckpt: &Checkpoint, early_exit: bool, threads: usize, kv: KvMode) -> CpuForward {
+    cpu_linear(p, ckpt, early_exit, threads, kv, true)
+}
+
+/// As `cpu_with`; `microkernels`: Linear on the std::arch microkernels
+/// (where this CPU has them) or always on the Cranelift kernels.
+fn cpu_linear(
+    p: &Program,
+    ckpt: &Checkpoint,
+    early_exit: bool,
+    threads: usize,
+    kv: KvMode,
+    microkernels: bool,
+) -> CpuForward {
     let opts = CpuOptions {
         early_exit,
         threads,
         kv,
+        microkernels,
         ..CpuOptions::new(64)
     };
     CpuForward::with_options(p.clone(), ckpt, &opts).expect("cpu forward")
@@ -188,11 +202,12 @@ fn calls(vocab: usize, decode: usize) -> Vec<Vec<u32>> {
 }
 
 /// Threads 1, 2 and 3 give bit-identical logits, exit depths and steps (and
-/// the same kernel count) in f32 and bf16, for every KV mode; with more than
-/// one thread, Linear kernels really are split.
+/// the same kernel count) in f32 and bf16, for every KV mode, with Linear on
+/// the microkernels and on the Cranelift kernels; with more than one thread,
+/// Cranelift Linear kernels really are split.
 #[test]
 fn threads_give_bit_identical_results() {
-    for name in FIXTURES {
+    for (name, micro) in FIXTURES.iter().flat_map(|n| [(n, false), (n, true)]) {
         let ckpt = Checkpoint::open(&fixture(name)).unwrap();
         for dtype in [DType::F32, DType::BF16] {
             for (policy, kv) in [
@@ -205,9 +220,14 @@ fn threads_give_bit_identical_results() {
                 let p = program(&graph_in(&ckpt, policy, dtype));
                 let mut runs = Vec::new();
                 for threads in [1, 2, 3] {
-                    let mut m = cpu_with(&p, &ckpt, true, threads, kv);
+                    let mut m = cpu_linear(&p, &ckpt, true, threads, kv, micro);
                     assert_eq!(m.threads(), threads);
-                    assert_eq!(m.split_kernels() > 0, threads > 1, "{name} {dtype} threads {threads}");
+                    if !micro {
+                        assert_eq!(m.split_kernels() > 0, threads > 1, "{name} {dtype} threads {threads}");
+                    }
+                    // Every Linear goes to a microkernel where this CPU has one.
+                    let has = ouroc_runtime::gemm::microkernel(dtype, dtype);
+                    assert_eq!(m.microkernel_kernels() > 0, micro && has, "{name} {dtype} microkernels");
                     let outs: Vec<Outcome> = calls(ckpt.config.vocab_size, 6)
                         .iter()
                         .map(|c| outcome(&m.forward(c).unwrap()))
@@ -217,7 +237,7 @@ fn threads_give_bit_identical_results() {
                 for (i, r) in runs.iter().enumerate().skip(1) {
                     assert!(
                         r == &runs[0],
-                        "{name} {dtype} {policy} kv {kv}: {} threads differ from 1",
+                        "{name} {dtype} {policy} kv {kv} microkernels {micro}: {} threads differ from 1",
                         i + 1
                     );
                 }
@@ -317,13 +337,16 @@ fn split_in_place_linear_reads_its_input_whole() {
         [("table".to_string(), table.clone()), ("w".to_string(), w.clone())].into();
     let ids: Vec<u32> = (0..32).map(|i| (i * 7 % vocab) as u32).collect();
     let mut outs = Vec::new();
-    for threads in [1, 2, 3] {
+    for (threads, microkernels) in [(1, false), (2, false), (3, false), (3, true)] {
         let opts = CpuOptions {
             threads,
+            microkernels,
             ..CpuOptions::new(64)
         };
         let mut m = CpuForward::with_options(p.clone(), &weights, &opts).unwrap();
-        assert_eq!(m.split_kernels(), (threads > 1) as usize);
+        if !microkernels {
+            assert_eq!(m.split_kernels(), (threads > 1) as usize);
+        }
         // The prompt as one call: every row computed in place.
         let out = m.forward(&ids).unwrap().logits;
         let x = &table[*ids.last().unwrap() as usize * k..][..k];
@@ -335,6 +358,8 @@ fn split_in_place_linear_reads_its_input_whole() {
     }
     assert_eq!(outs[0], outs[1]);
     assert_eq!(outs[0], outs[2]);
+    // The microkernel sums in another order: equal within rounding (checked above).
+    assert_eq!(outs.len(), 4);
 }
 
 /// Element `i` of KV bytes in `d`, as f32.

@@ -109,11 +109,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         });
     }
     println!(
-        "{} layers x {} loop steps, exit {}, KV cache {}, {} prefill + {} decode tokens, median of {} runs, {threads} thread(s)",
+        "{} layers x {} loop steps, exit {}, KV cache {}, Linear on {}, {} prefill + {} decode tokens, median of {} runs, \
+         {threads} thread(s)",
         cfg.num_hidden_layers,
         args.loops.unwrap_or(cfg.total_ut_steps),
         args.exit,
         opts.kv,
+        if opts.microkernels {
+            format!("microkernels ({})", ouroc_runtime::gemm::available())
+        } else {
+            "Cranelift kernels".to_string()
+        },
         args.prefill_tokens,
         args.decode_tokens,
         args.runs
@@ -156,6 +162,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "threads": threads,
             "exit": args.exit,
             "kv": opts.kv.to_string(),
+            "linear": if opts.microkernels { ouroc_runtime::gemm::available() } else { "cranelift" },
             "prefill_tokens": args.prefill_tokens,
             "decode_tokens": args.decode_tokens,
             "runs": args.runs,
