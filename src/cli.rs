@@ -126,6 +126,16 @@ pub struct RunArgs {
     pub backend: Backend,
     #[command(flatten)]
     pub cpu: CpuFlags,
+    /// Where the optimised Program runs: cpu, or cuda (its PTX on an NVIDIA GPU through the
+    /// CUDA driver; needs a build with `--features cuda` and a GPU of compute capability 8.0+)
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda,
 }
 
 /// How the compiled CPU engine runs.
@@ -294,7 +304,8 @@ pub struct LogitsArgs {
     #[arg(long, value_name = "FILE.safetensors")]
     pub out: Option<PathBuf>,
     /// interp: the reference interpreter on the imported graph; cpu: the optimised graph's
-    /// Program on Cranelift-compiled kernels (every loop step runs, as in the reference)
+    /// Program on Cranelift-compiled kernels; ptx-emu / cuda: its PTX on the emulator / a GPU
+    /// (every loop step runs, as in the reference)
     #[arg(long, value_enum, default_value_t = LogitsBackend::Interp)]
     pub backend: LogitsBackend,
     /// Threads for --backend cpu (default: all cores)
@@ -321,4 +332,10 @@ pub enum LogitsBackend {
     Interp,
     /// Cranelift JIT-compiled kernels of the optimised graph
     Cpu,
+    /// The optimised graph's PTX (sm_80) run on ouroc's PTX emulator: checks the GPU
+    /// kernels without a GPU (slow: small models only)
+    PtxEmu,
+    /// The optimised graph's PTX on an NVIDIA GPU through the CUDA driver (a build with
+    /// `--features cuda`)
+    Cuda,
 }

@@ -725,3 +725,53 @@ fn bench_reports_prefill_decode_and_bandwidth_per_precision() {
         &["exceed the context"],
     );
 }
+
+/// The PTX path, emulated: the same research outputs as the interpreter,
+/// from the sm_80 kernels run on ouroc's PTX emulator.
+#[test]
+fn logits_on_the_ptx_emulator_match_golden() {
+    let golden = Golden::load("mha-r4");
+    let ids = prompt_arg("mha-r4");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixture("mha-r4");
+    let out = tmp.path().join("emu.safetensors");
+    let o = ouroc(&[
+        "logits",
+        dir.to_str().unwrap(),
+        "--ids",
+        &ids,
+        "--exit",
+        "threshold:0.5",
+        "--backend",
+        "ptx-emu",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("ptx-emu backend"), "{}", stdout(&o));
+    let (logits, shape, steps) = read_out(&out);
+    assert_eq!(shape, vec![12, 288]);
+    let e = rel_err(&logits, &golden.get("f32/threshold:0.5/logits").f32);
+    assert!(e < 1e-4, "relative error {e}");
+    assert_eq!(steps, golden.get("f32/threshold:0.5/exit_step").i32);
+}
+
+#[test]
+fn cuda_without_a_driver_or_the_feature_is_a_clear_error() {
+    let dir = fixture("mha-r4");
+    // This test binary is built without the `cuda` feature (CI tests the feature in runtime/).
+    let needle = if cfg!(feature = "cuda") {
+        "no CUDA"
+    } else {
+        "--features cuda"
+    };
+    fails_with(
+        &["logits", dir.to_str().unwrap(), "--ids", "1,2", "--backend", "cuda"],
+        &[needle],
+    );
+    fails_with(&["run", "--prompt", "x", "--device", "cuda"], &[needle]);
+    fails_with(
+        &["run", "--prompt", "x", "--device", "cuda", "--kv", "last"],
+        &["--device cuda", "--kv"],
+    );
+}

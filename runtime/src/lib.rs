@@ -16,12 +16,17 @@
 //! - [`threads`]: the persistent worker pool the CPU backend launches on;
 //! - [`gemm`]: std::arch microkernels for `Linear` (AVX-512 BF16, AVX-512F,
 //!   AVX2+FMA, scalar), chosen once by CPU features; the CPU backend runs
-//!   its Linear launches on them by default.
+//!   its Linear launches on them by default;
+//! - [`gpu`]: a `Forward` that runs a lowered `Program` as the PTX of
+//!   `ouroc_codegen::ptx` on a [`gpu::Device`]: the PTX emulator (always
+//!   built) or CUDA through cudarc (feature `cuda`); per-position traces
+//!   for `ouroc logits`, per-kernel timing.
 
 pub mod chat;
 pub mod cpu;
 pub mod gemm;
 pub mod generate;
+pub mod gpu;
 pub mod interp;
 pub mod sampling;
 pub mod threads;

@@ -66,6 +66,17 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
                 c.exit_step.extend(trace.exit_step);
             }
         }
+        LogitsBackend::PtxEmu | LogitsBackend::Cuda => {
+            let (optimised, _) = ouroc_passes::default_pipeline().run(&graph, None)?;
+            let program = ouroc_kernels::lower(&optimised).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let opts = ouroc_runtime::gpu::GpuOptions::new(cfg.max_position_embeddings);
+            if args.backend == LogitsBackend::PtxEmu {
+                let model = ouroc_runtime::gpu::GpuForward::emulated(program, &ckpt, opts)?;
+                collect_gpu(model, &chunks, steps, &mut c)?;
+            } else {
+                cuda_logits(program, &ckpt, opts, &chunks, steps, &mut c)?;
+            }
+        }
         LogitsBackend::Cpu => {
             let (optimised, _) = ouroc_passes::default_pipeline().run(&graph, None)?;
             let program = ouroc_kernels::lower(&optimised).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -95,7 +106,10 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
     println!(
         "policy {policy}, {steps} loop steps, {:?} mode, {t} tokens, {} backend",
         args.mode,
-        format!("{:?}", args.backend).to_lowercase()
+        match args.backend {
+            LogitsBackend::PtxEmu => "ptx-emu".to_string(),
+            b => format!("{b:?}").to_lowercase(),
+        }
     );
     // depth = exit step + 1: how many loop steps the chosen output went through.
     println!(
@@ -183,6 +197,59 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// Every chunk through a GPU Program runner, its traces appended to `c`.
+fn collect_gpu<D: ouroc_runtime::gpu::Device>(
+    mut model: ouroc_runtime::gpu::GpuForward<D>,
+    chunks: &[Vec<u32>],
+    steps: usize,
+    c: &mut Collected,
+) -> Result<()> {
+    for chunk in chunks {
+        let (_, trace) = model.run_traced(chunk)?;
+        c.logits.extend(&trace.logits);
+        for r in 0..steps {
+            c.hidden[r].extend(&trace.step_outputs[r]);
+            // The optimised program drops the exit gate where the policy never reads it.
+            match trace.lambdas.get(r) {
+                Some(l) => c.lambda[r].extend(l),
+                None => c.lambda[r].extend(std::iter::repeat_n(f32::NAN, chunk.len())),
+            }
+        }
+        c.exit_step.extend(trace.exit_steps);
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_logits(
+    program: ouroc_kernels::Program,
+    ckpt: &ouroc_models::Checkpoint,
+    opts: ouroc_runtime::gpu::GpuOptions,
+    chunks: &[Vec<u32>],
+    steps: usize,
+    c: &mut Collected,
+) -> Result<()> {
+    let dev = ouroc_runtime::gpu::cuda::CudaDevice::new()?;
+    collect_gpu(
+        ouroc_runtime::gpu::GpuForward::new(program, ckpt, dev, opts)?,
+        chunks,
+        steps,
+        c,
+    )
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_logits(
+    _: ouroc_kernels::Program,
+    _: &ouroc_models::Checkpoint,
+    _: ouroc_runtime::gpu::GpuOptions,
+    _: &[Vec<u32>],
+    _: usize,
+    _: &mut Collected,
+) -> Result<()> {
+    bail!("{}", super::run::NO_CUDA)
 }
 
 fn argmax(row: &[f32]) -> usize {

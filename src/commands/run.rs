@@ -1,5 +1,5 @@
 use super::{build, open};
-use crate::cli::{Backend, RunArgs};
+use crate::cli::{Backend, Device, RunArgs};
 use anyhow::{Context, Result, bail};
 use ouroc_runtime::cpu::CpuForward;
 use ouroc_runtime::generate::Forward;
@@ -37,6 +37,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
         seed: args.seed,
     };
     params.check().map_err(anyhow::Error::msg)?;
+    if args.device == Device::Cuda
+        && (args.backend != Backend::Cpu || args.cpu.threads.is_some() || args.cpu.kv != "full")
+    {
+        bail!("--device cuda runs the compiled Program on the GPU: --backend interp, --threads and --kv do not apply");
+    }
     // Flags are checked before the (slow) load.
     let cpu_opts = match args.backend {
         Backend::Cpu => Some(args.cpu.options(0, !args.no_early_exit).map_err(anyhow::Error::msg)?),
@@ -74,11 +79,18 @@ pub fn run(args: &RunArgs) -> Result<()> {
             let (optimised, _) = ouroc_passes::default_pipeline().run(&graph, None)?;
             let program = ouroc_kernels::lower(&optimised).map_err(|e| anyhow::anyhow!("{e}"))?;
             let opts = cpu_opts.expect("parsed for the cpu backend");
-            Box::new(CpuForward::with_options(program, &ckpt, &opts).map_err(anyhow::Error::msg)?)
+            if args.device == Device::Cuda {
+                let mut g = ouroc_runtime::gpu::GpuOptions::new(max_positions);
+                g.early_exit = early_exit;
+                cuda_forward(program, &ckpt, g)?
+            } else {
+                Box::new(CpuForward::with_options(program, &ckpt, &opts).map_err(anyhow::Error::msg)?)
+            }
         }
     };
     let policy = graph.exit_control().map(|(_, p)| p.to_string()).unwrap_or_default();
     let engine = match &cpu_opts {
+        Some(_) if args.device == Device::Cuda => "PTX on the CUDA device".to_string(),
         Some(o) => {
             let threads = if o.threads == 0 {
                 std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -149,6 +161,32 @@ pub fn run(args: &RunArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// What a build without the `cuda` feature says to `--device cuda` / `--backend cuda`.
+#[cfg(not(feature = "cuda"))]
+pub const NO_CUDA: &str =
+    "this ouroc was built without CUDA support: rebuild with `cargo build --release --features cuda`";
+
+/// The Program on the CUDA device, or a clear error (no driver, no GPU, or
+/// a build without the `cuda` feature).
+#[cfg(feature = "cuda")]
+fn cuda_forward<'a>(
+    program: ouroc_kernels::Program,
+    ckpt: &ouroc_models::Checkpoint,
+    opts: ouroc_runtime::gpu::GpuOptions,
+) -> Result<Box<dyn Forward + 'a>> {
+    let dev = ouroc_runtime::gpu::cuda::CudaDevice::new()?;
+    Ok(Box::new(ouroc_runtime::gpu::GpuForward::new(program, ckpt, dev, opts)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_forward<'a>(
+    _: ouroc_kernels::Program,
+    _: &ouroc_models::Checkpoint,
+    _: ouroc_runtime::gpu::GpuOptions,
+) -> Result<Box<dyn Forward + 'a>> {
+    bail!("{NO_CUDA}")
 }
 
 fn model_steps(g: &ouroc_ir::Graph) -> usize {
