@@ -255,63 +255,6 @@ fn attention(heads: usize, kv_heads: usize, head_dim: usize, rope: bool, act: DT
     )
 }
 
-/// exec's `attention` (private there) for one sequence: append the new
-/// rows to `cache_k` / `cache_v`, then attend; word for word but the batch.
-fn attention_ref(
-    a: &AttentionSpec,
-    ins: &[&[f32]],
-    cache_k: &mut Vec<f32>,
-    cache_v: &mut Vec<f32>,
-    seq: usize,
-    rd: &dyn Fn(f32) -> f32,
-) -> Vec<f32> {
-    let (hd, kvw, qw) = (a.head_dim, a.kv_heads * a.head_dim, a.heads * a.head_dim);
-    let (q, k) = if a.rope {
-        (
-            ouroc_kernels::exec::rope(ins[0], ins[3], ins[4], a.heads, hd, rd),
-            ouroc_kernels::exec::rope(ins[1], ins[3], ins[4], a.kv_heads, hd, rd),
-        )
-    } else {
-        (ins[0].to_vec(), ins[1].to_vec())
-    };
-    let v = ins[2];
-    let group = a.heads / a.kv_heads;
-    let scale = (hd as f64).powf(-0.5) as f32;
-    let mut out = vec![0.0f32; seq * qw];
-    let past = cache_k.len() / kvw;
-    cache_k.extend_from_slice(&k);
-    cache_v.extend_from_slice(v);
-    for t in 0..seq {
-        for h in 0..a.heads {
-            let kvh = h / group;
-            let qh = &q[t * qw + h * hd..t * qw + (h + 1) * hd];
-            let mut scores: Vec<f32> = (0..=past + t)
-                .map(|j| {
-                    let kj = &cache_k[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd];
-                    let dot: f32 = qh.iter().zip(kj).map(|(x, y)| x * y).sum();
-                    rd(rd(dot) * scale)
-                })
-                .collect();
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let dst = &mut out[t * qw + h * hd..t * qw + (h + 1) * hd];
-            for (j, s) in scores.iter().enumerate() {
-                let pj = rd(s / sum);
-                let vj = &cache_v[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd];
-                for (o, x) in dst.iter_mut().zip(vj) {
-                    *o += pj * x;
-                }
-            }
-            dst.iter_mut().for_each(|o| *o = rd(*o));
-        }
-    }
-    out
-}
-
 /// A batch of sequences through a series of calls of `seq` new tokens
 /// each (prefill, then decode steps, then a further prefill), checking
 /// the results and the cache contents against the reference after each.
@@ -380,7 +323,7 @@ fn check_attention(jit: &mut Jit, a: AttentionSpec, act: DType, batch: usize, ca
                 })
                 .collect();
             let refs: Vec<&[f32]> = ins.iter().map(|x| &x[..]).collect();
-            let want = attention_ref(&a, &refs, &mut rk[b], &mut rv[b], seq, &|x| act.round(x));
+            let want = ouroc_kernels::exec::attention_seq(&a, &refs, &mut rk[b], &mut rv[b], seq, &|x| act.round(x));
             assert_bits(&format!("{what} seq {b} output"), &rows(&got, qw), &want);
             let filled = (past + seq) * kvw * size;
             assert_bits(

@@ -575,6 +575,35 @@ fn attention(
     seq: usize,
     rd: &dyn Fn(f32) -> f32,
 ) -> Vec<f32> {
+    slots.resize_with(batch, SeqCache::default);
+    let mut out = Vec::with_capacity(batch * seq * a.heads * a.head_dim);
+    for (b, slot) in slots.iter_mut().enumerate() {
+        // Sequence b's rows of every operand (each operand has `seq` rows per sequence).
+        let rows: Vec<&[f32]> = ins
+            .iter()
+            .map(|x| {
+                let w = x.len() / (batch * seq);
+                &x[b * seq * w..(b + 1) * seq * w]
+            })
+            .collect();
+        out.extend(attention_seq(a, &rows, &mut slot.k, &mut slot.v, seq, rd));
+    }
+    out
+}
+
+/// The reference `Attention` for one sequence: `ins` are its `seq` new rows
+/// of q, k, v (and cos, sin with `rope`); the new K (rotated) and V rows are
+/// appended to `cache_k` / `cache_v` (position-major rows of
+/// `kv_heads * head_dim`), then each token attends causally over the cache.
+/// Public so that backends can test their emitters against it.
+pub fn attention_seq(
+    a: &AttentionSpec,
+    ins: &[&[f32]],
+    cache_k: &mut Vec<f32>,
+    cache_v: &mut Vec<f32>,
+    seq: usize,
+    rd: &dyn Fn(f32) -> f32,
+) -> Vec<f32> {
     let (hd, kvw, qw) = (a.head_dim, a.kv_heads * a.head_dim, a.heads * a.head_dim);
     let (q, k) = if a.rope {
         (
@@ -587,40 +616,36 @@ fn attention(
     let v = ins[2];
     let group = a.heads / a.kv_heads;
     let scale = (hd as f64).powf(-0.5) as f32;
-    slots.resize_with(batch, SeqCache::default);
-    let mut out = vec![0.0f32; batch * seq * qw];
-    for (b, slot) in slots.iter_mut().enumerate() {
-        let past = slot.k.len() / kvw;
-        slot.k.extend_from_slice(&k[b * seq * kvw..(b + 1) * seq * kvw]);
-        slot.v.extend_from_slice(&v[b * seq * kvw..(b + 1) * seq * kvw]);
-        for t in 0..seq {
-            let tok = b * seq + t;
-            for h in 0..a.heads {
-                let kvh = h / group;
-                let qh = &q[tok * qw + h * hd..tok * qw + (h + 1) * hd];
-                let mut scores: Vec<f32> = (0..=past + t)
-                    .map(|j| {
-                        let kj = &slot.k[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd];
-                        let dot: f32 = qh.iter().zip(kj).map(|(x, y)| x * y).sum();
-                        rd(rd(dot) * scale)
-                    })
-                    .collect();
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let dst = &mut out[tok * qw + h * hd..tok * qw + (h + 1) * hd];
-                for (j, s) in scores.iter().enumerate() {
-                    let pj = rd(s / sum);
-                    let vj = &slot.v[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd];
-                    for (o, x) in dst.iter_mut().zip(vj) {
-                        *o += pj * x;
-                    }
-                }
-                dst.iter_mut().for_each(|o| *o = rd(*o));
+    let mut out = vec![0.0f32; seq * qw];
+    let past = cache_k.len() / kvw;
+    cache_k.extend_from_slice(&k);
+    cache_v.extend_from_slice(v);
+    for t in 0..seq {
+        for h in 0..a.heads {
+            let kvh = h / group;
+            let qh = &q[t * qw + h * hd..t * qw + (h + 1) * hd];
+            let mut scores: Vec<f32> = (0..=past + t)
+                .map(|j| {
+                    let kj = &cache_k[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd];
+                    let dot: f32 = qh.iter().zip(kj).map(|(x, y)| x * y).sum();
+                    rd(rd(dot) * scale)
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
             }
+            let dst = &mut out[t * qw + h * hd..t * qw + (h + 1) * hd];
+            for (j, s) in scores.iter().enumerate() {
+                let pj = rd(s / sum);
+                let vj = &cache_v[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd];
+                for (o, x) in dst.iter_mut().zip(vj) {
+                    *o += pj * x;
+                }
+            }
+            dst.iter_mut().for_each(|o| *o = rd(*o));
         }
     }
     out
