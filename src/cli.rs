@@ -44,6 +44,10 @@ pub enum Command {
     /// per precision, with the weight bytes a decode token reads against the machine's
     /// measured read bandwidth
     Bench(BenchArgs),
+    /// Compile a checkpoint ahead of time into an executable that needs neither ouroc nor a
+    /// compiler: the kernels' machine code (linked by the system linker), the Program,
+    /// tokenizer and chat template, and its weights beside it (APP.weights) or embedded
+    Build(BuildArgs),
 }
 
 #[derive(Args, Debug)]
@@ -136,6 +140,35 @@ pub struct RunArgs {
 pub enum Device {
     Cpu,
     Cuda,
+}
+
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// Checkpoint directory
+    pub ckpt: PathBuf,
+    /// The executable to write (its weights go to APP.weights unless --embed-weights)
+    #[arg(short = 'o', long = "output", value_name = "APP", required = true)]
+    pub output: PathBuf,
+    /// Target: cpu, a100 (the PTX embedded; the executable refuses a machine without a CUDA
+    /// driver) or cpu+a100
+    #[arg(long, value_name = "TARGET", default_value = "cpu")]
+    pub target: String,
+    /// CPU features the kernels may use: native (this machine's), x86-64-v2, x86-64-v3 or
+    /// x86-64-v4; the executable refuses a CPU without them
+    #[arg(long, value_name = "LEVEL", default_value = "native")]
+    pub cpu_features: String,
+    #[command(flatten)]
+    pub model: ModelFlags,
+    /// The executable's default KV-cache mode (full, last, mean; --kv overrides it at run time)
+    #[arg(long, value_name = "MODE", default_value = "full")]
+    pub kv: String,
+    /// Link the weights into the executable instead of writing APP.weights
+    #[arg(long)]
+    pub embed_weights: bool,
+    /// The app runtime static library (default: target/app/release/libouroc_app.a of this
+    /// workspace, or $OUROC_APP_LIB)
+    #[arg(long, value_name = "FILE")]
+    pub app_lib: Option<PathBuf>,
 }
 
 /// How the compiled CPU engine runs.

@@ -45,13 +45,14 @@ fn main() {
             _ => w.iter().flat_map(|v| v.to_le_bytes()).collect(),
         };
         let mut y = vec![0u8; n * 4];
-        let ptrs = [xb.as_mut_ptr(), wb.as_mut_ptr(), y.as_mut_ptr()];
+        let null = std::ptr::null_mut();
+        let ptrs = [xb.as_mut_ptr(), wb.as_mut_ptr(), y.as_mut_ptr(), null, null];
         let iters = 50;
         // SAFETY: buffers of one row each, weights whole.
-        unsafe { f.call(&ptrs, &[k, 0, n], 1) };
+        unsafe { f.call(&ptrs, &[k, 0, n, 0, n], 1) };
         let t0 = Instant::now();
         for _ in 0..iters {
-            unsafe { f.call(&ptrs, &[k, 0, n], 1) };
+            unsafe { f.call(&ptrs, &[k, 0, n, 0, n], 1) };
         }
         let jit_us = t0.elapsed().as_secs_f64() * 1e6 / iters as f64;
         let wf: Vec<f32> = w.iter().map(|&v| weight.round(v)).collect();

@@ -64,7 +64,13 @@ fn run(jit: &mut Jit, spec: &KernelSpec, operands: &[Vec<f32>], tokens: usize) -
         strides.push(w);
     }
     let id = jit.compile(spec).expect("compiles");
-    let ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
+    let mut ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
+    if let Family::Linear(l) = &spec.family {
+        // The output rows: all of them.
+        ptrs.extend([std::ptr::null_mut(); 2]);
+        strides.extend([0, l.n]);
+    }
+    assert_eq!(ptrs.len(), strides.len());
     // SAFETY: every buffer holds `tokens` rows of its stride (weights whole).
     unsafe { jit.kernel(id).call(&ptrs, &strides, tokens) };
     bufs[operands.len()..].iter().map(|b| decode(b, spec.act)).collect()
@@ -177,11 +183,66 @@ fn linear_is_correct_in_place_when_n_equals_k() {
     let mut buf = encode(&x, DType::F32);
     let mut wb = encode(&w, DType::F32);
     let id = jit.compile(&s).unwrap();
-    let ptrs = [buf.as_mut_ptr(), wb.as_mut_ptr(), buf.as_mut_ptr()];
+    let null = std::ptr::null_mut();
+    let ptrs = [buf.as_mut_ptr(), wb.as_mut_ptr(), buf.as_mut_ptr(), null, null];
     // SAFETY: x and y are the same rows of one buffer, as the contract allows.
-    unsafe { jit.kernel(id).call(&ptrs, &[n, 0, n], tokens) };
+    unsafe { jit.kernel(id).call(&ptrs, &[n, 0, n, 0, n], tokens) };
     let (want, scale) = linear_ref(&x, &w, None, n, n, DType::F32);
     check("in place", &decode(&buf, DType::F32), &want, &scale, DType::F32);
+}
+
+/// The output-row range (the two extra arguments): chunks of rows run one
+/// call each, in any order, write exactly their rows, bit for bit what the
+/// whole-range call writes, with no write outside them.
+#[test]
+fn linear_computes_exactly_the_row_range_given() {
+    let mut jit = Jit::new().expect("host ISA");
+    for (weight, bias) in [(DType::F32, false), (DType::BF16, true)] {
+        let (n, k, tokens) = (23, 37, 3);
+        let s = linear(n, k, weight, bias, DType::F32);
+        let mut rng = Rng(11);
+        let x = rng.vec(tokens * k, 1.0);
+        let w = rng.vec(n * k, 1.0);
+        let b = rng.vec(n, 1.0);
+        let mut xb = encode(&x, DType::F32);
+        let mut wb = encode(&w, weight);
+        let mut bb = encode(&b, weight);
+        let id = jit.compile(&s).unwrap();
+        let call = |y: &mut Vec<u8>, row0: usize, row1: usize, xb: &mut Vec<u8>, wb: &mut Vec<u8>, bb: &mut Vec<u8>| {
+            let null = std::ptr::null_mut();
+            let mut ptrs = vec![xb.as_mut_ptr(), wb.as_mut_ptr()];
+            let mut strides = vec![k, 0];
+            if bias {
+                ptrs.push(bb.as_mut_ptr());
+                strides.push(0);
+            }
+            ptrs.extend([y.as_mut_ptr(), null, null]);
+            strides.extend([n, row0, row1]);
+            // SAFETY: x and y hold `tokens` rows, W and b are whole.
+            unsafe { jit.kernel(id).call(&ptrs, &strides, tokens) };
+        };
+        let mut whole = vec![0xffu8; tokens * n * 4];
+        call(&mut whole, 0, n, &mut xb, &mut wb, &mut bb);
+        let mut parts = vec![0xffu8; tokens * n * 4];
+        for (r0, r1) in [(12, 23), (0, 4), (4, 5), (5, 12)] {
+            let mut one = vec![0xeeu8; tokens * n * 4];
+            call(&mut one, r0, r1, &mut xb, &mut wb, &mut bb);
+            for t in 0..tokens {
+                for o in 0..n {
+                    let at = (t * n + o) * 4..(t * n + o + 1) * 4;
+                    if (r0..r1).contains(&o) {
+                        parts[at.clone()].copy_from_slice(&one[at]);
+                    } else {
+                        assert_eq!(one[at], [0xee; 4], "{weight}: row {o} written by rows {r0}..{r1}");
+                    }
+                }
+            }
+        }
+        assert_eq!(parts, whole, "{weight}: chunks differ from the whole");
+        let mut none = vec![0xeeu8; tokens * n * 4];
+        call(&mut none, 7, 7, &mut xb, &mut wb, &mut bb);
+        assert!(none.iter().all(|&b| b == 0xee), "an empty range writes nothing");
+    }
 }
 
 fn elementwise(width: usize, inputs: usize, expr: Expr, act: DType) -> KernelSpec {

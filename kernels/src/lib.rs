@@ -42,6 +42,7 @@
 //! [`Executor`] implements exactly this; a backend's logits must match it
 //! (and so the IR interpreter) within the project's tolerance.
 
+pub mod abi;
 pub mod exec;
 pub mod lower;
 pub mod program;

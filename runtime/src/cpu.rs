@@ -1,5 +1,9 @@
-//! A [`Forward`] that executes a lowered [`Program`] with the Cranelift
-//! JIT-compiled kernels of `ouroc_codegen::cpu`.
+//! A [`Forward`] that executes a lowered [`Program`] with the CPU kernels
+//! of `ouroc_codegen::cpu`, taken from a [`KernelSource`]: the Cranelift
+//! JIT (feature `jit`, [`CpuForward::new`]) or the machine code linked into
+//! an executable by `ouroc build` ([`LinkedKernels`]). Weights come
+//! encoded ([`ResidentWeights`]): from a checkpoint at construction, or
+//! encoded at build time and memory-mapped.
 //!
 //! It follows the Program contract (`ouroc_kernels`, and its reference
 //! executor `ouroc_kernels::exec`) for one sequence per call:
@@ -9,8 +13,8 @@
 //!   in f32 and rounded to the entry's dtype), then each resident weight
 //!   encoded in the dtype its kernels read it in
 //!   (`ouroc_codegen::cpu::operand_dtypes`: f32, or bf16 as its 16 bits);
-//! - **kernels**: each distinct kernel compiled once ([`Jit::compile`]
-//!   dedups by code key); every launch pre-bound to its operands (arena
+//! - **kernels**: each distinct kernel taken once from the source (by
+//!   code key); every launch pre-bound to its operands (arena
 //!   offsets per token, column windows, row strides, weight pointers);
 //! - **arena**, per call of T tokens: `bytes_per_token * T` bytes, value v
 //!   at `offset * T` (a buffer kept across calls, grown when needed);
@@ -38,15 +42,13 @@
 //! [`CpuOptions::threads`] threads run the kernels (the calling thread and
 //! `threads - 1` workers of a persistent [`Pool`], parked between calls).
 //! A `Linear` of `n >= 8` output rows is split into at most `threads`
-//! chunks of consecutive rows, each a multiple of 4 rows but the last: for
-//! every chunk size a kernel of the same spec with `n` = that size is
-//! compiled (equal chunks share it through the code key), and each chunk
-//! is launched as one task of a pool job (the threads claim the tasks, the
-//! caller included, so a thread the OS has not scheduled delays nothing)
-//! with the weight pointer advanced by its first row `row0` (`row0 * k`
-//! weight elements), the bias pointer by `row0` elements and the result
-//! pointer by `row0` columns (the result's row stride stays the full
-//! buffer width). When the result buffer overlaps the input `x` (in place),
+//! chunks of consecutive rows, each a multiple of 4 rows but the last, and
+//! each chunk is launched as one task of a pool job (the threads claim the
+//! tasks, the caller included, so a thread the OS has not scheduled delays
+//! nothing): the Linear's one kernel with the chunk's output rows `row0 ..
+//! row1` as its row-range arguments (`ouroc_kernels::abi::extra_args`; the
+//! whole Linear passes `0 .. n`), so no kernel depends on the thread
+//! count. When the result buffer overlaps the input `x` (in place),
 //! the `x` rows are first copied to a scratch so no chunk reads a row
 //! another chunk has written. Each output element is computed by exactly
 //! one thread with the same instructions as the unsplit kernel (the row
@@ -96,9 +98,11 @@
 use crate::gemm;
 use crate::generate::{Forward, Step};
 use crate::threads::{Pool, resolve_threads};
-use ouroc_codegen::cpu::{Jit, KvSeq, RawKernel, extra_args, operand_dtypes};
+#[cfg(feature = "jit")]
+use ouroc_codegen::cpu::Jit;
 use ouroc_ir::{DType, ExitPolicy, WeightSource};
-use ouroc_kernels::spec::{Family, LinearSpec};
+use ouroc_kernels::abi::{KvSeq, RawKernel, extra_args};
+use ouroc_kernels::spec::{Family, LinearSpec, operand_dtypes};
 use ouroc_kernels::{ActRef, ActValue, Kernel, KernelSpec, LoopSpec, Operand, Program};
 use std::collections::HashMap;
 use std::fmt;
@@ -201,18 +205,11 @@ enum Arg {
 
 /// A `Linear` split over its output rows (see the module docs).
 struct Split {
-    /// Per chunk, in task order: its kernel and first row.
-    chunks: Vec<(RawKernel, usize)>,
-    /// Bytes of one weight row (`k` elements of the weight dtype).
-    w_row_bytes: usize,
-    /// Bytes of one weight-dtype element (the bias).
-    w_elem: usize,
-    /// Bytes of one activation element (the result columns).
+    /// Per chunk, in task order: its output rows `row0 .. row1`.
+    chunks: Vec<(usize, usize)>,
+    /// Bytes of one activation element.
     act_elem: usize,
-    /// Index of the result argument (2, or 3 with a bias).
-    res: usize,
-    bias: bool,
-    /// The result overlaps `x`: copy `x`'s rows (`k` elements) first.
+    /// The result overlaps `x`: copy `x`'s rows (this many bytes) first.
     copy_x: Option<usize>,
 }
 
@@ -236,7 +233,141 @@ struct Launch {
     args: Vec<Arg>,
     /// `Attention`: its layer.
     attention: Option<usize>,
+    /// `Linear`: its output rows `n` (the row-range arguments `0 .. n`).
+    rows: Option<usize>,
     split: Option<Split>,
+}
+
+/// Where a [`CpuForward`] gets the machine code of a kernel.
+pub trait KernelSource {
+    /// The entry point of the kernel of `spec` (the ABI of
+    /// `ouroc_kernels::abi`), valid as long as the source lives.
+    fn raw_kernel(&mut self, spec: &KernelSpec) -> Result<RawKernel, String>;
+}
+
+/// Kernels compiled on demand by the Cranelift JIT.
+#[cfg(feature = "jit")]
+impl KernelSource for Jit {
+    fn raw_kernel(&mut self, spec: &KernelSpec) -> Result<RawKernel, String> {
+        let id = self.compile(spec).map_err(|e| e.to_string())?;
+        Ok(self.kernel(id).raw())
+    }
+}
+
+/// Kernels linked into the executable ahead of time, by code key
+/// (`KernelSpec::code_key`).
+pub struct LinkedKernels {
+    by_key: HashMap<String, RawKernel>,
+}
+
+impl LinkedKernels {
+    /// A table of kernels by code key.
+    ///
+    /// # Safety
+    /// Each function is the kernel of its code key, compiled by
+    /// `ouroc_codegen::cpu` for an ISA the running CPU has, and lives as
+    /// long as the program (it is linked in).
+    pub unsafe fn new(table: impl IntoIterator<Item = (String, RawKernel)>) -> LinkedKernels {
+        LinkedKernels {
+            by_key: table.into_iter().collect(),
+        }
+    }
+
+    /// Kernels in the table.
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+}
+
+impl KernelSource for LinkedKernels {
+    fn raw_kernel(&mut self, spec: &KernelSpec) -> Result<RawKernel, String> {
+        let key = spec.code_key();
+        self.by_key
+            .get(&key)
+            .copied()
+            .ok_or_else(|| format!("kernel {} ({key}) is not linked into this executable", spec.name))
+    }
+}
+
+/// The resident weights of a Program, each encoded in every dtype a kernel
+/// reads it in (`operand_dtypes`: f32, or bf16 as its 16 bits): what the
+/// kernels point at. Owned, or borrowed from memory that outlives them (a
+/// memory-mapped weights file).
+pub struct ResidentWeights {
+    /// (weight id, dtype) -> bytes.
+    entries: HashMap<(u32, DType), (*const u8, usize)>,
+    /// Keeps the bytes alive.
+    _owner: Box<dyn std::any::Any>,
+}
+
+impl ResidentWeights {
+    /// Materialise `program`'s resident weights from `src` (recipes
+    /// applied, rounded to their dtypes) and encode them.
+    pub fn encode(program: &Program, src: &dyn WeightSource) -> Result<ResidentWeights, String> {
+        let resident = materialise(program, src)?;
+        let mut owned: Vec<((u32, DType), Vec<u8>)> = Vec::new();
+        for (w, d) in ResidentWeights::required(program) {
+            let data = resident
+                .get(&w)
+                .ok_or_else(|| format!("a kernel reads weight %{w}, which is not resident"))?;
+            owned.push(((w, d), encode(data, d).map_err(|e| format!("weight %{w}: {e}"))?));
+        }
+        let entries = owned.iter().map(|(k, v)| (*k, (v.as_ptr(), v.len()))).collect();
+        Ok(ResidentWeights {
+            entries,
+            _owner: Box::new(owned),
+        })
+    }
+
+    /// The (weight id, dtype) pairs `program`'s kernels read, sorted.
+    pub fn required(program: &Program) -> Vec<(u32, DType)> {
+        let mut need: Vec<(u32, DType)> = program
+            .kernels()
+            .flat_map(|k| k.inputs.iter().zip(operand_dtypes(&k.spec)))
+            .filter_map(|(op, d)| match op {
+                Operand::Weight(w) => Some((*w, d)),
+                Operand::Act(_) => None,
+            })
+            .collect();
+        need.sort();
+        need.dedup();
+        need
+    }
+
+    /// Weights encoded elsewhere: `entries` point into memory `owner` keeps
+    /// alive.
+    ///
+    /// # Safety
+    /// Every slice stays valid and unmodified while `owner` lives (kernels
+    /// read it without copying).
+    pub unsafe fn borrowed(entries: Vec<((u32, DType), &[u8])>, owner: Box<dyn std::any::Any>) -> ResidentWeights {
+        ResidentWeights {
+            entries: entries.into_iter().map(|(k, v)| (k, (v.as_ptr(), v.len()))).collect(),
+            _owner: owner,
+        }
+    }
+
+    /// Every entry, sorted by (weight id, dtype).
+    pub fn entries(&self) -> Vec<((u32, DType), &[u8])> {
+        let mut v: Vec<((u32, DType), &[u8])> = self
+            .entries
+            .iter()
+            // SAFETY: valid while self lives (see the constructors).
+            .map(|(k, &(p, n))| (*k, unsafe { std::slice::from_raw_parts(p, n) }))
+            .collect();
+        v.sort_by_key(|e| e.0);
+        v
+    }
+
+    /// Bytes over every entry.
+    pub fn bytes(&self) -> usize {
+        self.entries.values().map(|e| e.1).sum()
+    }
 }
 
 /// One KV store: K and V rows of one (step, layer) slot, or of a layer's
@@ -437,7 +568,7 @@ pub struct CpuForward {
     max_positions: usize,
     /// Encoded resident weights by (id, dtype); launches point into them.
     #[allow(dead_code)]
-    weights: HashMap<(u32, DType), Vec<u8>>,
+    weights: ResidentWeights,
     before: Vec<Launch>,
     body: Vec<Launch>,
     after: Vec<Launch>,
@@ -457,7 +588,7 @@ pub struct CpuForward {
     /// Filled by the loop during [`CpuForward::run_traced`].
     trace: Option<Trace>,
     // Dropped last: the launches' function pointers live in it.
-    _jit: Jit,
+    _kernels: Box<dyn KernelSource>,
 }
 
 /// f32 value of the element at `p` of dtype `d`.
@@ -513,26 +644,10 @@ fn materialise(p: &Program, src: &dyn WeightSource) -> Result<HashMap<u32, Vec<f
 }
 
 /// The row split of a Linear on `threads` threads (None: one chunk).
-fn split_linear(
-    jit: &mut Jit,
-    k: &Kernel,
-    l: &LinearSpec,
-    values: &HashMap<u32, ActValue>,
-    threads: usize,
-) -> Result<Option<Split>, String> {
+fn split_linear(k: &Kernel, l: &LinearSpec, values: &HashMap<u32, ActValue>, threads: usize) -> Option<Split> {
     let parts = row_chunks(l.n, threads);
     if parts.len() < 2 {
-        return Ok(None);
-    }
-    let mut chunks = Vec::with_capacity(parts.len());
-    for (row0, rows) in parts {
-        let spec = KernelSpec {
-            name: format!("{}[{row0}..{}]", k.spec.name, row0 + rows),
-            act: k.spec.act,
-            family: Family::Linear(LinearSpec { n: rows, ..l.clone() }),
-        };
-        let id = jit.compile(&spec).map_err(|e| e.to_string())?;
-        chunks.push((jit.kernel(id).raw(), row0));
+        return None;
     }
     let act_elem = k.spec.act.size_bytes();
     let y = &values[&k.outputs[0]];
@@ -540,15 +655,11 @@ fn split_linear(
         Operand::Act(r) if overlap(&values[&r.value], y) => Some(l.k * act_elem),
         _ => None,
     };
-    Ok(Some(Split {
-        chunks,
-        w_row_bytes: l.k * l.weight.size_bytes(),
-        w_elem: l.weight.size_bytes(),
+    Some(Split {
+        chunks: parts.into_iter().map(|(row0, rows)| (row0, row0 + rows)).collect(),
         act_elem,
-        res: 2 + l.bias as usize,
-        bias: l.bias,
         copy_x,
-    }))
+    })
 }
 
 /// The chunks (first row, rows) a Linear of `n` rows is split into on
@@ -572,10 +683,11 @@ fn overlap(a: &ActValue, b: &ActValue) -> bool {
 
 impl CpuForward {
     /// Check `program`, load its weights from `weights`, JIT-compile its
-    /// kernels. `max_positions`: the context length (prompt + generated)
+    /// kernels (feature `jit`). `max_positions`: the context length (prompt + generated)
     /// accepted. `early_exit`: in decode, skip the steps after a token's
     /// exit. Runs on all cores with [`KvMode::Full`] (see
     /// [`CpuForward::with_options`]).
+    #[cfg(feature = "jit")]
     pub fn new(
         program: Program,
         weights: &dyn WeightSource,
@@ -590,7 +702,16 @@ impl CpuForward {
     }
 
     /// As [`CpuForward::new`], with the threads and KV mode of `opts`.
+    #[cfg(feature = "jit")]
     pub fn with_options(program: Program, weights: &dyn WeightSource, opts: &CpuOptions) -> Result<CpuForward, String> {
+        CpuForward::check(&program)?;
+        let weights = ResidentWeights::encode(&program, weights)?;
+        let jit = Jit::new().map_err(|e| e.to_string())?;
+        CpuForward::from_parts(program, weights, opts, Box::new(jit))
+    }
+
+    /// The checks on a Program before anything is loaded.
+    fn check(program: &Program) -> Result<(), String> {
         program.check()?;
         if program.inputs.len() != 2 {
             return Err(format!(
@@ -601,6 +722,20 @@ impl CpuForward {
         if program.outputs.is_empty() {
             return Err("the program returns nothing".into());
         }
+        Ok(())
+    }
+
+    /// A model from its parts: `program`, its weights already encoded
+    /// ([`ResidentWeights::encode`], or read from a weights file written by
+    /// `ouroc build`) and the source of its kernels (which the CpuForward
+    /// keeps alive).
+    pub fn from_parts(
+        program: Program,
+        weights: ResidentWeights,
+        opts: &CpuOptions,
+        mut kernels: Box<dyn KernelSource>,
+    ) -> Result<CpuForward, String> {
+        CpuForward::check(&program)?;
         let values: HashMap<u32, ActValue> = program.arena.values.iter().map(|v| (v.id, v.clone())).collect();
         for &i in &program.inputs {
             match values.get(&i) {
@@ -624,23 +759,7 @@ impl CpuForward {
         }
         let pool = Pool::new(resolve_threads(opts.threads))?;
         let threads = pool.threads();
-        let resident = materialise(&program, weights)?;
-        let mut jit = Jit::new().map_err(|e| e.to_string())?;
-        // Encode each weight in every dtype a kernel reads it in.
-        let mut enc: HashMap<(u32, DType), Vec<u8>> = HashMap::new();
-        for k in program.kernels() {
-            for (op, d) in k.inputs.iter().zip(operand_dtypes(&k.spec)) {
-                if let Operand::Weight(w) = op
-                    && !enc.contains_key(&(*w, d))
-                {
-                    let data = resident
-                        .get(w)
-                        .ok_or_else(|| format!("kernel {} reads weight %{w}, which is not resident", k.spec.name))?;
-                    enc.insert((*w, d), encode(data, d).map_err(|e| format!("weight %{w}: {e}"))?);
-                }
-            }
-        }
-        drop(resident);
+        let enc = &weights.entries;
         let mut bind = |ks: &[Kernel]| -> Result<Vec<Launch>, String> {
             ks.iter()
                 .map(|k| {
@@ -657,18 +776,12 @@ impl CpuForward {
                         }
                         _ => None,
                     };
-                    let split = match &k.spec.family {
-                        Family::Linear(l) if gemm.is_none() => split_linear(&mut jit, k, l, &values, threads)?,
-                        _ => None,
+                    let (split, rows) = match &k.spec.family {
+                        Family::Linear(l) if gemm.is_none() => (split_linear(k, l, &values, threads), Some(l.n)),
+                        Family::Linear(l) => (None, Some(l.n)),
+                        _ => (None, None),
                     };
-                    // A split Linear runs its chunks' kernels only.
-                    let f = match &split {
-                        Some(sp) => sp.chunks[0].0,
-                        None => {
-                            let id = jit.compile(&k.spec).map_err(|e| e.to_string())?;
-                            jit.kernel(id).raw()
-                        }
-                    };
+                    let f = kernels.raw_kernel(&k.spec)?;
                     let dtypes = operand_dtypes(&k.spec);
                     let mut args = Vec::new();
                     for (op, d) in k.inputs.iter().zip(&dtypes) {
@@ -687,7 +800,13 @@ impl CpuForward {
                                     stride: v.width,
                                 }
                             }
-                            Operand::Weight(w) => Arg::Weight(enc[&(*w, *d)].as_ptr()),
+                            Operand::Weight(w) => Arg::Weight(
+                                enc.get(&(*w, *d))
+                                    .ok_or_else(|| {
+                                        format!("kernel {} reads weight %{w} as {d}, which is not loaded", k.spec.name)
+                                    })?
+                                    .0,
+                            ),
                         });
                     }
                     for o in &k.outputs {
@@ -708,12 +827,16 @@ impl CpuForward {
                         Family::Attention(a) => Some(a.layer),
                         _ => None,
                     };
-                    debug_assert_eq!(extra_args(&k.spec), if attention.is_some() { 2 } else { 0 });
+                    debug_assert_eq!(
+                        extra_args(&k.spec),
+                        if attention.is_some() || rows.is_some() { 2 } else { 0 }
+                    );
                     Ok(Launch {
                         f,
                         gemm,
                         args,
                         attention,
+                        rows,
                         split,
                     })
                 })
@@ -764,7 +887,7 @@ impl CpuForward {
             policy,
             early_exit: opts.early_exit,
             max_positions: opts.max_positions,
-            weights: enc,
+            weights,
             before,
             body,
             after,
@@ -778,7 +901,7 @@ impl CpuForward {
             trace: None,
             pool,
             program,
-            _jit: jit,
+            _kernels: kernels,
         })
     }
 
@@ -987,29 +1110,27 @@ impl CpuForward {
                 args[0] = dst;
                 strides[0] = row / act_elem;
             }
-            let na = args.len();
-            let mut chunk_args: Vec<usize> = Vec::with_capacity(na * sp.chunks.len());
-            for &(_, row0) in &sp.chunks {
-                for (j, &p) in args.iter().enumerate() {
-                    let off = match j {
-                        1 => row0 * sp.w_row_bytes,
-                        2 if sp.bias => row0 * sp.w_elem,
-                        j if j == sp.res => row0 * sp.act_elem,
-                        _ => 0,
-                    };
-                    // SAFETY: row0 < n: inside the weight, bias and result row.
-                    chunk_args.push(unsafe { p.add(off) } as usize);
-                }
+            // Every chunk: the same arguments, its own row range.
+            args.extend([std::ptr::null_mut(); 2]);
+            let na = strides.len() + 2;
+            let mut chunk_strides: Vec<usize> = Vec::with_capacity(na * sp.chunks.len());
+            for &(row0, row1) in &sp.chunks {
+                chunk_strides.extend_from_slice(&strides);
+                chunk_strides.extend([row0, row1]);
             }
-            let chunks = &sp.chunks;
-            let strides = &strides;
-            self.pool.run(chunks.len(), &|c| {
-                let a = chunk_args[c * na..].as_ptr() as *const *mut u8;
+            let args = args.iter().map(|&p| p as usize).collect::<Vec<usize>>();
+            self.pool.run(sp.chunks.len(), &|c| {
+                let a = args.as_ptr() as *const *mut u8;
                 // SAFETY: the kernel ABI as for the whole kernel (below);
-                // each chunk writes only its own columns of the result.
-                unsafe { (chunks[c].0)(a, strides.as_ptr(), tokens) }
+                // each chunk writes only its own rows of the result.
+                unsafe { f(a, chunk_strides[c * na..].as_ptr(), tokens) }
             });
             return;
+        }
+        if let Some(n) = l.rows {
+            // The whole Linear: rows 0 .. n.
+            args.extend([std::ptr::null_mut(); 2]);
+            strides.extend([0, n]);
         }
         let mut seqs = [KvSeq {
             k: std::ptr::null_mut(),

@@ -13,10 +13,9 @@
 //!   ([`cpu::CpuOptions::threads`]), one KV slot per (loop step, layer) or
 //!   decode-time sharing ([`cpu::KvMode`]: full, last, mean), real early
 //!   exit in decode;
-//! - [`threads`]: the persistent worker pool the CPU backend launches on;
-//! - [`gemm`]: std::arch microkernels for `Linear` (AVX-512 BF16, AVX-512F,
-//!   AVX2+FMA, scalar), chosen once by CPU features; the CPU backend runs
-//!   its Linear launches on them by default;
+//! - [`threads`]: the persistent worker pool the CPU backend launches on.
+//! - [`deploy`]: the weights image and metadata of executables built by
+//!   `ouroc build` (which link their kernels: build without feature `jit`).
 //! - [`gpu`]: a `Forward` that runs a lowered `Program` as the PTX of
 //!   `ouroc_codegen::ptx` on a [`gpu::Device`]: the PTX emulator (always
 //!   built) or CUDA through cudarc (feature `cuda`); per-position traces
@@ -24,6 +23,7 @@
 
 pub mod chat;
 pub mod cpu;
+pub mod deploy;
 pub mod gemm;
 pub mod generate;
 pub mod gpu;

@@ -72,6 +72,19 @@ impl Tokenizer {
         })
     }
 
+    /// From the bytes of a `tokenizer.json` and what [`Tokenizer::load`]
+    /// read beside it (an executable built by `ouroc build` carries these).
+    pub fn from_parts(json: &[u8], chat_template: Option<String>, eos_ids: Vec<u32>) -> Result<Tokenizer, String> {
+        let inner = tokenizers::Tokenizer::from_bytes(json).map_err(|e| format!("tokenizer.json: {e}"))?;
+        let im_end = inner.token_to_id("<|im_end|>");
+        Ok(Tokenizer {
+            inner,
+            chat_template,
+            eos_ids,
+            im_end,
+        })
+    }
+
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
         // Special tokens written in the text (`<|im_start|>`) become their ids.
         let enc = self

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 mod bench;
+mod build;
 mod compile;
 mod emit;
 mod inspect;
@@ -38,6 +39,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Logits(args) => logits::run(&args),
         Command::Run(args) => run::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Build(args) => build::run(&args),
     }
 }
 

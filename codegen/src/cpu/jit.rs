@@ -2,7 +2,7 @@
 //! compiled into it on demand (one function per [`KernelSpec::code_key`]),
 //! callable as [`KernelFn`] while the [`Jit`] lives.
 
-use super::{CodegenError, Env, build};
+use super::{CodegenError, Env, RawKernel, build};
 use cranelift_codegen::Context;
 use cranelift_codegen::ir::{AbiParam, Signature, UserFuncName, types};
 use cranelift_codegen::settings::{self, Configurable};
@@ -29,6 +29,10 @@ pub(crate) extern "C" fn ouroc_sinf(x: f32) -> f32 {
     x.sin()
 }
 
+/// Symbol names of the helpers, in [`super::Helper`] order (an
+/// executable linked by `ouroc build` defines them; see [`super::object`]).
+pub const HELPER_NAMES: [&str; 3] = ["ouroc_expf", "ouroc_cosf", "ouroc_sinf"];
+
 /// Symbol names and addresses of the helpers, in [`super::Helper`] order.
 const HELPERS: [(&str, extern "C" fn(f32) -> f32); 3] = [
     ("ouroc_expf", ouroc_expf),
@@ -39,9 +43,6 @@ const HELPERS: [(&str, extern "C" fn(f32) -> f32); 3] = [
 /// A compiled kernel in a [`Jit`]: its index there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct KernelId(usize);
-
-/// The raw entry point of every kernel (see the ABI in [`super`]).
-pub type RawKernel = unsafe extern "C" fn(args: *const *mut u8, strides: *const usize, tokens: usize);
 
 /// A callable kernel, valid while its [`Jit`] is.
 #[derive(Clone, Copy)]

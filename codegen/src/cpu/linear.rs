@@ -1,4 +1,5 @@
-//! `Linear`: `y[t, o] = round(sum_k x[t, k] * W[o, k] + b[o])`.
+//! `Linear`: `y[t, o] = round(sum_k x[t, k] * W[o, k] + b[o])` for the
+//! output rows `o` in `row0 .. row1` (extra arguments).
 
 use super::{Emit, mf, vbits};
 use cranelift_codegen::ir::{InstBuilder, StackSlotData, StackSlotKind, Value, types};
@@ -10,6 +11,8 @@ pub(super) fn emit(e: &mut Emit, act: DType, l: &LinearSpec) {
     let (x, w, y) = (e.arg(0), e.arg(1), e.arg(res));
     let bias = if l.bias { Some(e.arg(2)) } else { None };
     let (sx, sy) = (e.stride_bytes(0, act), e.stride_bytes(res, act));
+    // The output rows computed (see the ABI): extra arguments after y.
+    let (row0, row1) = (e.stride(res + 1), e.stride(res + 2));
     // bf16 weights are read 8 at a time (16 bytes) and split into their
     // even and odd elements (`<< 16`, `& 0xffff0000`): x must then be in
     // the same order, so its row is first copied, as f32, to a private
@@ -45,21 +48,20 @@ pub(super) fn emit(e: &mut Emit, act: DType, l: &LinearSpec) {
             bias,
             yr,
         };
-        let blocks = l.n / 4 * 4;
-        if blocks > 0 {
-            let (zero, end) = (e.iconst(0), e.iconst(blocks));
-            e.for_loop(zero, end, 4, &[], |e, o, _| {
+        // Rows row0 .. row1: blocks of 4 from row0, then one at a time.
+        let blocks = e.b.ins().isub(row1, row0);
+        let blocks = e.b.ins().band_imm_u(blocks, !3u64 as i64);
+        let blocks_end = e.b.ins().iadd(row0, blocks);
+        if l.n >= 4 {
+            e.for_loop(row0, blocks_end, 4, &[], |e, o, _| {
                 ctx.emit(e, o, 4);
                 Vec::new()
             });
         }
-        if !l.n.is_multiple_of(4) {
-            let (start, end) = (e.iconst(blocks), e.iconst(l.n));
-            e.for_loop(start, end, 1, &[], |e, o, _| {
-                ctx.emit(e, o, 1);
-                Vec::new()
-            });
-        }
+        e.for_loop(blocks_end, row1, 1, &[], |e, o, _| {
+            ctx.emit(e, o, 1);
+            Vec::new()
+        });
     });
 }
 

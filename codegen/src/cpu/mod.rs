@@ -57,10 +57,16 @@
 //!
 //! # Families
 //!
-//! - `Linear`: per row of x, four rows of W at a time, `f32x4` loads and
+//! - `Linear`: the output rows `row0 .. row1` of two extra arguments
+//!   ([`extra_args`]: `strides[n]`, `strides[n + 1]` after the result, `n`
+//!   operands + results; `0 .. n` for the whole Linear), so one kernel
+//!   serves every row chunk of a Linear split over threads and an
+//!   executable linked ahead of time needs no kernel per chunk size; per
+//!   row of x, four rows of W at a time (from `row0`), `f32x4` loads and
 //!   `fma` into 8 independent accumulators (4 rows x 2 k-chunks of 4) over
 //!   k, one more chunk of 4 when `k % 8 >= 4`, a horizontal sum, a scalar
-//!   tail for `k % 4`; then the `n % 4` remaining rows one at a time.
+//!   tail for `k % 4`; then the `(row1 - row0) % 4` remaining rows one at a
+//!   time (a row's arithmetic does not depend on its block).
 //! - `Elementwise`: scalar loop over the row, the expression tree inline,
 //!   each node rounded; `exp` is a call to `f32::exp` registered in the JIT
 //!   (`ouroc_expf`), so the result equals the reference bit for bit.
@@ -96,10 +102,12 @@ mod elementwise;
 mod gather;
 pub mod jit;
 mod linear;
+pub mod object;
 mod rope;
 mod row_reduce;
 
-pub use jit::{Jit, KernelFn, KernelId, RawKernel};
+pub use jit::{Jit, KernelFn, KernelId};
+pub use ouroc_kernels::abi::RawKernel;
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{
@@ -144,29 +152,7 @@ pub(crate) enum Helper {
     Sin = 2,
 }
 
-/// One sequence's KV-cache slot, as an `Attention` kernel reads it (see
-/// the module docs): `k` and `v` point at `capacity` rows of
-/// `kv_heads * head_dim` elements of the activation dtype (row p holds
-/// position p), of which the first `past` are filled.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct KvSeq {
-    pub k: *mut u8,
-    pub v: *mut u8,
-    /// Positions already in the slot; the first new token is at this
-    /// absolute position.
-    pub past: usize,
-}
-
-/// Arguments a kernel takes after its operands and results: 2 for
-/// `Attention` (the [`KvSeq`] array and the score scratch), 0 otherwise.
-pub fn extra_args(spec: &KernelSpec) -> usize {
-    match spec.family {
-        Family::Attention(_) => 2,
-        _ => 0,
-    }
-}
-
+pub use ouroc_kernels::abi::{KvSeq, extra_args};
 pub use ouroc_kernels::spec::operand_dtypes;
 
 /// Whether this backend emits kernels of this family (every family now;
@@ -315,6 +301,12 @@ impl Emit<'_> {
     pub fn arg(&mut self, i: usize) -> Value {
         let bytes = self.ptr.bytes() as i32;
         self.b.ins().load(self.ptr, mf(), self.args, bytes * i as i32)
+    }
+
+    /// `strides[i]` as an integer (an extra argument's value).
+    pub fn stride(&mut self, i: usize) -> Value {
+        let bytes = self.ptr.bytes() as i32;
+        self.b.ins().load(self.ptr, mf(), self.strides, bytes * i as i32)
     }
 
     /// The row stride of argument `i` in bytes, for elements of `dtype`.

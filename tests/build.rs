@@ -1,0 +1,325 @@
+//! `ouroc build`: checkpoints compiled ahead of time into executables, run
+//! in an empty directory with no ouroc on PATH; greedy output identical to
+//! `ouroc run`; the refusals (weights missing, truncated, from another
+//! build; exit policy; GPU target without a driver); no Cranelift, egg or
+//! melior code inside.
+//!
+//! The app runtime is built first, on its own (`cargo build --release -p
+//! ouroc-app --target-dir target/app`, a no-op when up to date).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// libouroc_app.a, built once per test run.
+fn app_lib() -> &'static Path {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let target = root().join("target/app");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let o = Command::new(cargo)
+            .args(["build", "--release", "-p", "ouroc-app", "--target-dir"])
+            .arg(&target)
+            .current_dir(root())
+            .output()
+            .expect("run cargo");
+        assert!(
+            o.status.success(),
+            "building ouroc-app failed:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        target.join("release/libouroc_app.a")
+    })
+}
+
+fn ouroc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ouroc"))
+        .args(args)
+        .output()
+        .expect("run ouroc")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `ouroc build FIXTURE -o DIR/NAME FLAGS`; returns the executable.
+fn build(dir: &Path, name: &str, ckpt: &str, flags: &[&str]) -> PathBuf {
+    let app = dir.join(name);
+    let ckpt = root().join(ckpt);
+    let mut args = vec![
+        "build",
+        ckpt.to_str().unwrap(),
+        "-o",
+        app.to_str().unwrap(),
+        "--app-lib",
+        app_lib().to_str().unwrap(),
+    ];
+    args.extend_from_slice(flags);
+    let o = ouroc(&args);
+    let err = text(&o.stderr);
+    assert!(o.status.success(), "ouroc build {name} failed:\n{err}");
+    for phase in [
+        "[1/5]",
+        "[2/5]",
+        "[3/5]",
+        "[4/5]",
+        "[5/5]",
+        "built ",
+        "executable",
+        "kernels",
+    ] {
+        assert!(err.contains(phase), "build progress lacks `{phase}`:\n{err}");
+    }
+    app
+}
+
+/// Run `app` in an empty directory, with an environment holding only a PATH
+/// without ouroc (so nothing it needs can come from the workspace).
+fn run_app(app: &Path, args: &[&str]) -> Output {
+    let empty = tempfile::tempdir().unwrap();
+    Command::new(app)
+        .args(args)
+        .current_dir(empty.path())
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .expect("run the built executable")
+}
+
+/// The app refuses with a message containing every needle (no panic).
+fn refuses(app: &Path, args: &[&str], needles: &[&str]) {
+    let o = run_app(app, args);
+    let err = text(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "{args:?} should fail; stdout:\n{}",
+        text(&o.stdout)
+    );
+    assert!(!err.contains("panicked"), "{args:?} panicked:\n{err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: the error should mention `{n}`:\n{err}");
+    }
+}
+
+/// Greedy runs of the built executable print exactly what `ouroc run`
+/// prints for the same checkpoint and flags.
+fn same_as_ouroc_run(app: &Path, ckpt: &str, model_flags: &[&str], runs: &[&[&str]]) {
+    let ckpt = root().join(ckpt);
+    for flags in runs {
+        let mut run_args = vec!["run", ckpt.to_str().unwrap()];
+        run_args.extend_from_slice(model_flags);
+        run_args.extend_from_slice(flags);
+        let want = ouroc(&run_args);
+        assert!(want.status.success(), "ouroc run {flags:?}:\n{}", text(&want.stderr));
+        let got = run_app(app, flags);
+        assert!(
+            got.status.success(),
+            "{} {flags:?}:\n{}",
+            app.display(),
+            text(&got.stderr)
+        );
+        assert!(!text(&want.stdout).trim().is_empty());
+        assert_eq!(
+            text(&got.stdout),
+            text(&want.stdout),
+            "{} {flags:?} differs from ouroc run",
+            app.display()
+        );
+        let err = text(&got.stderr);
+        assert!(err.contains("kernels linked ahead of time"), "{err}");
+        // The same generation statistics line (tokens and stop reason).
+        let stats = |e: &str| e.lines().find(|l| l.starts_with("prompt ")).map(String::from);
+        assert_eq!(stats(&err), stats(&text(&want.stderr)), "{flags:?}");
+    }
+}
+
+const GREEDY: [&str; 3] = ["--temperature", "0", "--max-new-tokens"];
+
+#[test]
+fn built_executables_generate_what_ouroc_run_does_and_refuse_bad_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    // mha-r4 in f32; gqa-hd (grouped-query attention) in bf16.
+    let mha_flags = ["--precision", "f32"];
+    let gqa_flags = ["--precision", "bf16", "--exit", "last"];
+    let mha = build(dir.path(), "mha", "tests/fixtures/mha-r4", &mha_flags);
+    let gqa = build(dir.path(), "gqa", "tests/fixtures/gqa-hd", &gqa_flags);
+    let g = |n: &'static str, rest: &[&'static str]| -> Vec<&'static str> {
+        let mut v = vec!["--prompt", "The loop", GREEDY[0], GREEDY[1], GREEDY[2], n];
+        v.extend_from_slice(rest);
+        v
+    };
+    // `--linear cranelift`: the linked Linear kernels themselves (auto may
+    // take the runtime's microkernels), whole and split over threads.
+    let runs_mha = [
+        g("24", &["--threads", "1", "--linear", "cranelift"]),
+        g("24", &["--threads", "3", "--linear", "cranelift"]),
+        g("24", &["--threads", "3", "--kv", "last"]),
+        g("16", &["--threads", "2", "--no-early-exit", "--kv", "mean"]),
+    ];
+    let runs_mha: Vec<&[&str]> = runs_mha.iter().map(|v| v.as_slice()).collect();
+    same_as_ouroc_run(&mha, "tests/fixtures/mha-r4", &mha_flags, &runs_mha);
+    let runs_gqa = [
+        g("24", &["--threads", "2"]),
+        g("24", &["--threads", "2", "--linear", "cranelift"]),
+        g("12", &["--threads", "1", "--kv", "last"]),
+    ];
+    let runs_gqa: Vec<&[&str]> = runs_gqa.iter().map(|v| v.as_slice()).collect();
+    same_as_ouroc_run(&gqa, "tests/fixtures/gqa-hd", &gqa_flags, &runs_gqa);
+
+    // --help lists the generation flags and the fixed exit policy.
+    let help = run_app(&mha, &["--help"]);
+    assert!(help.status.success());
+    let h = text(&help.stdout);
+    for flag in [
+        "--prompt",
+        "--chat",
+        "--system",
+        "--temperature",
+        "--top-p",
+        "--top-k",
+        "--repetition-penalty",
+        "--seed",
+        "--max-new-tokens",
+        "--exit",
+        "--kv",
+        "--threads",
+        "--device",
+        "--linear",
+        "fixed at build time: threshold:1.0",
+    ] {
+        assert!(h.contains(flag), "--help lacks `{flag}`:\n{h}");
+    }
+
+    let args = ["--prompt", "hi", "--max-new-tokens", "2"];
+    refuses(
+        &mha,
+        &["--prompt", "hi", "--exit", "last"],
+        &["fixed at build time", "threshold:1.0"],
+    );
+
+    // The weights file: missing, truncated, from another build.
+    let weights = dir.path().join("mha.weights");
+    let keep = dir.path().join("mha.weights.keep");
+    std::fs::rename(&weights, &keep).unwrap();
+    refuses(
+        &mha,
+        &args,
+        &["cannot open the weights file", "mha.weights", "copy it along"],
+    );
+    let bytes = std::fs::read(&keep).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() - 100]).unwrap();
+    refuses(&mha, &args, &["truncated"]);
+    std::fs::write(&weights, &bytes[..20]).unwrap();
+    refuses(&mha, &args, &["truncated"]);
+    std::fs::copy(dir.path().join("gqa.weights"), &weights).unwrap();
+    refuses(
+        &mha,
+        &args,
+        &["does not belong to this executable", "checkpoint fingerprint"],
+    );
+    // --weights names another file: the same checks.
+    refuses(
+        &gqa,
+        &["--prompt", "hi", "--weights", keep.to_str().unwrap()],
+        &["does not belong to this executable"],
+    );
+    std::fs::rename(&keep, &weights).unwrap();
+    assert!(run_app(&mha, &args).status.success());
+
+    // Embedded weights: no file beside it, the same text.
+    let emb = build(
+        dir.path(),
+        "mha-embedded",
+        "tests/fixtures/mha-r4",
+        &["--embed-weights"],
+    );
+    assert!(!dir.path().join("mha-embedded.weights").exists());
+    same_as_ouroc_run(&emb, "tests/fixtures/mha-r4", &[], &[runs_mha[0]]);
+}
+
+/// Symbols (demangled) of an executable.
+fn symbols(app: &Path) -> String {
+    let o = Command::new("nm").arg("-C").arg(app).output().expect("run nm");
+    assert!(o.status.success(), "nm {}: {}", app.display(), text(&o.stderr));
+    text(&o.stdout)
+}
+
+#[test]
+fn executables_contain_no_compiler_and_gpu_targets_need_a_driver() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = build(dir.path(), "r1", "tests/fixtures/r1", &["--cpu-features", "x86-64-v3"]);
+    let syms = symbols(&app);
+    // nm sees the linked kernels and the runtime ...
+    for s in [
+        "ouroc_app_kernels",
+        "ouroc_kernel_0",
+        "ouroc_expf",
+        "ouroc_runtime::cpu::CpuForward",
+    ] {
+        assert!(syms.contains(s), "nm lacks {s}");
+    }
+    // ... and none of the compilers.
+    for line in syms.lines() {
+        let l = line.to_lowercase();
+        for bad in ["cranelift", "egg::", "melior", "regalloc2"] {
+            assert!(!l.contains(bad), "{} links {bad}: {line}", app.display());
+        }
+    }
+    let help = text(&run_app(&app, &["--help"]).stdout);
+    assert!(help.contains("x86-64-v3"), "{help}");
+
+    // A GPU target embeds the PTX and refuses to start without a CUDA driver
+    // (or, where a driver exists, says GPU execution is not built in).
+    let gpu = build(dir.path(), "r1-gpu", "tests/fixtures/r1", &["--target", "a100"]);
+    let o = run_app(&gpu, &["--prompt", "hi"]);
+    let err = text(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("no CUDA driver") || err.contains("without GPU execution"),
+        "{err}"
+    );
+    assert!(symbols(&gpu).contains("ouroc_app_meta"));
+    let meta = std::fs::read(&gpu).unwrap();
+    assert!(
+        meta.windows(b".target sm_80".len()).any(|w| w == b".target sm_80"),
+        "the PTX is embedded"
+    );
+    // --device cpu on a cpu+a100 build runs on the CPU.
+    let both = build(dir.path(), "r1-both", "tests/fixtures/r1", &["--target", "cpu+a100"]);
+    let o = run_app(&both, &["--prompt", "hi", "--device", "cpu", "--max-new-tokens", "3"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+}
+
+#[test]
+fn build_explains_a_missing_app_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = dir.path().join("x");
+    let o = Command::new(env!("CARGO_BIN_EXE_ouroc"))
+        .args(["build", "tests/fixtures/r1", "-o", app.to_str().unwrap()])
+        .env("OUROC_APP_LIB", dir.path().join("nowhere.a"))
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("nowhere.a"), "{}", text(&o.stderr));
+    let o = ouroc(&[
+        "build",
+        root().join("tests/fixtures/r1").to_str().unwrap(),
+        "-o",
+        app.to_str().unwrap(),
+        "--cpu-features",
+        "pentium",
+        "--app-lib",
+        app_lib().to_str().unwrap(),
+    ]);
+    assert!(
+        text(&o.stderr).contains("valid levels: native, x86-64-v2"),
+        "{}",
+        text(&o.stderr)
+    );
+}
