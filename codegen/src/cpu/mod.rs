@@ -84,14 +84,18 @@
 //!   `ouroc_sinf`), so the table equals the reference bit for bit.
 //! - `Rope`: per head, unrolled over `head_dim` (the head is loaded before
 //!   it is stored, so in place works), the reference's three roundings.
-//! - `Attention`: per sequence, append, then per token and query head three
-//!   passes over the positions: scores (the dot product sequential in f32,
-//!   as the reference's `sum`; q held in registers) into the scratch with
-//!   the running max; `exp(s - max)` in place and their sum; the rounded
-//!   probabilities times V accumulated in `f32x4` across `head_dim` (each
-//!   lane's sum in the reference's order, mul then add, no FMA). Bit for bit
-//!   the reference except when a score is NaN (`fmax` propagates it,
-//!   `f32::max` drops it).
+//! - `Attention`: per sequence, append, then per token and query head: q
+//!   (after RoPE) copied to a stack slot with each element splatted to four
+//!   lanes; scores vectorised across positions: 4 K rows loaded per
+//!   `head_dim` chunk of 4, transposed (byte shuffles), and `q[d] * k[d]`
+//!   added for d in order, so each lane is one position's dot product in
+//!   the reference's order (mul then add, no FMA; 8 positions per
+//!   iteration, then 4, then scalar), rounded as the reference rounds;
+//!   `exp(s - max)` via `ouroc_expf` and their sum; the probabilities
+//!   rounded in place; then V accumulated in blocks of 8 `f32x4`
+//!   accumulators across `head_dim` (each lane's sum over positions in the
+//!   reference's order). Bit for bit the reference except when a score is
+//!   NaN (`fmax` propagates it, `f32::max` drops it).
 //!
 //! Unsupported dtypes (f16, i32 activations) and shapes (odd `head_dim`
 //! with RoPE, `heads` not a multiple of `kv_heads`) are
