@@ -15,6 +15,10 @@
 //! Symbols it defines for the kernels: `ouroc_expf`, `ouroc_cosf`,
 //! `ouroc_sinf` (`f32::exp`, `f32::cos`, `f32::sin`, as in the JIT).
 
+// `cargo build --all-targets` also builds a test harness of this crate, without `main`
+// (the harness has its own), where the code it calls is then unused.
+#![cfg_attr(test, allow(dead_code))]
+
 use clap::{CommandFactory, FromArgMatches, Parser};
 use ouroc_kernels::abi::RawKernel;
 use ouroc_runtime::cpu::{CpuForward, CpuOptions, KvMode, LinkedKernels, ResidentWeights};
@@ -64,6 +68,9 @@ unsafe fn blob(head: *const u64) -> &'static [u8] {
 }
 
 /// The executable's entry point (the C runtime calls it).
+// Not in a test build of this crate (`cargo build --all-targets`): the test
+// harness defines its own `main`.
+#[cfg(not(test))]
 #[unsafe(no_mangle)]
 pub extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
     let code = match std::panic::catch_unwind(run) {
