@@ -31,8 +31,9 @@ pub enum Command {
         #[command(subcommand)]
         what: Emit,
     },
-    /// Run the model on token ids with the reference interpreter and write logits,
-    /// per-step hidden states, exit gate values and exit steps (the research interface)
+    /// Run the model on token ids (reference interpreter, or --backend cpu / ptx-emu / cuda)
+    /// and write logits, per-step hidden states, exit gate values and exit steps (the research
+    /// interface)
     Logits(LogitsArgs),
     /// Run the optimisation pipeline (e-graph rewrites, fusion, loop passes,
     /// re-rolling, CSE/DCE, memory planning) and report what it did
