@@ -23,7 +23,9 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use ouroc_kernels::abi::RawKernel;
 use ouroc_runtime::cpu::{CpuForward, CpuOptions, KvMode, LinkedKernels, ResidentWeights};
 use ouroc_runtime::deploy::{AppMeta, host_has, missing_features, read_weights};
-use ouroc_runtime::generate::GenLimits;
+use ouroc_runtime::generate::{Forward, GenLimits};
+use ouroc_runtime::gpu::cuda::CudaDevice;
+use ouroc_runtime::gpu::{GpuForward, GpuOptions};
 use ouroc_runtime::tokenizer::TextStream;
 use ouroc_runtime::{Sampler, SamplingParams, StopReason, Tokenizer, chat, generate};
 use std::ffi::{c_char, c_int, c_void};
@@ -224,16 +226,13 @@ fn run() -> Result<(), String> {
                 }
             ));
         }
-        return Err(format!(
-            "a CUDA driver is present, but this executable's runtime was built without GPU \
-             execution (the PTX is embedded, {} bytes, but ouroc-app does not launch it yet){}",
-            meta.ptx.as_ref().map_or(0, |p| p.len()),
-            if meta.target == "cpu+a100" {
-                "; pass --device cpu to run on the CPU"
-            } else {
-                "; rebuild with --target cpu+a100 or cpu"
-            }
-        ));
+        if args.kv.as_deref().unwrap_or(&meta.kv) != "full" {
+            return Err(
+                "the GPU keeps one KV cache per loop step and layer: --kv last and mean run on the CPU \
+                        (--device cpu)"
+                    .into(),
+            );
+        }
     }
     if let Some(p) = &args.exit
         && p != &meta.policy
@@ -303,25 +302,37 @@ fn run() -> Result<(), String> {
         let fns = std::slice::from_raw_parts(head.add(1) as *const RawKernel, n);
         LinkedKernels::new(meta.kernel_keys.iter().cloned().zip(fns.iter().copied()))
     };
-    let opts = CpuOptions {
-        early_exit: !args.no_early_exit,
-        threads: args.threads.map_or(0, usize::from),
-        kv,
-        microkernels,
-        ..CpuOptions::new(meta.max_positions)
+    let (mut model, engine): (Box<dyn Forward>, String) = if use_gpu {
+        // The Program's PTX (the same `ouroc_codegen::ptx` text the build
+        // embedded) on the CUDA device, from the same encoded weights.
+        let dev = CudaDevice::new().map_err(|e| e.to_string())?;
+        let mut g = GpuOptions::new(meta.max_positions);
+        g.early_exit = !args.no_early_exit;
+        let m = GpuForward::from_encoded(meta.program.clone(), &weights, dev, g).map_err(|e| e.to_string())?;
+        (Box::new(m), "PTX on the CUDA device, KV cache full".to_string())
+    } else {
+        let opts = CpuOptions {
+            early_exit: !args.no_early_exit,
+            threads: args.threads.map_or(0, usize::from),
+            kv,
+            microkernels,
+            ..CpuOptions::new(meta.max_positions)
+        };
+        let m = CpuForward::from_parts(meta.program.clone(), weights, &opts, Box::new(kernels))?;
+        let engine = format!(
+            "kernels linked ahead of time ({}, {}), {} thread(s), KV cache {kv}",
+            meta.cpu_level,
+            meta.kernel_keys.len(),
+            m.threads()
+        );
+        (Box::new(m), engine)
     };
-    let mut model = CpuForward::from_parts(meta.program.clone(), weights, &opts, Box::new(kernels))?;
     eprintln!(
-        "{name}: {} ({} layers x {} loop steps), exit policy {}, kernels linked ahead of time \
-         ({}, {}), {} thread(s), KV cache {} (ready in {:.2} s)",
+        "{name}: {} ({} layers x {} loop steps), exit policy {}, {engine} (ready in {:.2} s)",
         meta.model,
         meta.layers,
         meta.steps,
         meta.policy,
-        meta.cpu_level,
-        meta.kernel_keys.len(),
-        model.threads(),
-        kv,
         t0.elapsed().as_secs_f64()
     );
     let mut stop_ids = tok.as_ref().map(|t| t.eos_ids.clone()).unwrap_or_default();
@@ -340,13 +351,13 @@ fn run() -> Result<(), String> {
     let stats = match (&tok, &args.prompt) {
         (Some(tok), Some(p)) if args.ids.is_none() => {
             print!("{}", if args.chat { "" } else { p.as_str() });
-            generate(&mut model, &prompt, &mut sampler, &stop_ids, &limits, &mut |id| {
+            generate(model.as_mut(), &prompt, &mut sampler, &stop_ids, &limits, &mut |id| {
                 let piece = stream.push(tok, id)?;
                 print!("{piece}");
                 stdout.flush().map_err(|e| e.to_string())
             })
         }
-        _ => generate(&mut model, &prompt, &mut sampler, &stop_ids, &limits, &mut |id| {
+        _ => generate(model.as_mut(), &prompt, &mut sampler, &stop_ids, &limits, &mut |id| {
             print!("{}{id}", if first { "" } else { "," });
             first = false;
             stdout.flush().map_err(|e| e.to_string())

@@ -103,6 +103,7 @@ pub mod cuda;
 
 pub use emu::EmuDevice;
 
+use crate::cpu::ResidentWeights;
 use crate::generate::{Forward, Step};
 use ouroc_codegen::ptx::{self, KernelAbi, ParamDesc, ParamRole, ParamTy, PtxEntry};
 use ouroc_ir::{DType, ExitPolicy, WeightSource};
@@ -448,7 +449,21 @@ fn extent(v: &ActValue) -> (u64, u64) {
 impl<D: Device> GpuForward<D> {
     /// Check `program`, emit and load its PTX on `dev`, upload its weights
     /// from `weights`.
-    pub fn new(program: Program, weights: &dyn WeightSource, mut dev: D, opts: GpuOptions) -> Result<Self, GpuError> {
+    pub fn new(program: Program, weights: &dyn WeightSource, dev: D, opts: GpuOptions) -> Result<Self, GpuError> {
+        program.check().map_err(GpuError::Program)?;
+        let encoded = ResidentWeights::encode(&program, weights).map_err(GpuError::Program)?;
+        GpuForward::from_encoded(program, &encoded, dev, opts)
+    }
+
+    /// As [`GpuForward::new`], from weights already encoded in the dtypes
+    /// the kernels read (the CPU backend's and `ouroc build`'s encoding:
+    /// the same bytes), e.g. a memory-mapped weights file.
+    pub fn from_encoded(
+        program: Program,
+        weights: &ResidentWeights,
+        mut dev: D,
+        opts: GpuOptions,
+    ) -> Result<Self, GpuError> {
         program.check().map_err(GpuError::Program)?;
         if program.inputs.len() != 2 {
             return Err(GpuError::Program(format!(
@@ -501,29 +516,19 @@ impl<D: Device> GpuForward<D> {
         let kv_copy = dev.function(kvm, "ouroc_kv_copy")?;
 
         // Weights: each resident weight in every dtype a kernel reads it in.
-        let resident = program
-            .materialise_weights(weights, true)
-            .map_err(|(id, msg)| GpuError::Program(format!("weight %{id}: {msg}")))?;
+        let have: HashMap<(u32, DType), &[u8]> = weights.entries().into_iter().collect();
         let mut enc: HashMap<(u32, DType), (DevPtr, usize)> = HashMap::new();
-        for k in program.kernels() {
-            for (op, d) in k.inputs.iter().zip(ptx::operand_dtypes(&k.spec)) {
-                if let Operand::Weight(w) = op
-                    && !enc.contains_key(&(*w, d))
-                {
-                    let data = resident.get(w).ok_or_else(|| {
-                        GpuError::Program(format!(
-                            "kernel {} reads weight %{w}, which is not resident",
-                            k.spec.name
-                        ))
-                    })?;
-                    let bytes = encode(data, d)?;
-                    let p = dev.alloc(bytes.len().max(16))?;
-                    dev.upload(p, &bytes)?;
-                    enc.insert((*w, d), (p, bytes.len()));
-                }
-            }
+        for key in ResidentWeights::required(&program) {
+            let bytes = have.get(&key).ok_or_else(|| {
+                GpuError::Program(format!(
+                    "weight %{} in {} is missing from the weights given",
+                    key.0, key.1
+                ))
+            })?;
+            let p = dev.alloc(bytes.len().max(16))?;
+            dev.upload(p, bytes)?;
+            enc.insert(key, (p, bytes.len()));
         }
-        drop(resident);
 
         let mut abis = module.kernels.iter();
         let mut bind_list = |ks: &[Kernel], dev: &mut D| -> Result<Vec<Bound>, GpuError> {
