@@ -59,6 +59,43 @@ impl GenStats {
         self.decode_steps as f64 / self.decode_time.as_secs_f64().max(1e-9)
     }
 
+    /// The summary `ouroc run` and built executables print after the text:
+    /// tokens and why generation stopped, speeds, the exit-depth histogram
+    /// and (after a decode) the share of loop steps run. `steps`: the
+    /// loop's R; `max_positions`: the context, named when it filled.
+    pub fn summary(&self, steps: usize, max_positions: usize) -> String {
+        let stop = match self.stop {
+            StopReason::Stop(id) => format!("stop token {id}"),
+            StopReason::MaxTokens => "--max-new-tokens reached".into(),
+            StopReason::Context => format!("context full ({max_positions} positions)"),
+        };
+        let hist: Vec<String> = self
+            .depth_histogram
+            .iter()
+            .enumerate()
+            .map(|(d, n)| format!("{} step{}: {n}", d + 1, if d == 0 { "" } else { "s" }))
+            .collect();
+        let mut out = format!(
+            "--\nprompt {} tokens, generated {} tokens ({stop})\nprefill {:.1} tokens/s, decode {:.1} tokens/s\n\
+             exit depth per generated token: {} (mean {:.2} of {steps})\n",
+            self.prompt_tokens,
+            self.tokens.len(),
+            self.prefill_tokens_per_s(),
+            self.decode_tokens_per_s(),
+            hist.join(", "),
+            self.mean_depth()
+        );
+        if self.decode_steps > 0 {
+            out += &format!(
+                "decode ran {} of {} loop steps ({:.0}%)\n",
+                self.decode_loop_steps,
+                self.decode_steps * steps,
+                100.0 * self.decode_loop_steps as f64 / (self.decode_steps * steps) as f64
+            );
+        }
+        out
+    }
+
     /// Mean exit depth of the generated tokens.
     pub fn mean_depth(&self) -> f64 {
         let n: usize = self.depth_histogram.iter().sum();

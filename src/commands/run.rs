@@ -6,7 +6,7 @@ use ouroc_runtime::generate::Forward;
 use ouroc_runtime::generate::GenLimits;
 use ouroc_runtime::interp::InterpForward;
 use ouroc_runtime::tokenizer::TextStream;
-use ouroc_runtime::{Sampler, SamplingParams, StopReason, Tokenizer, chat, generate};
+use ouroc_runtime::{Sampler, SamplingParams, Tokenizer, chat, generate};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -124,42 +124,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     .map_err(anyhow::Error::msg)
     .context("generation failed")?;
     println!();
-    let steps = model_steps(&graph);
-    let stop = match stats.stop {
-        StopReason::Stop(id) => format!("stop token {id}"),
-        StopReason::MaxTokens => "--max-new-tokens reached".into(),
-        StopReason::Context => format!("context full ({max_positions} positions)"),
-    };
-    eprintln!("--");
-    eprintln!(
-        "prompt {} tokens, generated {} tokens ({stop})",
-        stats.prompt_tokens,
-        stats.tokens.len()
-    );
-    eprintln!(
-        "prefill {:.1} tokens/s, decode {:.1} tokens/s",
-        stats.prefill_tokens_per_s(),
-        stats.decode_tokens_per_s()
-    );
-    let hist: Vec<String> = stats
-        .depth_histogram
-        .iter()
-        .enumerate()
-        .map(|(d, n)| format!("{} step{}: {n}", d + 1, plural(d + 1)))
-        .collect();
-    eprintln!(
-        "exit depth per generated token: {} (mean {:.2} of {steps})",
-        hist.join(", "),
-        stats.mean_depth()
-    );
-    if stats.decode_steps > 0 {
-        eprintln!(
-            "decode ran {} of {} loop steps ({:.0}%)",
-            stats.decode_loop_steps,
-            stats.decode_steps * steps,
-            100.0 * stats.decode_loop_steps as f64 / (stats.decode_steps * steps) as f64
-        );
-    }
+    eprint!("{}", stats.summary(model_steps(&graph), max_positions));
     Ok(())
 }
 
@@ -191,8 +156,4 @@ fn cuda_forward<'a>(
 
 fn model_steps(g: &ouroc_ir::Graph) -> usize {
     g.exit_control().map_or(1, |(steps, _)| steps)
-}
-
-fn plural(n: usize) -> &'static str {
-    if n == 1 { "" } else { "s" }
 }

@@ -27,7 +27,7 @@ use ouroc_runtime::generate::{Forward, GenLimits};
 use ouroc_runtime::gpu::cuda::CudaDevice;
 use ouroc_runtime::gpu::{GpuForward, GpuOptions};
 use ouroc_runtime::tokenizer::TextStream;
-use ouroc_runtime::{Sampler, SamplingParams, StopReason, Tokenizer, chat, generate};
+use ouroc_runtime::{Sampler, SamplingParams, Tokenizer, chat, generate};
 use std::ffi::{c_char, c_int, c_void};
 use std::io::Write;
 use std::path::PathBuf;
@@ -365,42 +365,7 @@ fn run() -> Result<(), String> {
     }
     .map_err(|e| format!("generation failed: {e}"))?;
     println!();
-    let steps = meta.steps;
-    let stop = match stats.stop {
-        StopReason::Stop(id) => format!("stop token {id}"),
-        StopReason::MaxTokens => "--max-new-tokens reached".into(),
-        StopReason::Context => format!("context full ({} positions)", meta.max_positions),
-    };
-    eprintln!("--");
-    eprintln!(
-        "prompt {} tokens, generated {} tokens ({stop})",
-        stats.prompt_tokens,
-        stats.tokens.len()
-    );
-    eprintln!(
-        "prefill {:.1} tokens/s, decode {:.1} tokens/s",
-        stats.prefill_tokens_per_s(),
-        stats.decode_tokens_per_s()
-    );
-    let hist: Vec<String> = stats
-        .depth_histogram
-        .iter()
-        .enumerate()
-        .map(|(d, n)| format!("{} step{}: {n}", d + 1, if d == 0 { "" } else { "s" }))
-        .collect();
-    eprintln!(
-        "exit depth per generated token: {} (mean {:.2} of {steps})",
-        hist.join(", "),
-        stats.mean_depth()
-    );
-    if stats.decode_steps > 0 {
-        eprintln!(
-            "decode ran {} of {} loop steps ({:.0}%)",
-            stats.decode_loop_steps,
-            stats.decode_steps * steps,
-            100.0 * stats.decode_loop_steps as f64 / (stats.decode_steps * steps) as f64
-        );
-    }
+    eprint!("{}", stats.summary(meta.steps, meta.max_positions));
     Ok(())
 }
 
