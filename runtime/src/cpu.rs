@@ -53,8 +53,13 @@
 //! another chunk has written. Each output element is computed by exactly
 //! one thread with the same instructions as the unsplit kernel (the row
 //! blocking of 4 does not change a row's arithmetic), so results are bit
-//! for bit the same for every thread count. Every other family runs on the
-//! calling thread. With `threads == 1` nothing is split and no worker
+//! for bit the same for every thread count. Every other family but
+//! Attention computes each token from that token's rows only, so on a
+//! prompt of at least 16 tokens it is split by tokens instead: one task
+//! per thread, each the same kernel on a consecutive block of at least 8
+//! tokens (row pointers offset, token count reduced), again bit for bit
+//! the result of one launch. Attention runs on the calling thread. With
+//! `threads == 1` nothing is split and no worker
 //! exists. [`CpuForward::launches`] counts the Program's kernels run (a
 //! split launch counts once).
 //!
@@ -193,11 +198,12 @@ impl CpuOptions {
 #[derive(Clone, Copy, Debug)]
 enum Arg {
     /// An activation: byte `offset * tokens + col_bytes` of the arena, row
-    /// stride `stride` elements.
+    /// stride `stride` elements of `elem` bytes.
     Act {
         offset: usize,
         col_bytes: usize,
         stride: usize,
+        elem: usize,
     },
     /// A weight (read only), kept alive by `CpuForward::weights`.
     Weight(*const u8),
@@ -584,6 +590,8 @@ pub struct CpuForward {
     /// Kernel launches so far (all calls): one per Program kernel run,
     /// whatever the threads.
     pub launches: usize,
+    /// Of those, launches split over the threads by tokens (prompts).
+    pub token_split_launches: usize,
     pool: Pool,
     /// Filled by the loop during [`CpuForward::run_traced`].
     trace: Option<Trace>,
@@ -672,6 +680,17 @@ fn row_chunks(n: usize, threads: usize) -> Vec<(usize, usize)> {
     (0..n.div_ceil(size))
         .map(|c| (c * size, size.min(n - c * size)))
         .collect()
+}
+
+/// Fewest tokens a task of a token-split launch gets: below that the
+/// fork/join of the pool costs more than the kernel saves.
+const MIN_TOKENS_PER_TASK: usize = 8;
+
+/// Chunks of tokens a per-token kernel (every family but Attention and a
+/// Linear) is split into on `threads` threads: one in decode and for short
+/// prompts.
+fn token_chunks(tokens: usize, threads: usize) -> usize {
+    threads.min(tokens / MIN_TOKENS_PER_TASK).max(1)
 }
 
 /// Whether the per-token byte ranges of two arena values overlap.
@@ -798,6 +817,7 @@ impl CpuForward {
                                     offset: v.offset as usize,
                                     col_bytes: r.col * v.dtype.size_bytes(),
                                     stride: v.width,
+                                    elem: v.dtype.size_bytes(),
                                 }
                             }
                             Operand::Weight(w) => Arg::Weight(
@@ -821,6 +841,7 @@ impl CpuForward {
                             offset: v.offset as usize,
                             col_bytes: 0,
                             stride: v.width,
+                            elem: v.dtype.size_bytes(),
                         });
                     }
                     let attention = match &k.spec.family {
@@ -898,6 +919,7 @@ impl CpuForward {
             x_copy: Vec::new(),
             past: 0,
             launches: 0,
+            token_split_launches: 0,
             trace: None,
             pool,
             program,
@@ -959,7 +981,6 @@ impl CpuForward {
         Some((&mut s.k[..n], &mut s.v[..n]))
     }
 
-    /// Kernels split over threads (Linear launches of more than one chunk).
     /// Program kernels run by the std::arch microkernels of [`crate::gemm`].
     pub fn microkernel_kernels(&self) -> usize {
         [&self.before, &self.body, &self.after]
@@ -969,6 +990,7 @@ impl CpuForward {
             .count()
     }
 
+    /// Kernels split over threads (Linear launches of more than one chunk).
     pub fn split_kernels(&self) -> usize {
         [&self.before, &self.body, &self.after]
             .iter()
@@ -1049,6 +1071,7 @@ impl CpuForward {
                     offset,
                     col_bytes,
                     stride,
+                    ..
                 } => {
                     // SAFETY: inside the arena sized for `tokens`.
                     args.push(unsafe { base.add(offset * tokens + col_bytes) });
@@ -1132,12 +1155,44 @@ impl CpuForward {
             args.extend([std::ptr::null_mut(); 2]);
             strides.extend([0, n]);
         }
+        let layer = l.attention;
+        if layer.is_none() && l.rows.is_none() {
+            let chunks = token_chunks(tokens, self.pool.threads());
+            if chunks > 1 {
+                // Every family but Attention computes each token from that
+                // token's rows alone: chunks of tokens are independent
+                // launches of the same kernel on row-offset pointers.
+                let per = tokens.div_ceil(chunks);
+                self.token_split_launches += 1;
+                let row_bytes: Vec<usize> = l
+                    .args
+                    .iter()
+                    .map(|a| match *a {
+                        Arg::Act { stride, elem, .. } => stride * elem,
+                        Arg::Weight(_) => 0,
+                    })
+                    .collect();
+                let args = args.iter().map(|&p| p as usize).collect::<Vec<usize>>();
+                self.pool.run(tokens.div_ceil(per), &|c| {
+                    let t0 = c * per;
+                    let a: Vec<*mut u8> = args
+                        .iter()
+                        .zip(&row_bytes)
+                        .map(|(&p, &rb)| (p + t0 * rb) as *mut u8)
+                        .collect();
+                    // SAFETY: as for the whole launch below, on tokens
+                    // t0 .. t0 + n of every activation; chunks write
+                    // disjoint token rows.
+                    unsafe { f(a.as_ptr(), strides.as_ptr(), per.min(tokens - t0)) };
+                });
+                return;
+            }
+        }
         let mut seqs = [KvSeq {
             k: std::ptr::null_mut(),
             v: std::ptr::null_mut(),
             past: 0,
         }];
-        let layer = l.attention;
         let in_loop = which == 1;
         if let Some(layer) = layer {
             let slot = self.kv.store_mut(in_loop, step, layer);

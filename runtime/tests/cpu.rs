@@ -193,18 +193,20 @@ fn outcome(s: &ouroc_runtime::Step) -> Outcome {
     (s.logits.iter().map(|x| x.to_bits()).collect(), s.depth, s.steps_run)
 }
 
-/// A prefill of 8 tokens then single-token decode calls.
-fn calls(vocab: usize, decode: usize) -> Vec<Vec<u32>> {
-    let ids = prompt(vocab, 8 + decode);
-    std::iter::once(ids[..8].to_vec())
-        .chain(ids[8..].iter().map(|&t| vec![t]))
+/// A prefill of `prefill` tokens then single-token decode calls.
+fn calls(vocab: usize, prefill: usize, decode: usize) -> Vec<Vec<u32>> {
+    let ids = prompt(vocab, prefill + decode);
+    std::iter::once(ids[..prefill].to_vec())
+        .chain(ids[prefill..].iter().map(|&t| vec![t]))
         .collect()
 }
 
 /// Threads 1, 2 and 3 give bit-identical logits, exit depths and steps (and
 /// the same kernel count) in f32 and bf16, for every KV mode, with Linear on
 /// the microkernels and on the Cranelift kernels; with more than one thread,
-/// Cranelift Linear kernels really are split.
+/// Cranelift Linear kernels really are split, and so are the other
+/// per-token kernels of the 27-token prompt (by tokens: 14 + 13 on two
+/// threads, 9 + 9 + 9 on three), never those of a decode token.
 #[test]
 fn threads_give_bit_identical_results() {
     for (name, micro) in FIXTURES.iter().flat_map(|n| [(n, false), (n, true)]) {
@@ -228,9 +230,20 @@ fn threads_give_bit_identical_results() {
                     // Every Linear goes to a microkernel where this CPU has one.
                     let has = ouroc_runtime::gemm::microkernel(dtype, dtype);
                     assert_eq!(m.microkernel_kernels() > 0, micro && has, "{name} {dtype} microkernels");
-                    let outs: Vec<Outcome> = calls(ckpt.config.vocab_size, 6)
+                    let outs: Vec<Outcome> = calls(ckpt.config.vocab_size, 27, 6)
                         .iter()
-                        .map(|c| outcome(&m.forward(c).unwrap()))
+                        .enumerate()
+                        .map(|(i, c)| {
+                            let before = m.token_split_launches;
+                            let out = outcome(&m.forward(c).unwrap());
+                            let split = m.token_split_launches > before;
+                            assert_eq!(
+                                split,
+                                i == 0 && threads > 1,
+                                "{name} {dtype} threads {threads} call {i}"
+                            );
+                            out
+                        })
                         .collect();
                     runs.push((outs, m.launches, m.kv_bytes()));
                 }
@@ -401,7 +414,7 @@ fn kv_last_equals_full_with_every_step_reading_the_last_steps_cache() {
                 let r = p.loop_.as_ref().unwrap().steps;
                 let mut full = cpu_with(&p, &ckpt, true, 1, KvMode::Full);
                 let mut last = cpu_with(&p, &ckpt, true, 1, KvMode::Last);
-                for (i, call) in calls(ckpt.config.vocab_size, 8).iter().enumerate() {
+                for (i, call) in calls(ckpt.config.vocab_size, 8, 8).iter().enumerate() {
                     if i > 0 {
                         for &layer in &layers {
                             let (k, v) = full
@@ -476,7 +489,7 @@ fn kv_mean_equals_full_with_every_step_reading_the_mean_cache() {
                     }
                     out
                 };
-                for (i, call) in calls(ckpt.config.vocab_size, 8).iter().enumerate() {
+                for (i, call) in calls(ckpt.config.vocab_size, 8, 8).iter().enumerate() {
                     if i == 1 {
                         shared = layers.iter().map(|&l| mean_rows(&full, l, r, 0)).collect();
                     }
@@ -536,7 +549,7 @@ fn kv_bytes_of_last_and_mean_are_one_rth_of_full_in_decode() {
     for kv in KvMode::ALL {
         let mut m = cpu_with(&p, &ckpt, true, 2, kv);
         assert_eq!(m.kv_mode(), kv);
-        let cs = calls(c.vocab_size, 5);
+        let cs = calls(c.vocab_size, 8, 5);
         let first = m.forward(&cs[0]).unwrap().logits;
         assert_eq!(m.kv_bytes(), r * 8 * row, "{kv} after prefill");
         let mut sizes = vec![m.kv_bytes()];
@@ -574,7 +587,7 @@ fn skipped_steps_launch_no_kernels_under_every_kv_mode() {
         for threads in [1, 2] {
             let mut m = cpu_with(&p, &ckpt, true, threads, kv);
             let mut early = 0;
-            for (i, call) in calls(ckpt.config.vocab_size, 12).iter().enumerate() {
+            for (i, call) in calls(ckpt.config.vocab_size, 8, 12).iter().enumerate() {
                 let before = m.launches;
                 let s = m.forward(call).unwrap();
                 assert_eq!(
