@@ -209,6 +209,16 @@ enum Arg {
     Weight(*const u8),
 }
 
+impl Arg {
+    /// Bytes from one token's row to the next (0 for a weight).
+    fn row_bytes(&self) -> usize {
+        match *self {
+            Arg::Act { stride, elem, .. } => stride * elem,
+            Arg::Weight(_) => 0,
+        }
+    }
+}
+
 /// A `Linear` split over its output rows (see the module docs).
 struct Split {
     /// Per chunk, in task order: its output rows `row0 .. row1`.
@@ -242,6 +252,9 @@ struct Launch {
     /// `Linear`: its output rows `n` (the row-range arguments `0 .. n`).
     rows: Option<usize>,
     split: Option<Split>,
+    /// Families computed token by token (all but Attention and Linear):
+    /// each argument's row bytes, to split a prompt by tokens.
+    token_rows: Option<Vec<usize>>,
 }
 
 /// Where a [`CpuForward`] gets the machine code of a kernel.
@@ -686,9 +699,8 @@ fn row_chunks(n: usize, threads: usize) -> Vec<(usize, usize)> {
 /// fork/join of the pool costs more than the kernel saves.
 const MIN_TOKENS_PER_TASK: usize = 8;
 
-/// Chunks of tokens a per-token kernel (every family but Attention and a
-/// Linear) is split into on `threads` threads: one in decode and for short
-/// prompts.
+/// Chunks of tokens a per-token kernel (`Launch::token_rows`) is split
+/// into on `threads` threads: one in decode and for short prompts.
 fn token_chunks(tokens: usize, threads: usize) -> usize {
     threads.min(tokens / MIN_TOKENS_PER_TASK).max(1)
 }
@@ -852,6 +864,10 @@ impl CpuForward {
                         extra_args(&k.spec),
                         if attention.is_some() || rows.is_some() { 2 } else { 0 }
                     );
+                    let token_rows = match &k.spec.family {
+                        Family::Attention(_) | Family::Linear(_) => None,
+                        _ => Some(args.iter().map(Arg::row_bytes).collect()),
+                    };
                     Ok(Launch {
                         f,
                         gemm,
@@ -859,6 +875,7 @@ impl CpuForward {
                         attention,
                         rows,
                         split,
+                        token_rows,
                     })
                 })
                 .collect()
@@ -1155,29 +1172,20 @@ impl CpuForward {
             args.extend([std::ptr::null_mut(); 2]);
             strides.extend([0, n]);
         }
-        let layer = l.attention;
-        if layer.is_none() && l.rows.is_none() {
+        if let Some(row_bytes) = &l.token_rows {
             let chunks = token_chunks(tokens, self.pool.threads());
             if chunks > 1 {
-                // Every family but Attention computes each token from that
-                // token's rows alone: chunks of tokens are independent
-                // launches of the same kernel on row-offset pointers.
+                // Each token is computed from that token's rows alone:
+                // chunks of tokens are independent launches of the same
+                // kernel on row-offset pointers.
                 let per = tokens.div_ceil(chunks);
                 self.token_split_launches += 1;
-                let row_bytes: Vec<usize> = l
-                    .args
-                    .iter()
-                    .map(|a| match *a {
-                        Arg::Act { stride, elem, .. } => stride * elem,
-                        Arg::Weight(_) => 0,
-                    })
-                    .collect();
                 let args = args.iter().map(|&p| p as usize).collect::<Vec<usize>>();
                 self.pool.run(tokens.div_ceil(per), &|c| {
                     let t0 = c * per;
                     let a: Vec<*mut u8> = args
                         .iter()
-                        .zip(&row_bytes)
+                        .zip(row_bytes)
                         .map(|(&p, &rb)| (p + t0 * rb) as *mut u8)
                         .collect();
                     // SAFETY: as for the whole launch below, on tokens
@@ -1188,6 +1196,7 @@ impl CpuForward {
                 return;
             }
         }
+        let layer = l.attention;
         let mut seqs = [KvSeq {
             k: std::ptr::null_mut(),
             v: std::ptr::null_mut(),
