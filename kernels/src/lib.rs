@@ -7,8 +7,13 @@
 //!   exit control, activation arena, weight table with load-time recipes,
 //!   KV-cache slots; serde data with a readable `Display`;
 //! - [`mod@lower`]: [`lower()`]: `Graph` -> `Program`, one kernel per launching op;
-//! - [`exec`]: [`Executor`]: the reference execution of a Program on the
-//!   host (plain loops, f32), the meaning backends are checked against.
+//! - [`exec`]: the reference kernels: what each family computes, in plain
+//!   loops and f32 (the meaning the backends' emitters are checked against);
+//! - [`abi`]: the launch contracts beside the Program (the CPU kernel ABI,
+//!   the KV sequence descriptor).
+//!
+//! The Program is run by `ouroc_driver` (the one driver of every backend);
+//! its reference device runs it on [`exec`]'s kernels.
 //!
 //! # The Program contract (what a backend and its runtime implement)
 //!
@@ -39,8 +44,9 @@
 //!    rows. A runtime that stops a token's loop early in decode fills the
 //!    skipped steps' slots with the exit step's K/V rows.
 //!
-//! [`Executor`] implements exactly this; a backend's logits must match it
-//! (and so the IR interpreter) within the project's tolerance.
+//! `ouroc_driver` implements exactly this once for every device; a
+//! backend's logits must match its reference device (and so the IR
+//! interpreter) within the project's tolerance.
 
 pub mod abi;
 pub mod exec;
@@ -48,7 +54,6 @@ pub mod lower;
 pub mod program;
 pub mod spec;
 
-pub use exec::{ExecError, ExecOptions, ExecOutput, Executor};
 pub use lower::{LowerError, lower};
 pub use program::{ActRef, ActValue, Arena, Carried, Kernel, KvSlot, LoopSpec, Operand, Program, Recipe, WeightEntry};
 pub use spec::{Expr, Family, KernelSpec, NormWeight};

@@ -4,8 +4,9 @@
 mod common;
 
 use common::*;
+use ouroc_driver::host::{ExecOptions, Executor};
 use ouroc_ir::{DType, Interpreter, Options};
-use ouroc_kernels::{ExecOptions, Executor, LowerError, lower};
+use ouroc_kernels::{LowerError, lower};
 use ouroc_models::BuildOptions;
 
 /// With `exit_skips`, a decode token that exits at step r runs r + 1 body
@@ -21,6 +22,7 @@ fn early_exit_in_decode_skips_steps_and_matches_the_interpreter() {
         let opts = ExecOptions {
             round_low_precision: false,
             exit_skips: true,
+            ..ExecOptions::default()
         };
         let (got, launches) = exec(&prog, &ckpt, &p, 8, opts);
         let want = interp(&g, &ckpt, &p, 8, false, true);

@@ -5,8 +5,9 @@
 mod common;
 
 use common::*;
+use ouroc_driver::host::{ExecOptions, Executor};
 use ouroc_ir::{Graph, Interpreter, Options, WeightSource};
-use ouroc_kernels::{ExecOptions, Executor, lower};
+use ouroc_kernels::lower;
 use ouroc_passes::Stats;
 
 fn run_interp(g: &Graph, w: &dyn WeightSource, p: &[u32], split: usize, skips: bool) -> Vec<f32> {
@@ -29,6 +30,7 @@ fn run_exec(g: &Graph, w: &dyn WeightSource, p: &[u32], split: usize, skips: boo
     let opts = ExecOptions {
         round_low_precision: false,
         exit_skips: skips,
+        ..ExecOptions::default()
     };
     let mut ex = Executor::new(&prog, w, opts).unwrap();
     let mut out = ex.run_tokens(&[p[..split].to_vec()]).unwrap().outputs[0].data.clone();

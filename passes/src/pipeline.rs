@@ -24,15 +24,28 @@ use crate::reroll::Reroll;
 use crate::rotate::Rotate;
 
 pub fn default_pipeline() -> PassManager {
-    PassManager::new(vec![
+    pipeline(false)
+}
+
+/// The default pipeline; with `keep_exit_trace`, without `policy-dce`, so
+/// the loop keeps every step and its exit gate whatever the policy (what
+/// the research interface traces: `ouroc logits --out` writes each step's
+/// state and gate under every policy).
+pub fn pipeline(keep_exit_trace: bool) -> PassManager {
+    let mut passes: Vec<Box<dyn crate::Pass>> = vec![
         Box::new(Reroll),
         Box::new(EGraphRewrite),
         Box::new(Hoist),
         Box::new(Rotate::new()),
-        Box::new(PolicyDce),
-        Box::new(Peel::new()),
+    ];
+    if !keep_exit_trace {
+        passes.push(Box::new(PolicyDce));
+    }
+    passes.extend([
+        Box::new(Peel::new()) as Box<dyn crate::Pass>,
         Box::new(Cse),
         Box::new(Dce),
         Box::new(MemPlan::default()),
-    ])
+    ]);
+    PassManager::new(passes)
 }

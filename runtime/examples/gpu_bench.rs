@@ -30,7 +30,7 @@ use ouroc_kernels::Program;
 use ouroc_kernels::spec::Family;
 use ouroc_models::{BuildOptions, Checkpoint, StorageDtype};
 use ouroc_runtime::gpu::cuda::CudaDevice;
-use ouroc_runtime::gpu::{Device, GpuForward, GpuOptions, LaunchRecord};
+use ouroc_runtime::gpu::{Gpu, GpuForward, GpuOptions, LaunchRecord};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -294,6 +294,7 @@ fn run() -> Result<(), String> {
         max_positions: positions,
         early_exit: true,
         kv_positions: positions,
+        ..GpuOptions::new(positions)
     };
     let mut m = GpuForward::new(program, &ckpt, dev, gopts).map_err(|e| e.to_string())?;
     let setup = t0.elapsed().as_secs_f64();

@@ -5,16 +5,7 @@
 use crate::sampling::Sampler;
 use std::time::{Duration, Instant};
 
-/// What one forward pass returns.
-pub struct Step {
-    /// Logits of the last position, `[vocab]`.
-    pub logits: Vec<f32>,
-    /// The exit depth (exit step + 1) the policy chose at the last position.
-    pub depth: usize,
-    /// Loop steps actually run (less than the loop's steps when a decode
-    /// token exited early and its later steps were skipped).
-    pub steps_run: usize,
-}
+pub use ouroc_driver::Step;
 
 /// A model that can be run forward through its KV cache.
 pub trait Forward {

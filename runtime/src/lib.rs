@@ -8,18 +8,17 @@
 //! - [`interp`]: a `Forward` backed by the reference interpreter, with real
 //!   early exit in decode.
 //!
-//! - [`cpu`]: a `Forward` that executes a lowered `Program` with the
-//!   Cranelift JIT-compiled kernels: Linear kernels split over threads
-//!   ([`cpu::CpuOptions::threads`]), one KV slot per (loop step, layer) or
-//!   decode-time sharing ([`cpu::KvMode`]: full, last, mean), real early
-//!   exit in decode;
+//! - [`cpu`]: the CPU device of the driver (`ouroc_driver`, which runs the
+//!   loop, exit control and KV cache of every backend): Cranelift kernels
+//!   (JIT or linked) and std::arch microkernels, split over threads
+//!   ([`cpu::CpuOptions::threads`]); [`cpu::CpuForward`] is the driver on it;
 //! - [`threads`]: the persistent worker pool the CPU backend launches on.
 //! - [`deploy`]: the weights image and metadata of executables built by
 //!   `ouroc build` (which link their kernels: build without feature `jit`).
-//! - [`gpu`]: a `Forward` that runs a lowered `Program` as the PTX of
-//!   `ouroc_codegen::ptx` on a [`gpu::Device`]: the PTX emulator (always
-//!   built) or CUDA through cudarc (feature `cuda`); per-position traces
-//!   for `ouroc logits`, per-kernel timing.
+//! - [`gpu`]: the GPU device of the driver: the PTX of `ouroc_codegen::ptx`
+//!   on a [`gpu::Gpu`], the PTX emulator (always built) or CUDA through
+//!   cudarc (feature `cuda`); per-kernel timing; [`gpu::GpuForward`] is the
+//!   driver on it.
 
 pub mod chat;
 pub mod cpu;
@@ -33,5 +32,6 @@ pub mod threads;
 pub mod tokenizer;
 
 pub use generate::{Forward, GenStats, Step, StopReason, generate};
+pub use ouroc_driver::Trace;
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::Tokenizer;

@@ -234,9 +234,9 @@ fn threads_give_bit_identical_results() {
                         .iter()
                         .enumerate()
                         .map(|(i, c)| {
-                            let before = m.token_split_launches;
+                            let before = m.token_split_launches();
                             let out = outcome(&m.forward(c).unwrap());
-                            let split = m.token_split_launches > before;
+                            let split = m.token_split_launches() > before;
                             assert_eq!(
                                 split,
                                 i == 0 && threads > 1,
@@ -422,9 +422,7 @@ fn kv_last_equals_full_with_every_step_reading_the_last_steps_cache() {
                                 .map(|(k, v)| (k.to_vec(), v.to_vec()))
                                 .unwrap();
                             for s in 0..r - 1 {
-                                let (dk, dv) = full.kv_rows_mut(s, layer).unwrap();
-                                dk.copy_from_slice(&k);
-                                dv.copy_from_slice(&v);
+                                full.set_kv_rows(s, layer, &k, &v).unwrap();
                             }
                         }
                     }
@@ -470,13 +468,13 @@ fn kv_mean_equals_full_with_every_step_reading_the_mean_cache() {
                 // Per layer, the mean cache's K and V values.
                 let mut shared: Vec<(Vec<f32>, Vec<f32>)> = Vec::new();
                 // The mean over `steps` steps of rows `from..` of full's caches.
-                let mean_rows = |full: &CpuForward, layer: usize, steps: usize, from: usize| {
+                let mean_rows = |full: &mut CpuForward, layer: usize, steps: usize, from: usize| {
                     let mut out = (Vec::new(), Vec::new());
                     for (h, dst) in [&mut out.0, &mut out.1].into_iter().enumerate() {
                         let caches: Vec<Vec<f32>> = (0..steps)
                             .map(|s| {
                                 let (k, v) = full.kv_rows(s, layer).unwrap();
-                                kv_f32(if h == 0 { k } else { v }, dtype)
+                                kv_f32(if h == 0 { &k } else { &v }, dtype)
                             })
                             .collect();
                         for j in from..caches[0].len() {
@@ -491,15 +489,13 @@ fn kv_mean_equals_full_with_every_step_reading_the_mean_cache() {
                 };
                 for (i, call) in calls(ckpt.config.vocab_size, 8, 8).iter().enumerate() {
                     if i == 1 {
-                        shared = layers.iter().map(|&l| mean_rows(&full, l, r, 0)).collect();
+                        shared = layers.iter().map(|&l| mean_rows(&mut full, l, r, 0)).collect();
                     }
                     if i > 0 {
                         for (li, &layer) in layers.iter().enumerate() {
                             let (k, v) = (kv_bytes_of(&shared[li].0, dtype), kv_bytes_of(&shared[li].1, dtype));
                             for s in 0..r {
-                                let (dk, dv) = full.kv_rows_mut(s, layer).unwrap();
-                                dk.copy_from_slice(&k);
-                                dv.copy_from_slice(&v);
+                                full.set_kv_rows(s, layer, &k, &v).unwrap();
                             }
                         }
                     }
@@ -511,7 +507,7 @@ fn kv_mean_equals_full_with_every_step_reading_the_mean_cache() {
                         let row = full.past_len() - 1;
                         for (li, &layer) in layers.iter().enumerate() {
                             let e = shared[li].0.len() / row;
-                            let (k, v) = mean_rows(&full, layer, a.2, row * e);
+                            let (k, v) = mean_rows(&mut full, layer, a.2, row * e);
                             shared[li].0.extend(k);
                             shared[li].1.extend(v);
                             let want = (kv_bytes_of(&shared[li].0, dtype), kv_bytes_of(&shared[li].1, dtype));

@@ -14,10 +14,10 @@
 mod gpu_common;
 
 use gpu_common::*;
+use ouroc_driver::host::{ExecOptions, Executor};
 use ouroc_ir::DType;
-use ouroc_kernels::{ExecOptions, Executor};
 use ouroc_runtime::gpu::cuda::{CudaDevice, NO_DRIVER, driver_present};
-use ouroc_runtime::gpu::{Device, GpuError, GpuForward, GpuOptions};
+use ouroc_runtime::gpu::{Gpu, GpuError, GpuForward, GpuOptions};
 
 fn require_gpu() -> bool {
     std::env::var("OUROC_REQUIRE_CUDA").is_ok_and(|v| v == "1")
@@ -113,6 +113,7 @@ fn every_policy_early_exit_and_gemm_on_cuda() {
         ExecOptions {
             round_low_precision: true,
             exit_skips: true,
+            ..ExecOptions::default()
         },
     )
     .unwrap();

@@ -26,8 +26,9 @@
 mod gpu_common;
 
 use gpu_common::*;
+use ouroc_driver::host::{ExecOptions, Executor};
 use ouroc_ir::DType;
-use ouroc_kernels::{ExecOptions, Executor, Program};
+use ouroc_kernels::Program;
 use ouroc_models::Checkpoint;
 use ouroc_runtime::generate::{Forward, GenLimits};
 use ouroc_runtime::gpu::{EmuDevice, GpuError, GpuForward, GpuOptions};
@@ -159,6 +160,7 @@ fn early_exit_decode_skips_steps_like_the_reference() {
             ExecOptions {
                 round_low_precision: true,
                 exit_skips: true,
+                ..ExecOptions::default()
             },
         )
         .unwrap();
@@ -301,9 +303,9 @@ fn bad_calls_are_errors_not_panics() {
     let ckpt = open("mha-r4");
     let mut m = emu(program(&ckpt, DType::F32, "last"), &ckpt, GpuOptions::new(16));
     assert!(matches!(m.run(&[]), Err(GpuError::Input(_))));
-    let e = m.run(&[288]).err().expect("out of the vocabulary").to_string();
+    let e = m.run(&[288]).expect_err("out of the vocabulary").to_string();
     assert!(e.contains("vocabulary"), "{e}");
-    let e = m.run(&[1; 17]).err().expect("beyond the context").to_string();
+    let e = m.run(&[1; 17]).expect_err("beyond the context").to_string();
     assert!(e.contains("context"), "{e}");
     assert!(m.greedy_next().is_err(), "no call has run");
     // A Program the PTX backend cannot run (f16 activations) is refused.
@@ -339,4 +341,56 @@ fn carried_values_are_a_parallel_copy() {
     let e = rel_err(&t.logits, &want.outputs[0].data);
     assert!(e <= 1e-5, "relative error {e}");
     assert_eq!(t.exit_steps, want.exit_steps);
+}
+
+/// The index of the first maximum.
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// `kv last` and `kv mean` on the PTX emulator: token for token what the
+/// CPU device decodes (greedy), with early exit, the same logits within f32
+/// rounding, exit depths, loop steps run and KV bytes.
+#[test]
+fn kv_sharing_modes_on_the_emulator_match_the_cpu_device_token_for_token() {
+    use ouroc_runtime::cpu::{CpuForward, CpuOptions, KvMode};
+    let ckpt = open("mha-r4");
+    let prompt = Golden::load("mha-r4").prompt();
+    let mut early = 0;
+    for kv in [KvMode::Last, KvMode::Mean] {
+        for policy in ["last", "threshold:0.5"] {
+            let p = program(&ckpt, DType::F32, policy);
+            let mut g = GpuOptions::new(64);
+            (g.early_exit, g.kv) = (true, kv);
+            let mut gpu = emu(p.clone(), &ckpt, g);
+            let c = CpuOptions {
+                early_exit: true,
+                kv,
+                threads: 1,
+                ..CpuOptions::new(64)
+            };
+            let mut cpu = CpuForward::with_options(p, &ckpt, &c).unwrap();
+            let (mut a, mut b) = (gpu.run(&prompt).unwrap(), cpu.run(&prompt).unwrap());
+            for i in 0..8 {
+                let ctx = format!("kv {kv} {policy} token {i}");
+                assert!(rel_err(&a.logits, &b.logits) < 1e-4, "{ctx}: logits differ");
+                assert_eq!((a.depth, a.steps_run), (b.depth, b.steps_run), "{ctx}: depth, steps");
+                let next = argmax(&b.logits);
+                assert_eq!(argmax(&a.logits), next, "{ctx}: the next token differs");
+                early += (a.steps_run < 4) as usize;
+                (a, b) = (gpu.run(&[next]).unwrap(), cpu.run(&[next]).unwrap());
+            }
+            assert_eq!(gpu.kv_bytes(), cpu.kv_bytes(), "kv {kv} {policy}: KV bytes");
+        }
+    }
+    assert!(
+        early > 0,
+        "no decode token exited early: the shared modes' early exit is untested"
+    );
 }

@@ -109,7 +109,7 @@ pub fn run(args: &BuildArgs) -> Result<()> {
 
     // 2. The weights, encoded as the kernels read them.
     let t = Instant::now();
-    let weights = ResidentWeights::encode(&program, &ckpt).map_err(anyhow::Error::msg)?;
+    let weights = ResidentWeights::encode(&program, &ckpt, true).map_err(anyhow::Error::msg)?;
     let (entries, data_bytes) = deploy::layout(&weights);
     let fingerprint = deploy::fingerprint(&program, &weights, &entries).map_err(anyhow::Error::msg)?;
     let header = WeightsHeader {

@@ -2,7 +2,9 @@ use super::{build, open};
 use crate::cli::{LogitsArgs, LogitsBackend, Mode};
 use anyhow::{Context, Result, bail};
 use ouroc_ir::{Interpreter, LoopTrace, Options, Tensor};
+use ouroc_runtime::Trace;
 use ouroc_runtime::cpu::{CpuForward, CpuOptions};
+use ouroc_runtime::gpu::{GpuForward, GpuOptions};
 use safetensors::{Dtype, tensor::TensorView};
 use std::collections::BTreeMap;
 
@@ -66,38 +68,29 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
                 c.exit_step.extend(trace.exit_step);
             }
         }
-        LogitsBackend::PtxEmu | LogitsBackend::Cuda => {
-            let (optimised, _) = ouroc_passes::default_pipeline().run(&graph, None)?;
-            let program = ouroc_kernels::lower(&optimised).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let opts = ouroc_runtime::gpu::GpuOptions::new(cfg.max_position_embeddings);
-            if args.backend == LogitsBackend::PtxEmu {
-                let model = ouroc_runtime::gpu::GpuForward::emulated(program, &ckpt, opts)?;
-                collect_gpu(model, &chunks, steps, &mut c)?;
-            } else {
-                cuda_logits(program, &ckpt, opts, &chunks, steps, &mut c)?;
-            }
-        }
-        LogitsBackend::Cpu => {
-            let (optimised, _) = ouroc_passes::default_pipeline().run(&graph, None)?;
-            let program = ouroc_kernels::lower(&optimised).map_err(|e| anyhow::anyhow!("{e}"))?;
-            // Every step for every token, as the reference (and the interpreter here) runs them.
-            let opts = CpuOptions {
-                threads: args.threads.map_or(0, usize::from),
-                ..CpuOptions::new(cfg.max_position_embeddings)
-            };
-            let mut model = CpuForward::with_options(program, &ckpt, &opts).map_err(anyhow::Error::msg)?;
-            for chunk in chunks {
-                let (_, trace) = model.run_traced(&chunk).map_err(anyhow::Error::msg)?;
-                c.logits.extend(&trace.logits);
-                for r in 0..steps {
-                    c.hidden[r].extend(&trace.step_outputs[r]);
-                    // The optimised program drops the exit gate where the policy never reads it.
-                    match trace.lambdas.get(r) {
-                        Some(l) => c.lambda[r].extend(l),
-                        None => c.lambda[r].extend(std::iter::repeat_n(f32::NAN, chunk.len())),
-                    }
+        backend => {
+            // The research interface traces every step and gate under every
+            // policy: the Program keeps them (no policy-dce), and, like the
+            // reference, every step runs for every token.
+            let program = ouroc_compile::compile_graph(graph.clone(), true)?.program;
+            let max = cfg.max_position_embeddings;
+            let mut model: TraceFn = match backend {
+                LogitsBackend::Cpu => {
+                    let opts = CpuOptions {
+                        threads: args.threads.map_or(0, usize::from),
+                        ..CpuOptions::new(max)
+                    };
+                    let mut m = CpuForward::with_options(program, &ckpt, &opts).map_err(anyhow::Error::msg)?;
+                    Box::new(move |ids| Ok(m.run_traced(ids).map_err(anyhow::Error::msg)?.1))
                 }
-                c.exit_step.extend(trace.exit_steps);
+                LogitsBackend::PtxEmu => {
+                    let mut m = GpuForward::emulated(program, &ckpt, GpuOptions::new(max))?;
+                    Box::new(move |ids| Ok(m.run_traced(ids)?.1))
+                }
+                _ => cuda_model(program, &ckpt, GpuOptions::new(max))?,
+            };
+            for chunk in &chunks {
+                c.add(&model(chunk)?, steps)?;
             }
         }
     }
@@ -155,10 +148,7 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
             ("logits", Tensor::new(vec![t, v], c.logits.clone())),
             ("hidden_states", Tensor::new(vec![steps, t, h], hidden)),
         ];
-        // Absent when the backend ran a program without the exit gate.
-        if !lambda.iter().any(|l| l.is_nan()) {
-            tensors.push(("exit_lambda", Tensor::new(vec![steps, t], lambda)));
-        }
+        tensors.push(("exit_lambda", Tensor::new(vec![steps, t], lambda)));
         let mut bytes: BTreeMap<&str, (Dtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();
         for (name, tensor) in &tensors {
             bytes.insert(
@@ -199,56 +189,38 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
     Ok(())
 }
 
-/// Every chunk through a GPU Program runner, its traces appended to `c`.
-fn collect_gpu<D: ouroc_runtime::gpu::Device>(
-    mut model: ouroc_runtime::gpu::GpuForward<D>,
-    chunks: &[Vec<u32>],
-    steps: usize,
-    c: &mut Collected,
-) -> Result<()> {
-    for chunk in chunks {
-        let (_, trace) = model.run_traced(chunk)?;
-        c.logits.extend(&trace.logits);
-        for r in 0..steps {
-            c.hidden[r].extend(&trace.step_outputs[r]);
-            // The optimised program drops the exit gate where the policy never reads it.
-            match trace.lambdas.get(r) {
-                Some(l) => c.lambda[r].extend(l),
-                None => c.lambda[r].extend(std::iter::repeat_n(f32::NAN, chunk.len())),
-            }
+impl Collected {
+    /// Append one call's trace; every backend's Program keeps all `steps`
+    /// steps and the exit gate (compiled with `keep_exit_trace`).
+    fn add(&mut self, t: &Trace, steps: usize) -> Result<()> {
+        if t.step_outputs.len() != steps || t.lambdas.len() != steps {
+            bail!(
+                "the backend traced {} steps and {} gates, the model has {steps} steps",
+                t.step_outputs.len(),
+                t.lambdas.len()
+            );
         }
-        c.exit_step.extend(trace.exit_steps);
+        self.logits.extend(&t.logits);
+        for r in 0..steps {
+            self.hidden[r].extend(&t.step_outputs[r]);
+            self.lambda[r].extend(&t.lambdas[r]);
+        }
+        self.exit_step.extend(&t.exit_steps);
+        Ok(())
     }
-    Ok(())
 }
 
+type TraceFn = Box<dyn FnMut(&[u32]) -> Result<Trace>>;
+
 #[cfg(feature = "cuda")]
-fn cuda_logits(
-    program: ouroc_kernels::Program,
-    ckpt: &ouroc_models::Checkpoint,
-    opts: ouroc_runtime::gpu::GpuOptions,
-    chunks: &[Vec<u32>],
-    steps: usize,
-    c: &mut Collected,
-) -> Result<()> {
+fn cuda_model(program: ouroc_kernels::Program, ckpt: &ouroc_models::Checkpoint, opts: GpuOptions) -> Result<TraceFn> {
     let dev = ouroc_runtime::gpu::cuda::CudaDevice::new()?;
-    collect_gpu(
-        ouroc_runtime::gpu::GpuForward::new(program, ckpt, dev, opts)?,
-        chunks,
-        steps,
-        c,
-    )
+    let mut m = GpuForward::new(program, ckpt, dev, opts)?;
+    Ok(Box::new(move |ids| Ok(m.run_traced(ids)?.1)))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_logits(
-    _: ouroc_kernels::Program,
-    _: &ouroc_models::Checkpoint,
-    _: ouroc_runtime::gpu::GpuOptions,
-    _: &[Vec<u32>],
-    _: usize,
-    _: &mut Collected,
-) -> Result<()> {
+fn cuda_model(_: ouroc_kernels::Program, _: &ouroc_models::Checkpoint, _: GpuOptions) -> Result<TraceFn> {
     bail!("{}", super::run::NO_CUDA)
 }
 

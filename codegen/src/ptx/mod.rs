@@ -159,6 +159,7 @@
 
 pub(crate) mod asm;
 mod attention;
+mod kv_copy;
 mod linear;
 mod simple;
 
@@ -169,6 +170,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 pub use attention::{KvSeqDesc, attention_scratch_bytes, decode_splits};
+pub use kv_copy::{KV_COPY_BLOCK, KV_COPY_ENTRY, KV_COPY_PTX};
 pub use linear::GEMM_MIN_TOKENS;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -2,8 +2,9 @@
 //! and the Program executor side by side.
 #![allow(dead_code)]
 
+use ouroc_driver::host::{ExecOptions, Executor};
 use ouroc_ir::{DType, ExitPolicy, Graph, Interpreter, Options};
-use ouroc_kernels::{ExecOptions, Executor, Program};
+use ouroc_kernels::Program;
 use ouroc_models::{BuildOptions, Checkpoint};
 use std::path::PathBuf;
 
@@ -92,6 +93,7 @@ pub fn f32_exec() -> ExecOptions {
     ExecOptions {
         round_low_precision: false,
         exit_skips: false,
+        ..ExecOptions::default()
     }
 }
 

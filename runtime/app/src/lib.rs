@@ -308,8 +308,9 @@ fn run() -> Result<(), String> {
         let dev = CudaDevice::new().map_err(|e| e.to_string())?;
         let mut g = GpuOptions::new(meta.max_positions);
         g.early_exit = !args.no_early_exit;
-        let m = GpuForward::from_encoded(meta.program.clone(), &weights, dev, g).map_err(|e| e.to_string())?;
-        (Box::new(m), "PTX on the CUDA device, KV cache full".to_string())
+        g.kv = kv;
+        let m = GpuForward::from_encoded(meta.program.clone(), weights, dev, g).map_err(|e| e.to_string())?;
+        (Box::new(m), format!("PTX on the CUDA device, KV cache {kv}"))
     } else {
         let opts = CpuOptions {
             early_exit: !args.no_early_exit,

@@ -19,7 +19,7 @@
 //! first raises the function's `MAX_DYNAMIC_SHARED_SIZE_BYTES`.
 //! [`Device::launch_timed`] measures with a pair of CUDA events.
 
-use super::{DevPtr, Device, FuncId, GpuError, KParam, LaunchCfg, ModuleId};
+use super::{DevPtr, FuncId, Gpu, GpuError, KParam, LaunchCfg, ModuleId};
 use cudarc::driver::sys::{CUevent_flags, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, DriverError, result};
 use cudarc::nvrtc::Ptx;
@@ -159,7 +159,7 @@ impl CudaDevice {
     }
 }
 
-impl Device for CudaDevice {
+impl Gpu for CudaDevice {
     fn name(&self) -> String {
         self.name.clone()
     }

@@ -9,7 +9,7 @@
 //! corruption. `Memory` never releases a buffer; [`Device::free`] keeps the
 //! freed buffer for the next allocation of the same size (zeroed again).
 
-use super::{DevPtr, Device, FuncId, GpuError, KParam, LaunchCfg, ModuleId};
+use super::{DevPtr, FuncId, Gpu, GpuError, KParam, LaunchCfg, ModuleId};
 use ouroc_codegen::ptx_emu::{LaunchDims, LaunchStats, Memory, Module, Param};
 use std::collections::HashMap;
 
@@ -45,7 +45,7 @@ fn emu(e: impl std::fmt::Display) -> GpuError {
     GpuError::Device(e.to_string())
 }
 
-impl Device for EmuDevice {
+impl Gpu for EmuDevice {
     fn name(&self) -> String {
         "ptx-emu (the ouroc PTX emulator)".into()
     }

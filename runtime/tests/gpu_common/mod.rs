@@ -6,7 +6,7 @@
 use ouroc_ir::{DType, ExitPolicy};
 use ouroc_kernels::Program;
 use ouroc_models::{BuildOptions, Checkpoint};
-use ouroc_runtime::gpu::{Device, GpuForward, Trace};
+use ouroc_runtime::gpu::{Gpu, GpuForward, Trace};
 use std::path::PathBuf;
 
 /// Every fixture with a golden file.
@@ -86,7 +86,7 @@ pub fn loop_steps(p: &Program) -> usize {
 
 /// A whole prompt through `model` (prefill: one call; decode: one call per
 /// token), the per-call traces concatenated like `ouroc logits` does.
-pub fn trace_all<D: Device>(model: &mut GpuForward<D>, ids: &[u32], decode: bool) -> Trace {
+pub fn trace_all<D: Gpu>(model: &mut GpuForward<D>, ids: &[u32], decode: bool) -> Trace {
     let calls: Vec<&[u32]> = if decode { ids.chunks(1).collect() } else { vec![ids] };
     let mut all: Option<Trace> = None;
     for call in calls {
