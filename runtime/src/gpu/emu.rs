@@ -1,4 +1,4 @@
-//! [`EmuDevice`]: the PTX emulator of `ouroc_codegen::ptx_emu` as a
+//! [`EmuDevice`]: the PTX emulator of `ouroc_ptx_emu` as a
 //! [`Device`], so the whole GPU path (module text, launch records, buffer
 //! plan, KV layout, loop and exit control) runs and is tested on any
 //! machine.
@@ -10,7 +10,7 @@
 //! freed buffer for the next allocation of the same size (zeroed again).
 
 use super::{DevPtr, Device, FuncId, GpuError, KParam, LaunchCfg, ModuleId};
-use ouroc_codegen::ptx_emu::{LaunchDims, LaunchStats, Memory, Module, Param};
+use ouroc_ptx_emu::{LaunchDims, LaunchStats, Memory, Module, Param};
 use std::collections::HashMap;
 
 /// The PTX emulator as a device.

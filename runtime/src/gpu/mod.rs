@@ -10,7 +10,7 @@
 //! parameter values. Two implementations:
 //!
 //! - [`EmuDevice`] (always built): the PTX emulator
-//!   (`ouroc_codegen::ptx_emu`), with bounds-checked buffers and SIMT
+//!   (`ouroc_ptx_emu`), with bounds-checked buffers and SIMT
 //!   semantics; slow, for tests and `ouroc logits --backend ptx-emu`.
 //! - `CudaDevice` (cargo feature `cuda`, module `cuda`): an NVIDIA GPU
 //!   through cudarc's driver API, libcuda loaded at run time.

@@ -1,11 +1,12 @@
-//! An emulator for the subset of PTX that [`crate::ptx`] emits, parsed from
-//! the PTX text, with SIMT semantics (warps of 32 lanes), so kernels can be
-//! checked numerically without a GPU.
+//! ouroc-ptx-emu: an emulator for the subset of PTX that ouroc's sm_80
+//! backend (`ouroc_codegen::ptx`) emits, parsed from the PTX text, with
+//! SIMT semantics (warps of 32 lanes), so kernels can be checked
+//! numerically without a GPU. It depends on no other ouroc crate.
 //!
 //! # API
 //!
 //! ```
-//! use ouroc_codegen::ptx_emu::{LaunchDims, Memory, Module, Param};
+//! use ouroc_ptx_emu::{LaunchDims, Memory, Module, Param};
 //!
 //! let ptx = r#"
 //! .version 8.0
