@@ -142,12 +142,12 @@
 //! block, grid y/z at most 65535, 48 KiB of static and 163 KiB of total
 //! shared memory per block; `.reqntid`/`.maxntid` are checked.
 
+mod decode;
 mod exec;
 mod ir;
 mod lex;
 mod memory;
 mod num;
-mod parse;
 
 pub use memory::Memory;
 pub use num::{bf16_from_f32, bf16_to_f32, f16_from_f32, f16_to_f32};
@@ -267,7 +267,7 @@ pub struct Module {
 impl Module {
     /// Parses and decodes PTX text.
     pub fn parse(text: &str) -> Result<Module, EmuError> {
-        parse::parse_module(text)
+        decode::parse_module(text)
     }
 
     /// Names of the entries, in order.
