@@ -4,9 +4,11 @@
 
 use std::collections::VecDeque;
 
-use super::ir::*;
-use super::num::{self, Round, canon32, canon64, ftz32};
-use super::{CONST_WINDOW, EmuError, Kernel, LaunchDims, LaunchStats, Memory, SHARED_WINDOW};
+use crate::ir::*;
+use crate::module::Kernel;
+use crate::num::{self, Round, canon32, canon64, ftz32, mask, sext};
+use crate::ty::Ty;
+use crate::{CONST_WINDOW, EmuError, LaunchDims, LaunchStats, Memory, SHARED_WINDOW};
 
 /// Bytes fresh shared memory is filled with: 0xff makes any f32/bf16 read of
 /// unwritten shared memory a NaN.
@@ -57,19 +59,6 @@ pub(crate) struct Ctx<'a> {
     pub consts: &'a [u8],
     pub ctaid: [u32; 3],
     pub nwarps: u32,
-}
-
-fn mask(bits: u32) -> u64 {
-    if bits >= 64 { u64::MAX } else { (1u64 << bits) - 1 }
-}
-
-fn sext(v: u64, bits: u32) -> i64 {
-    if bits >= 64 {
-        v as i64
-    } else {
-        let s = 64 - bits;
-        ((v << s) as i64) >> s
-    }
 }
 
 /// The value of `v` read as type `ty`, as an exact integer.
