@@ -999,13 +999,13 @@ impl Decoder<'_> {
                 src_size = Some(s);
             }
         }
-        Ok(Op::CpAsync {
+        Ok(Op::CpAsync(CpAsync {
             dst: self.addr(&ops[0], Space::Shared)?,
             src: self.addr(&ops[1], Space::Global)?,
             size,
             src_size,
             ignore,
-        })
+        }))
     }
 
     fn mma(&self, m: &mut Mods, ops: &[Operand]) -> DResult<Op> {

@@ -406,13 +406,7 @@ pub(crate) enum Op {
         mask: Src,
     },
     Nop,
-    CpAsync {
-        dst: Addr,
-        src: Addr,
-        size: u32,
-        src_size: Option<Src>,
-        ignore: Option<PredSrc>,
-    },
+    CpAsync(CpAsync),
     CpCommit,
     CpWait {
         n: u32,
@@ -442,6 +436,17 @@ pub(crate) enum Op {
         b: Src,
         c: Option<Src>,
     },
+}
+
+/// `cp.async` of `size` bytes; `src_size` bytes are read (the rest is
+/// zero), none when `ignore` holds.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct CpAsync {
+    pub dst: Addr,
+    pub src: Addr,
+    pub size: u32,
+    pub src_size: Option<Src>,
+    pub ignore: Option<PredSrc>,
 }
 
 /// One instruction with its guard and where it came from.

@@ -18,7 +18,10 @@
 //! | `operand.rs` | operands -> registers, immediates, addresses, with the ISA's type rules |
 //! | `ty.rs`, `ir.rs` | PTX types; the decoded instruction set |
 //! | `module.rs` | [`Module`]: launch limits, parameter marshalling, the grid loop |
-//! | `exec.rs` | the SIMT executor: warps, barriers, instruction semantics |
+//! | `sched.rs` | the warp scheduler: per-lane PCs, reconvergence, barriers, deadlocks, `cp.async` groups |
+//! | `exec.rs` | instruction semantics on a warp's lanes |
+//! | `alu.rs` | per-lane integer/float arithmetic, comparisons, `cvt` |
+//! | `space.rs` | state-space addressing (generic windows, bounds checks) |
 //! | `memory.rs` | [`Memory`]: global memory buffers |
 //! | `num.rs` | f16/bf16 and correctly rounded conversions |
 //! | `error.rs` | [`EmuError`] |
@@ -162,6 +165,7 @@
 //! block, grid y/z at most 65535, 48 KiB of static and 163 KiB of total
 //! shared memory per block; `.reqntid`/`.maxntid` are checked.
 
+mod alu;
 mod ast;
 mod decode;
 mod error;
@@ -174,6 +178,8 @@ mod module;
 mod num;
 mod operand;
 mod parse;
+mod sched;
+mod space;
 mod ty;
 
 pub use error::EmuError;

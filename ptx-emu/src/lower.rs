@@ -117,21 +117,15 @@ pub(crate) fn lower_module(syntax: SyntaxModule) -> Result<Module, EmuError> {
 
 /// Places a `.const` variable and writes its initialisers.
 fn const_decl(g: &mut Globals, c: ConstDecl) -> Result<(), EmuError> {
-    let ConstDecl {
-        name,
-        ty,
-        align,
-        count,
-        values,
-        line,
-    } = c;
+    let (name, ty, count, line) = (c.name, c.ty, c.count, c.line);
+    let values = c.values;
     if values.len() as u64 > count {
         return Err(perr(
             line,
             format!("`{name}` has {} initialisers for {count} elements", values.len()),
         ));
     }
-    let align = align.unwrap_or(u64::from(ty.bytes()));
+    let align = c.align.unwrap_or(u64::from(ty.bytes()));
     let offset = align_up(g.const_data.len() as u64, align);
     let size = count * u64::from(ty.bytes());
     if offset + size > MAX_CONST as u64 {

@@ -2,8 +2,9 @@
 //! parameters marshalled into the `.param` bytes, and the grid run CTA by
 //! CTA on the scheduler.
 
-use crate::exec::{Cta, Ctx};
+use crate::exec::Ctx;
 use crate::ir::Inst;
+use crate::sched::Cta;
 use crate::{EmuError, MAX_SHARED, MAX_STATIC_SHARED, Memory};
 
 /// A kernel parameter value.

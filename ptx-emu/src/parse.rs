@@ -475,19 +475,7 @@ impl Parser<'_> {
     fn operand(&mut self) -> Result<Operand, EmuError> {
         let line = self.line();
         match self.next()? {
-            Tok::Punct('{') => {
-                let mut v = Vec::new();
-                if !self.eat_punct('}') {
-                    loop {
-                        v.push(self.operand()?);
-                        if self.eat_punct('}') {
-                            break;
-                        }
-                        self.expect_punct(',')?;
-                    }
-                }
-                Ok(Operand::Vec(v))
-            }
+            Tok::Punct('{') => Ok(Operand::Vec(self.operands_until('}')?)),
             Tok::Punct('[') => {
                 let base = match self.peek().cloned() {
                     Some(Tok::Ident(s)) => {
@@ -523,17 +511,23 @@ impl Parser<'_> {
         }
     }
 
-    fn instruction(&mut self, guard: Option<(String, bool)>, opcode: String, line: u32) -> Result<Stmt, EmuError> {
-        let mut operands = Vec::new();
-        if !self.eat_punct(';') {
+    /// Operands separated by `,` up to `close` (possibly none).
+    fn operands_until(&mut self, close: char) -> Result<Vec<Operand>, EmuError> {
+        let mut v = Vec::new();
+        if !self.eat_punct(close) {
             loop {
-                operands.push(self.operand()?);
-                if self.eat_punct(';') {
+                v.push(self.operand()?);
+                if self.eat_punct(close) {
                     break;
                 }
                 self.expect_punct(',')?;
             }
         }
+        Ok(v)
+    }
+
+    fn instruction(&mut self, guard: Option<(String, bool)>, opcode: String, line: u32) -> Result<Stmt, EmuError> {
+        let operands = self.operands_until(';')?;
         let text = self
             .lines
             .get(line as usize - 1)
