@@ -9,9 +9,6 @@
 //!
 //! - [`ptx`]: PTX text for sm_80 (A100), one emitter per family, with the
 //!   launch configuration of each entry ([`ptx::KernelAbi`]);
-//! - [`ptx_emu`]: an emulator of the PTX subset [`ptx`] emits, parsed from
-//!   the text, with warp-level SIMT semantics, so tests check kernels
-//!   numerically without a GPU.
 //!
 //! - `mlir` (feature `mlir`): the graph IR as an MLIR module (func, scf,
 //!   linalg, tensor, arith, math) built through melior and verified by MLIR.
@@ -21,4 +18,3 @@ pub mod cpu;
 #[cfg(feature = "mlir")]
 pub mod mlir;
 pub mod ptx;
-pub mod ptx_emu;

@@ -1,5 +1,5 @@
 //! Every PTX kernel family of `ouroc_codegen::ptx`, emitted, parsed from
-//! its text and run on the PTX emulator (`ouroc_codegen::ptx_emu`) at
+//! its text and run on the PTX emulator (`ouroc_ptx_emu`) at
 //! small shapes, against the reference (`ouroc_kernels::exec`, or its
 //! loops where they are private, as codegen/tests/cpu_families.rs does),
 //! in f32 and bf16: Linear (GEMV entry, every weight dtype, bias, odd
@@ -37,12 +37,12 @@
 //!   rounding point) changes about half of them.
 
 use ouroc_codegen::ptx::{self, KvSeqDesc, ParamDesc, ParamRole, PtxKernel};
-use ouroc_codegen::ptx_emu::{LaunchDims, Memory, Module, Param};
 use ouroc_ir::DType;
 use ouroc_kernels::spec::{
     AttentionSpec, ElementwiseSpec, Family, GatherSpec, LinearSpec, RopeSpec, RopeTableSpec, RowReduceSpec, Trig,
 };
 use ouroc_kernels::{Expr, KernelSpec, NormWeight};
+use ouroc_ptx_emu::{LaunchDims, Memory, Module, Param};
 
 /// Deterministic uniform values in [-1, 1).
 struct Rng(u64);

@@ -1,16 +1,16 @@
-//! [`EmuDevice`]: the PTX emulator of `ouroc_codegen::ptx_emu` as a
-//! [`Device`], so the whole GPU path (module text, launch records, buffer
+//! [`EmuDevice`]: the PTX emulator of `ouroc_ptx_emu` as a
+//! [`Gpu`], so the whole GPU path (module text, launch records, buffer
 //! plan, KV layout, loop and exit control) runs and is tested on any
 //! machine.
 //!
 //! Memory is the emulator's [`Memory`]: every allocation a separate,
 //! bounds-checked buffer, so an out-of-bounds access of a kernel is an
 //! error naming the kernel, thread and address instead of silent
-//! corruption. `Memory` never releases a buffer; [`Device::free`] keeps the
+//! corruption. `Memory` never releases a buffer; [`Gpu::free`] keeps the
 //! freed buffer for the next allocation of the same size (zeroed again).
 
 use super::{DevPtr, FuncId, Gpu, GpuError, KParam, LaunchCfg, ModuleId};
-use ouroc_codegen::ptx_emu::{LaunchDims, LaunchStats, Memory, Module, Param};
+use ouroc_ptx_emu::{LaunchDims, LaunchStats, Memory, Module, Param};
 use std::collections::HashMap;
 
 /// The PTX emulator as a device.

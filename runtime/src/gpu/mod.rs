@@ -12,9 +12,9 @@
 //! launching it with a grid, a 1-D block, dynamic shared memory and the
 //! parameter values. Two implementations:
 //!
-//! - [`EmuDevice`] (always built): the PTX emulator, with bounds-checked
-//!   buffers and SIMT semantics; slow, for tests and `ouroc logits
-//!   --backend ptx-emu`.
+//! - [`EmuDevice`] (always built): the PTX emulator
+//!   (`ouroc_ptx_emu`), with bounds-checked buffers and SIMT
+//!   semantics; slow, for tests and `ouroc logits --backend ptx-emu`.
 //! - `CudaDevice` (cargo feature `cuda`, module `cuda`): an NVIDIA GPU
 //!   through cudarc's driver API, libcuda loaded at run time.
 //!   `CudaDevice::new` returns [`GpuError::NoDevice`] ("no CUDA driver

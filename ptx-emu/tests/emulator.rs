@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use ouroc_codegen::ptx_emu::{EmuError, LaunchDims, Memory, Module, Param, bf16_from_f32, bf16_to_f32};
+use ouroc_ptx_emu::{EmuError, LaunchDims, Memory, Module, Param, bf16_from_f32, bf16_to_f32};
 
 const HEADER: &str = ".version 8.0\n.target sm_80\n.address_size 64\n";
 
@@ -1508,7 +1508,7 @@ fn mma_fragment_layouts_follow_the_isa_formulas() {
         let m = module(&text);
         let mut rng = Rng(0x5eed + k as u64 + u64::from(f16_in) * 7 + u64::from(f16_acc) * 13);
         let (to16, from16): Conv16 = if f16_in {
-            (ouroc_codegen::ptx_emu::f16_from_f32, ouroc_codegen::ptx_emu::f16_to_f32)
+            (ouroc_ptx_emu::f16_from_f32, ouroc_ptx_emu::f16_to_f32)
         } else {
             (bf16_from_f32, bf16_to_f32)
         };

@@ -227,6 +227,23 @@ pub(crate) fn float_to_int(x: f64, mode: Round, lo: i128, hi: i128) -> i128 {
     }
 }
 
+/// The low `bits` bits set.
+#[inline]
+pub(crate) fn mask(bits: u32) -> u64 {
+    if bits >= 64 { u64::MAX } else { (1u64 << bits) - 1 }
+}
+
+/// The low `bits` bits of `v` sign-extended.
+#[inline]
+pub(crate) fn sext(v: u64, bits: u32) -> i64 {
+    if bits >= 64 {
+        v as i64
+    } else {
+        let s = 64 - bits;
+        ((v << s) as i64) >> s
+    }
+}
+
 /// Flushes an f32 subnormal to a zero of the same sign (`.ftz`).
 #[inline]
 pub(crate) fn ftz32(x: f32) -> f32 {

@@ -1,147 +1,13 @@
-//! PTX text -> [`Module`]: directives, entry signatures, register and shared
-//! declarations, labels, and instructions decoded into [`Op`]s with every
-//! modifier checked (anything unknown is an error naming the line).
+//! Instruction decoding: an opcode with its dotted modifiers and operands
+//! -> the executable [`Op`], with every modifier consumed and checked
+//! (anything unknown is an error) and operand types checked against the
+//! instruction type.
 
-use std::collections::HashMap;
-
-use super::ir::*;
-use super::lex::{Tok, Token, lex};
-use super::num::{self, Round};
-use super::{CONST_WINDOW, EmuError, Kernel, MAX_CONST, Module, ParamDecl, SHARED_WINDOW};
-
-/// A literal as written.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Lit {
-    Int(i128),
-    F32(u32),
-    F64(u64),
-    Dec(f64),
-}
-
-/// An operand before decoding.
-#[derive(Debug, Clone, PartialEq)]
-enum Raw {
-    /// A name with an optional `+imm` (`smem+16`).
-    Name(String, i64),
-    /// `!%p`
-    Not(String),
-    Lit(Lit),
-    Vec(Vec<Raw>),
-    /// `[base+off]`; base is a name or absent (absolute address).
-    Addr(Option<String>, i64),
-    /// `%r|%p`
-    Pipe(String, String),
-    Sink,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum RegRef {
-    R(u32, Ty),
-    P(u32),
-}
-
-fn perr(line: u32, msg: impl Into<String>) -> EmuError {
-    EmuError::Parse { line, msg: msg.into() }
-}
-
-fn parse_lit(s: &str, line: u32) -> Result<Lit, EmuError> {
-    let bad = || perr(line, format!("bad number `{s}`"));
-    let t = s.strip_suffix('U').unwrap_or(s);
-    let lower = t.to_ascii_lowercase();
-    if let Some(h) = lower.strip_prefix("0f") {
-        if h.len() != 8 {
-            return Err(bad());
-        }
-        return u32::from_str_radix(h, 16).map(Lit::F32).map_err(|_| bad());
-    }
-    if let Some(h) = lower.strip_prefix("0d") {
-        if h.len() != 16 {
-            return Err(bad());
-        }
-        return u64::from_str_radix(h, 16).map(Lit::F64).map_err(|_| bad());
-    }
-    if let Some(h) = lower.strip_prefix("0x") {
-        return u64::from_str_radix(h, 16)
-            .map(|v| Lit::Int(i128::from(v)))
-            .map_err(|_| bad());
-    }
-    if let Some(h) = lower.strip_prefix("0b") {
-        return u64::from_str_radix(h, 2)
-            .map(|v| Lit::Int(i128::from(v)))
-            .map_err(|_| bad());
-    }
-    if lower.contains('.') || lower.contains('e') {
-        return lower.parse::<f64>().map(Lit::Dec).map_err(|_| bad());
-    }
-    if lower.len() > 1 && lower.starts_with('0') {
-        return u64::from_str_radix(&lower[1..], 8)
-            .map(|v| Lit::Int(i128::from(v)))
-            .map_err(|_| bad());
-    }
-    lower.parse::<u64>().map(|v| Lit::Int(i128::from(v))).map_err(|_| bad())
-}
-
-fn neg_lit(l: Lit) -> Lit {
-    match l {
-        Lit::Int(v) => Lit::Int(-v),
-        Lit::F32(b) => Lit::F32(b ^ 0x8000_0000),
-        Lit::F64(b) => Lit::F64(b ^ (1 << 63)),
-        Lit::Dec(f) => Lit::Dec(-f),
-    }
-}
-
-fn mask(bits: u32) -> u64 {
-    if bits >= 64 { u64::MAX } else { (1u64 << bits) - 1 }
-}
-
-/// The bits of literal `l` as an operand of type `ty`.
-fn lit_bits(l: Lit, ty: Ty) -> Result<u64, String> {
-    Ok(match ty {
-        Ty::F32 => match l {
-            Lit::Int(v) => u64::from((v as f64 as f32).to_bits()),
-            Lit::F32(b) => u64::from(b),
-            Lit::F64(b) => num::f64_to_format(f64::from_bits(b), num::F32, Round::Nearest),
-            Lit::Dec(f) => num::f64_to_format(f, num::F32, Round::Nearest),
-        },
-        Ty::F64 => match l {
-            Lit::Int(v) => (v as f64).to_bits(),
-            Lit::F32(b) => f64::from(f32::from_bits(b)).to_bits(),
-            Lit::F64(b) => b,
-            Lit::Dec(f) => f.to_bits(),
-        },
-        Ty::F16 | Ty::Bf16 => {
-            let fmt = if ty == Ty::F16 { num::F16 } else { num::BF16 };
-            match l {
-                Lit::Int(v) => (v as u64) & 0xffff,
-                Lit::F32(b) => num::f64_to_format(f64::from(f32::from_bits(b)), fmt, Round::Nearest),
-                Lit::F64(b) => num::f64_to_format(f64::from_bits(b), fmt, Round::Nearest),
-                Lit::Dec(f) => num::f64_to_format(f, fmt, Round::Nearest),
-            }
-        }
-        Ty::Pred => match l {
-            Lit::Int(v) => u64::from(v != 0),
-            _ => return Err("a predicate constant must be 0 or 1".into()),
-        },
-        _ => match l {
-            Lit::Int(v) => (v as u64) & mask(ty.bits()),
-            Lit::F32(b) if ty.bits() == 32 && ty.is_bit() => u64::from(b),
-            Lit::F64(b) if ty.bits() == 64 && ty.is_bit() => b,
-            _ => return Err(format!("a float literal is not a .{} operand", ty.name())),
-        },
-    })
-}
-
-/// PTX operand type compatibility (section "Operand Type Information"): same
-/// size, and bit types match anything, integers match integers.
-fn compatible(reg: Ty, inst: Ty) -> bool {
-    reg.bits() == inst.bits() && (reg == inst || reg.is_bit() || inst.is_bit() || (reg.is_int() && inst.is_int()))
-}
-
-/// The relaxed rule of ld/st/cvt data operands: a register wider than the
-/// instruction type (integer and bit types).
-fn relaxed(reg: Ty, inst: Ty) -> bool {
-    compatible(reg, inst) || (reg.bits() > inst.bits() && !inst.is_float() && !reg.is_float())
-}
+use crate::ast::{Lit, Operand};
+use crate::ir::*;
+use crate::lower::{Func, Globals, RegRef};
+use crate::num::Round;
+use crate::ty::Ty;
 
 /// Modifiers of one opcode, consumed by the decoder; leftovers are errors.
 struct Mods {
@@ -190,654 +56,15 @@ impl Mods {
     }
 }
 
-/// A variable in `.shared`: its offset in the CTA's shared window.
-#[derive(Debug, Clone, Copy)]
-struct SharedVar {
-    offset: u64,
+/// Decodes instructions against the names in scope.
+pub(crate) struct Decoder<'a> {
+    pub f: &'a Func,
+    pub g: &'a Globals,
 }
 
-struct Parser<'a> {
-    toks: Vec<Token>,
-    pos: usize,
-    lines: Vec<&'a str>,
-    /// module-level `.shared` variables
-    shared: HashMap<String, SharedVar>,
-    shared_size: u64,
-    /// module-level `.extern .shared` names and the largest alignment
-    dyn_shared: Vec<String>,
-    dyn_align: u64,
-    /// module-level `.const` variables: offsets into `const_data`
-    consts: HashMap<String, u64>,
-    const_data: Vec<u8>,
-}
+pub(crate) type DResult<T> = Result<T, String>;
 
-/// Per-function decoding state.
-struct Func {
-    scopes: Vec<HashMap<String, RegRef>>,
-    reg_bits: Vec<u32>,
-    npreds: u32,
-    labels: HashMap<String, u32>,
-    fixups: Vec<(usize, String, u32)>,
-    shared: HashMap<String, SharedVar>,
-    shared_size: u64,
-    dyn_shared: Vec<String>,
-    dyn_align: u64,
-    params: HashMap<String, (u64, ParamDecl)>,
-    insts: Vec<Inst>,
-}
-
-fn align_up(v: u64, a: u64) -> u64 {
-    v.div_ceil(a.max(1)) * a.max(1)
-}
-
-impl<'a> Parser<'a> {
-    fn peek(&self) -> Option<&Tok> {
-        self.toks.get(self.pos).map(|t| &t.tok)
-    }
-    fn peek_at(&self, k: usize) -> Option<&Tok> {
-        self.toks.get(self.pos + k).map(|t| &t.tok)
-    }
-    fn line(&self) -> u32 {
-        self.toks.get(self.pos).or(self.toks.last()).map_or(0, |t| t.line)
-    }
-    fn next(&mut self) -> Result<Tok, EmuError> {
-        let t = self
-            .toks
-            .get(self.pos)
-            .ok_or_else(|| perr(self.line(), "unexpected end of input"))?;
-        self.pos += 1;
-        Ok(t.tok.clone())
-    }
-    fn is_punct(&self, c: char) -> bool {
-        self.peek() == Some(&Tok::Punct(c))
-    }
-    fn eat_punct(&mut self, c: char) -> bool {
-        if self.is_punct(c) {
-            self.pos += 1;
-            true
-        } else {
-            false
-        }
-    }
-    fn expect_punct(&mut self, c: char) -> Result<(), EmuError> {
-        if self.eat_punct(c) {
-            Ok(())
-        } else {
-            Err(perr(self.line(), format!("expected `{c}`, found {:?}", self.peek())))
-        }
-    }
-    fn ident(&mut self) -> Result<String, EmuError> {
-        let line = self.line();
-        match self.next()? {
-            Tok::Ident(s) => Ok(s),
-            t => Err(perr(line, format!("expected an identifier, found {t:?}"))),
-        }
-    }
-    fn number(&mut self) -> Result<i128, EmuError> {
-        let line = self.line();
-        let neg = self.eat_punct('-');
-        match self.next()? {
-            Tok::Num(s) => match parse_lit(&s, line)? {
-                Lit::Int(v) => Ok(if neg { -v } else { v }),
-                _ => Err(perr(line, format!("expected an integer, found `{s}`"))),
-            },
-            t => Err(perr(line, format!("expected a number, found {t:?}"))),
-        }
-    }
-    /// Skips every remaining token on the current line (`.loc`, `.file`).
-    fn skip_line(&mut self, line: u32) {
-        while self.toks.get(self.pos).is_some_and(|t| t.line == line) {
-            self.pos += 1;
-        }
-    }
-
-    fn module(mut self) -> Result<Module, EmuError> {
-        let mut m = Module {
-            const_data: Vec::new(),
-            version: None,
-            target: Vec::new(),
-            address_size: None,
-            kernels: Vec::new(),
-            step_limit: 1 << 32,
-        };
-        while let Some(tok) = self.peek().cloned() {
-            let line = self.line();
-            let Tok::Ident(d) = tok else {
-                return Err(perr(line, format!("unexpected {tok:?} at module scope")));
-            };
-            self.pos += 1;
-            match d.as_str() {
-                ".version" => match self.next()? {
-                    Tok::Num(v) => m.version = Some(v),
-                    t => return Err(perr(line, format!("bad .version {t:?}"))),
-                },
-                ".target" => loop {
-                    m.target.push(self.ident()?);
-                    if !self.eat_punct(',') {
-                        break;
-                    }
-                },
-                ".address_size" => {
-                    let n = self.number()?;
-                    if n != 64 {
-                        return Err(perr(line, ".address_size must be 64"));
-                    }
-                    m.address_size = Some(64);
-                }
-                ".visible" | ".weak" => {}
-                ".entry" => m.kernels.push(self.entry()?),
-                ".extern" => {
-                    let next = self.ident()?;
-                    if next != ".shared" {
-                        return Err(perr(line, format!("unsupported `.extern {next}`")));
-                    }
-                    let (name, align, _) = self.var_decl(true)?;
-                    self.dyn_shared.push(name);
-                    self.dyn_align = self.dyn_align.max(align);
-                }
-                ".shared" => {
-                    let (name, align, size) = self.var_decl(false)?;
-                    let offset = align_up(self.shared_size, align);
-                    self.shared_size = offset + size;
-                    self.shared.insert(name, SharedVar { offset });
-                }
-                ".const" => self.const_decl()?,
-                ".file" | ".loc" => self.skip_line(line),
-                ".pragma" => {
-                    self.next()?;
-                    self.expect_punct(';')?;
-                }
-                ".func" => {
-                    return Err(perr(
-                        line,
-                        "unsupported directive .func (device functions are not emulated)",
-                    ));
-                }
-                other => return Err(perr(line, format!("unsupported directive `{other}` at module scope"))),
-            }
-        }
-        m.const_data = std::mem::take(&mut self.const_data);
-        Ok(m)
-    }
-
-    /// `[.align N] .type name[dims] [= init];` after `.const`; initialisers
-    /// are a literal or a (nested) brace list of literals.
-    fn const_decl(&mut self) -> Result<(), EmuError> {
-        let line = self.line();
-        let mut align = None;
-        let mut ty = None;
-        let name = loop {
-            let t = self.ident()?;
-            match t.as_str() {
-                ".align" => align = Some(self.number()? as u64),
-                _ if t.starts_with('.') => {
-                    ty = Some(Ty::parse(&t[1..]).ok_or_else(|| perr(line, format!("unsupported .const type `{t}`")))?);
-                }
-                _ => break t,
-            }
-        };
-        let ty = ty.ok_or_else(|| perr(line, format!("`{name}` has no type")))?;
-        if ty == Ty::Pred {
-            return Err(perr(line, "a .const variable cannot be .pred"));
-        }
-        let mut count = 1u64;
-        while self.eat_punct('[') {
-            count *= self.number()? as u64;
-            self.expect_punct(']')?;
-        }
-        let mut values = Vec::new();
-        if self.eat_punct('=') {
-            let mut depth = 0;
-            loop {
-                let l = self.line();
-                match self.next()? {
-                    Tok::Punct('{') => depth += 1,
-                    Tok::Punct('}') => depth -= 1,
-                    Tok::Punct(',') => {}
-                    Tok::Punct('-') => match self.next()? {
-                        Tok::Num(n) => values.push(neg_lit(parse_lit(&n, l)?)),
-                        t => return Err(perr(l, format!("expected a number after `-`, found {t:?}"))),
-                    },
-                    Tok::Num(n) => values.push(parse_lit(&n, l)?),
-                    t => return Err(perr(l, format!("unexpected {t:?} in the initialiser of `{name}`"))),
-                }
-                if depth == 0 {
-                    break;
-                }
-            }
-        }
-        self.expect_punct(';')?;
-        if values.len() as u64 > count {
-            return Err(perr(
-                line,
-                format!("`{name}` has {} initialisers for {count} elements", values.len()),
-            ));
-        }
-        let align = align.unwrap_or(u64::from(ty.bytes()));
-        let offset = align_up(self.const_data.len() as u64, align);
-        let size = count * u64::from(ty.bytes());
-        if offset + size > MAX_CONST as u64 {
-            return Err(perr(line, format!("`{name}`: .const data exceeds {MAX_CONST} bytes")));
-        }
-        self.const_data.resize((offset + size) as usize, 0);
-        let n = ty.bytes() as usize;
-        for (i, v) in values.into_iter().enumerate() {
-            let bits = lit_bits(v, ty).map_err(|e| perr(line, format!("`{name}`: {e}")))?;
-            let at = offset as usize + i * n;
-            self.const_data[at..at + n].copy_from_slice(&bits.to_le_bytes()[..n]);
-        }
-        if self.consts.insert(name.clone(), offset).is_some() || self.shared.contains_key(&name) {
-            return Err(perr(line, format!("`{name}` is declared twice")));
-        }
-        Ok(())
-    }
-
-    /// `[.align N] .type name[dims]...;` after `.shared`; returns name,
-    /// alignment and size (0 for `[]`, which only `.extern` may use).
-    fn var_decl(&mut self, is_extern: bool) -> Result<(String, u64, u64), EmuError> {
-        let line = self.line();
-        let mut align = None;
-        let mut ty = None;
-        let name = loop {
-            let t = self.ident()?;
-            match t.as_str() {
-                ".align" => align = Some(self.number()? as u64),
-                _ if t.starts_with('.') => {
-                    ty =
-                        Some(Ty::parse(&t[1..]).ok_or_else(|| perr(line, format!("unsupported variable type `{t}`")))?);
-                }
-                _ => break t,
-            }
-        };
-        let ty = ty.ok_or_else(|| perr(line, format!("variable `{name}` has no type")))?;
-        let mut count = 1u64;
-        let mut unsized_array = false;
-        while self.eat_punct('[') {
-            if self.eat_punct(']') {
-                unsized_array = true;
-                continue;
-            }
-            count *= self.number()? as u64;
-            self.expect_punct(']')?;
-        }
-        if self.is_punct('=') {
-            return Err(perr(line, "initialisers are not allowed on .shared variables"));
-        }
-        self.expect_punct(';')?;
-        if unsized_array != is_extern {
-            return Err(perr(
-                line,
-                format!("`{name}`: only .extern .shared arrays may be unsized (and they must be)"),
-            ));
-        }
-        let align = align.unwrap_or(u64::from(ty.bytes()));
-        if !align.is_power_of_two() {
-            return Err(perr(line, format!("`{name}`: alignment {align} is not a power of two")));
-        }
-        Ok((name, align, count * u64::from(ty.bytes())))
-    }
-
-    fn entry(&mut self) -> Result<Kernel, EmuError> {
-        let name = self.ident()?;
-        let mut f = Func {
-            scopes: vec![HashMap::new()],
-            reg_bits: Vec::new(),
-            npreds: 0,
-            labels: HashMap::new(),
-            fixups: Vec::new(),
-            shared: HashMap::new(),
-            shared_size: self.shared_size,
-            dyn_shared: Vec::new(),
-            dyn_align: self.dyn_align,
-            params: HashMap::new(),
-            insts: Vec::new(),
-        };
-        let mut params = Vec::new();
-        let mut param_bytes = 0u64;
-        self.expect_punct('(')?;
-        if !self.eat_punct(')') {
-            loop {
-                let line = self.line();
-                let kw = self.ident()?;
-                if kw != ".param" {
-                    return Err(perr(line, format!("expected .param, found `{kw}`")));
-                }
-                let mut align = None;
-                let mut ty = None;
-                let pname = loop {
-                    let t = self.ident()?;
-                    match t.as_str() {
-                        ".align" => align = Some(self.number()? as u64),
-                        ".ptr" | ".global" | ".shared" | ".const" | ".local" => {}
-                        _ if t.starts_with('.') => {
-                            ty = Some(Ty::parse(&t[1..]).ok_or_else(|| perr(line, format!("bad param type `{t}`")))?);
-                        }
-                        _ => break t,
-                    }
-                };
-                let ty = ty.ok_or_else(|| perr(line, format!("param `{pname}` has no type")))?;
-                let mut count = 1u64;
-                while self.eat_punct('[') {
-                    count *= self.number()? as u64;
-                    self.expect_punct(']')?;
-                }
-                let size = count * u64::from(ty.bytes());
-                let align = align.unwrap_or(u64::from(ty.bytes()));
-                let offset = align_up(param_bytes, align);
-                param_bytes = offset + size;
-                let decl = ParamDecl {
-                    name: pname.clone(),
-                    ty_name: ty.name(),
-                    size: size as usize,
-                    offset: offset as usize,
-                    array: count > 1 || ty == Ty::B8,
-                };
-                f.params.insert(pname, (offset, decl.clone()));
-                params.push(decl);
-                if self.eat_punct(')') {
-                    break;
-                }
-                self.expect_punct(',')?;
-            }
-        }
-        let mut reqntid = None;
-        let mut maxntid = None;
-        loop {
-            let line = self.line();
-            match self.peek() {
-                Some(Tok::Punct('{')) => break,
-                Some(Tok::Ident(d)) => {
-                    let d = d.clone();
-                    self.pos += 1;
-                    match d.as_str() {
-                        ".maxntid" | ".reqntid" => {
-                            let mut dims = [1u32; 3];
-                            for (i, slot) in dims.iter_mut().enumerate() {
-                                if i > 0 && !self.eat_punct(',') {
-                                    break;
-                                }
-                                *slot = self.number()? as u32;
-                            }
-                            if d == ".reqntid" {
-                                reqntid = Some(dims);
-                            } else {
-                                maxntid = Some(dims);
-                            }
-                        }
-                        ".minnctapersm" | ".maxnreg" | ".maxnctapersm" => {
-                            self.number()?;
-                        }
-                        ".noreturn" => {}
-                        _ => return Err(perr(line, format!("unsupported entry directive `{d}`"))),
-                    }
-                }
-                other => return Err(perr(line, format!("expected the body of `{name}`, found {other:?}"))),
-            }
-        }
-        self.expect_punct('{')?;
-        self.body(&mut f)?;
-        for (idx, label, line) in std::mem::take(&mut f.fixups) {
-            let target = *f
-                .labels
-                .get(&label)
-                .ok_or_else(|| perr(line, format!("undefined label `{label}`")))?;
-            if let Op::Bra { target: t, .. } = &mut f.insts[idx].op {
-                *t = target;
-            }
-        }
-        let dyn_align = f.dyn_align.max(16);
-        Ok(Kernel {
-            name,
-            params,
-            param_bytes: param_bytes as usize,
-            insts: f.insts,
-            reg_bits: f.reg_bits,
-            npreds: f.npreds as usize,
-            static_shared: f.shared_size as usize,
-            dyn_shared_offset: align_up(f.shared_size, dyn_align) as usize,
-            reqntid,
-            maxntid,
-        })
-    }
-
-    fn body(&mut self, f: &mut Func) -> Result<(), EmuError> {
-        loop {
-            let line = self.line();
-            let Some(tok) = self.peek().cloned() else {
-                return Err(perr(line, "unterminated function body"));
-            };
-            match tok {
-                Tok::Punct('}') => {
-                    self.pos += 1;
-                    if f.scopes.len() == 1 {
-                        return Ok(());
-                    }
-                    f.scopes.pop();
-                }
-                Tok::Punct('{') => {
-                    self.pos += 1;
-                    f.scopes.push(HashMap::new());
-                }
-                Tok::Punct('@') => {
-                    self.pos += 1;
-                    let neg = self.eat_punct('!');
-                    let pname = self.ident()?;
-                    let idx = match lookup(f, &pname) {
-                        Some(RegRef::P(i)) => i,
-                        _ => return Err(perr(line, format!("guard `{pname}` is not a declared predicate"))),
-                    };
-                    let op = self.ident()?;
-                    self.instruction(f, Some(PredSrc { idx, neg }), op, line)?;
-                }
-                Tok::Ident(s) if self.peek_at(1) == Some(&Tok::Punct(':')) && !s.starts_with('.') => {
-                    self.pos += 2;
-                    if f.labels.insert(s.clone(), f.insts.len() as u32).is_some() {
-                        return Err(perr(line, format!("duplicate label `{s}`")));
-                    }
-                }
-                Tok::Ident(s) if s.starts_with('.') => {
-                    self.pos += 1;
-                    self.body_directive(f, &s, line)?;
-                }
-                Tok::Ident(s) => {
-                    self.pos += 1;
-                    self.instruction(f, None, s, line)?;
-                }
-                other => return Err(perr(line, format!("unexpected {other:?}"))),
-            }
-        }
-    }
-
-    fn body_directive(&mut self, f: &mut Func, d: &str, line: u32) -> Result<(), EmuError> {
-        match d {
-            ".reg" => {
-                let mut ty = None;
-                loop {
-                    match self.peek() {
-                        Some(Tok::Ident(t)) if t.starts_with('.') => {
-                            let t = t.clone();
-                            self.pos += 1;
-                            if t.starts_with(".v") && t.len() == 3 {
-                                return Err(perr(line, "vector registers (.reg .vN) are not supported"));
-                            }
-                            ty =
-                                Some(Ty::parse(&t[1..]).ok_or_else(|| perr(line, format!("bad register type `{t}`")))?);
-                        }
-                        _ => break,
-                    }
-                }
-                let ty = ty.ok_or_else(|| perr(line, ".reg without a type"))?;
-                loop {
-                    let name = self.ident()?;
-                    if self.eat_punct('<') {
-                        let n = self.number()?;
-                        self.expect_punct('>')?;
-                        for i in 0..n {
-                            declare(f, format!("{name}{i}"), ty);
-                        }
-                    } else {
-                        declare(f, name, ty);
-                    }
-                    if !self.eat_punct(',') {
-                        break;
-                    }
-                }
-                self.expect_punct(';')
-            }
-            ".shared" => {
-                let (name, align, size) = self.var_decl(false)?;
-                let offset = align_up(f.shared_size, align);
-                f.shared_size = offset + size;
-                f.shared.insert(name, SharedVar { offset });
-                Ok(())
-            }
-            ".extern" => {
-                let next = self.ident()?;
-                if next != ".shared" {
-                    return Err(perr(line, format!("unsupported `.extern {next}` in a function")));
-                }
-                let (name, align, _) = self.var_decl(true)?;
-                f.dyn_shared.push(name);
-                f.dyn_align = f.dyn_align.max(align);
-                Ok(())
-            }
-            ".pragma" => {
-                self.next()?;
-                self.expect_punct(';')
-            }
-            ".loc" | ".file" => {
-                self.skip_line(line);
-                Ok(())
-            }
-            other => Err(perr(
-                line,
-                format!("unsupported directive `{other}` in a function body"),
-            )),
-        }
-    }
-
-    fn operand(&mut self) -> Result<Raw, EmuError> {
-        let line = self.line();
-        match self.next()? {
-            Tok::Punct('{') => {
-                let mut v = Vec::new();
-                if !self.eat_punct('}') {
-                    loop {
-                        v.push(self.operand()?);
-                        if self.eat_punct('}') {
-                            break;
-                        }
-                        self.expect_punct(',')?;
-                    }
-                }
-                Ok(Raw::Vec(v))
-            }
-            Tok::Punct('[') => {
-                let base = match self.peek().cloned() {
-                    Some(Tok::Ident(s)) => {
-                        self.pos += 1;
-                        Some(s)
-                    }
-                    _ => None,
-                };
-                // `[imm]`, `[name]`, `[name+imm]`, `[name+-imm]`, `[name-imm]`
-                let has_off = base.is_none() || self.eat_punct('+') || self.is_punct('-');
-                let off = if has_off { self.number()? as i64 } else { 0 };
-                self.expect_punct(']')?;
-                Ok(Raw::Addr(base, off))
-            }
-            Tok::Punct('!') => Ok(Raw::Not(self.ident()?)),
-            Tok::Punct('-') => match self.next()? {
-                Tok::Num(s) => Ok(Raw::Lit(neg_lit(parse_lit(&s, line)?))),
-                t => Err(perr(line, format!("expected a number after `-`, found {t:?}"))),
-            },
-            Tok::Num(s) => Ok(Raw::Lit(parse_lit(&s, line)?)),
-            Tok::Ident(s) if s == "_" => Ok(Raw::Sink),
-            Tok::Ident(s) => {
-                if self.eat_punct('|') {
-                    return Ok(Raw::Pipe(s, self.ident()?));
-                }
-                if self.eat_punct('+') {
-                    let off = self.number()? as i64;
-                    return Ok(Raw::Name(s, off));
-                }
-                Ok(Raw::Name(s, 0))
-            }
-            t => Err(perr(line, format!("unexpected {t:?} in an operand"))),
-        }
-    }
-
-    fn instruction(&mut self, f: &mut Func, guard: Option<PredSrc>, opcode: String, line: u32) -> Result<(), EmuError> {
-        let mut ops = Vec::new();
-        if !self.eat_punct(';') {
-            loop {
-                ops.push(self.operand()?);
-                if self.eat_punct(';') {
-                    break;
-                }
-                self.expect_punct(',')?;
-            }
-        }
-        let text = self
-            .lines
-            .get(line as usize - 1)
-            .map_or(opcode.clone(), |l| l.trim().to_string());
-        let mut parts = opcode.split('.');
-        let base = parts.next().unwrap_or_default().to_string();
-        let mods = Mods {
-            list: parts.map(str::to_string).collect(),
-        };
-        let mut d = Decoder {
-            f,
-            shared: &self.shared,
-            dyn_shared: &self.dyn_shared,
-            consts: &self.consts,
-        };
-        let op = d.decode(&base, mods, &ops).map_err(|msg| EmuError::Unsupported {
-            line,
-            inst: text.clone(),
-            msg,
-        })?;
-        if let Op::Bra { .. } = op {
-            let Some(Raw::Name(label, 0)) = ops.first() else {
-                return Err(EmuError::Unsupported {
-                    line,
-                    inst: text,
-                    msg: "bra needs a label".into(),
-                });
-            };
-            f.fixups.push((f.insts.len(), label.clone(), line));
-        }
-        f.insts.push(Inst { guard, op, line, text });
-        Ok(())
-    }
-}
-
-fn declare(f: &mut Func, name: String, ty: Ty) {
-    let r = if ty == Ty::Pred {
-        f.npreds += 1;
-        RegRef::P(f.npreds - 1)
-    } else {
-        f.reg_bits.push(ty.bits());
-        RegRef::R(f.reg_bits.len() as u32 - 1, ty)
-    };
-    f.scopes.last_mut().expect("a scope").insert(name, r);
-}
-
-fn lookup(f: &Func, name: &str) -> Option<RegRef> {
-    f.scopes.iter().rev().find_map(|s| s.get(name).copied())
-}
-
-struct Decoder<'a> {
-    f: &'a mut Func,
-    shared: &'a HashMap<String, SharedVar>,
-    dyn_shared: &'a Vec<String>,
-    consts: &'a HashMap<String, u64>,
-}
-
-type DResult<T> = Result<T, String>;
-
-fn n_ops(ops: &[Raw], n: usize) -> DResult<()> {
+fn n_ops(ops: &[Operand], n: usize) -> DResult<()> {
     if ops.len() == n {
         Ok(())
     } else {
@@ -846,191 +73,14 @@ fn n_ops(ops: &[Raw], n: usize) -> DResult<()> {
 }
 
 impl Decoder<'_> {
-    /// The shared-window offset of a `.shared` variable, if `name` is one.
-    fn shared_var(&self, name: &str) -> Option<u64> {
-        if let Some(v) = self.f.shared.get(name).or_else(|| self.shared.get(name)) {
-            return Some(v.offset);
-        }
-        let dyn_align = self.f.dyn_align.max(16);
-        if self.f.dyn_shared.iter().any(|n| n == name) || self.dyn_shared.iter().any(|n| n == name) {
-            return Some(align_up(self.f.shared_size, dyn_align));
-        }
-        None
-    }
-
-    fn reg(&self, name: &str) -> DResult<(u32, Ty)> {
-        match lookup(self.f, name) {
-            Some(RegRef::R(i, t)) => Ok((i, t)),
-            Some(RegRef::P(_)) => Err(format!("`{name}` is a predicate, not a data register")),
-            None => Err(format!("undeclared register `{name}`")),
-        }
-    }
-
-    fn pred(&self, name: &str) -> DResult<u32> {
-        match lookup(self.f, name) {
-            Some(RegRef::P(i)) => Ok(i),
-            _ => Err(format!("`{name}` is not a declared predicate")),
-        }
-    }
-
-    fn pred_src(&self, r: &Raw) -> DResult<PredSrc> {
-        match r {
-            Raw::Name(n, 0) => Ok(PredSrc {
-                idx: self.pred(n)?,
-                neg: false,
-            }),
-            Raw::Not(n) => Ok(PredSrc {
-                idx: self.pred(n)?,
-                neg: true,
-            }),
-            _ => Err(format!("expected a predicate, found {r:?}")),
-        }
-    }
-
-    fn pred_dst(&self, r: &Raw) -> DResult<u32> {
-        match r {
-            Raw::Name(n, 0) => self.pred(n),
-            _ => Err(format!("expected a predicate destination, found {r:?}")),
-        }
-    }
-
-    /// A source of instruction type `ty`; `wide` allows wider registers (ld,
-    /// st, cvt).
-    fn src_w(&self, r: &Raw, ty: Ty, wide: bool) -> DResult<Src> {
-        match r {
-            Raw::Lit(l) => Ok(Src::Imm(lit_bits(*l, ty)?)),
-            Raw::Name(n, off) => {
-                if let Some(sr) = Sreg::parse(n) {
-                    if *off != 0 || ty.bits() != 32 || ty.is_float() {
-                        return Err(format!(
-                            "special register {n} is .u32; it cannot be a .{} operand",
-                            ty.name()
-                        ));
-                    }
-                    return Ok(Src::Sreg(sr));
-                }
-                if let Some(o) = lookup(self.f, n) {
-                    let RegRef::R(i, rt) = o else {
-                        return Err(format!("`{n}` is a predicate, not a data register"));
-                    };
-                    if *off != 0 {
-                        return Err(format!("`{n}+{off}` is not an operand"));
-                    }
-                    let ok = if wide { relaxed(rt, ty) } else { compatible(rt, ty) };
-                    if !ok {
-                        return Err(format!(
-                            "register `{n}` (.{}) is not a .{} operand",
-                            rt.name(),
-                            ty.name()
-                        ));
-                    }
-                    return Ok(Src::Reg(i));
-                }
-                if let Some(addr) = self.shared_var(n).or_else(|| self.consts.get(n).copied()) {
-                    if ty.bits() < 32 || ty.is_float() {
-                        return Err(format!("the address of `{n}` is not a .{} value", ty.name()));
-                    }
-                    return Ok(Src::Imm((addr as i64 + off) as u64 & mask(ty.bits())));
-                }
-                Err(format!("unknown operand `{n}`"))
-            }
-            _ => Err(format!("expected a .{} operand, found {r:?}", ty.name())),
-        }
-    }
-
-    fn src(&self, r: &Raw, ty: Ty) -> DResult<Src> {
-        self.src_w(r, ty, false)
-    }
-
-    fn dst_w(&self, r: &Raw, ty: Ty, wide: bool) -> DResult<Dst> {
-        match r {
-            Raw::Sink => Ok(Dst::Sink),
-            Raw::Name(n, 0) => {
-                let (i, rt) = self.reg(n)?;
-                let ok = if wide { relaxed(rt, ty) } else { compatible(rt, ty) };
-                if !ok {
-                    return Err(format!(
-                        "register `{n}` (.{}) cannot receive a .{} result",
-                        rt.name(),
-                        ty.name()
-                    ));
-                }
-                Ok(Dst::Reg {
-                    idx: i,
-                    bits: rt.bits(),
-                })
-            }
-            _ => Err(format!("expected a destination register, found {r:?}")),
-        }
-    }
-
-    fn dst(&self, r: &Raw, ty: Ty) -> DResult<Dst> {
-        self.dst_w(r, ty, false)
-    }
-
-    /// `[...]` in state space `space`.
-    fn addr(&self, r: &Raw, space: Space) -> DResult<Addr> {
-        let Raw::Addr(base, off) = r else {
-            return Err(format!("expected an address `[...]`, found {r:?}"));
+    /// Decodes `opcode` (`base.mod.mod...`) applied to `ops`.
+    pub(crate) fn decode(&self, opcode: &str, ops: &[Operand]) -> DResult<Op> {
+        let mut parts = opcode.split('.');
+        let base = parts.next().unwrap_or_default();
+        let mods = Mods {
+            list: parts.map(str::to_string).collect(),
         };
-        let Some(b) = base else {
-            return Ok(Addr { base: None, off: *off });
-        };
-        if let Some(o) = lookup(self.f, b) {
-            let RegRef::R(i, t) = o else {
-                return Err(format!("`{b}` is a predicate, not an address"));
-            };
-            if !(t.bits() == 32 || t.bits() == 64) || t.is_float() {
-                return Err(format!("address register `{b}` must be a 32- or 64-bit integer"));
-            }
-            return Ok(Addr {
-                base: Some(i),
-                off: *off,
-            });
-        }
-        if let Some(a) = self.shared_var(b) {
-            return match space {
-                Space::Shared => Ok(Addr {
-                    base: None,
-                    off: a as i64 + off,
-                }),
-                Space::Generic => Ok(Addr {
-                    base: None,
-                    off: (SHARED_WINDOW + a) as i64 + off,
-                }),
-                _ => Err(format!("`{b}` is a .shared variable, not in .{}", space.name())),
-            };
-        }
-        if let Some(&a) = self.consts.get(b) {
-            return match space {
-                Space::Const => Ok(Addr {
-                    base: None,
-                    off: a as i64 + off,
-                }),
-                Space::Generic => Ok(Addr {
-                    base: None,
-                    off: (CONST_WINDOW + a) as i64 + off,
-                }),
-                _ => Err(format!("`{b}` is a .const variable, not in .{}", space.name())),
-            };
-        }
-        if let Some((o, _)) = self.f.params.get(b) {
-            return match space {
-                Space::Param => Ok(Addr {
-                    base: None,
-                    off: *o as i64 + off,
-                }),
-                _ => Err(format!("kernel parameter `{b}` must be read with ld.param")),
-            };
-        }
-        Err(format!("unknown address `{b}`"))
-    }
-
-    fn vec_or_one<'r>(&self, r: &'r Raw) -> Vec<&'r Raw> {
-        match r {
-            Raw::Vec(v) => v.iter().collect(),
-            other => vec![other],
-        }
+        self.decode_op(base, mods, ops)
     }
 
     fn space(&self, m: &mut Mods, allowed: &[Space]) -> DResult<Space> {
@@ -1051,7 +101,7 @@ impl Decoder<'_> {
         }
     }
 
-    fn decode(&mut self, base: &str, mut m: Mods, ops: &[Raw]) -> DResult<Op> {
+    fn decode_op(&self, base: &str, mut m: Mods, ops: &[Operand]) -> DResult<Op> {
         let op = match base {
             "mov" => self.mov(&mut m, ops)?,
             "ld" | "st" => self.ld_st(base == "ld", &mut m, ops)?,
@@ -1137,7 +187,7 @@ impl Decoder<'_> {
                 }
                 n_ops(ops, 5)?;
                 let (d, p) = match &ops[0] {
-                    Raw::Pipe(d, p) => (self.dst(&Raw::Name(d.clone(), 0), Ty::B32)?, Some(self.pred(p)?)),
+                    Operand::Pipe(d, p) => (self.dst(&Operand::Name(d.clone(), 0), Ty::B32)?, Some(self.pred(p)?)),
                     other => (self.dst(other, Ty::B32)?, None),
                 };
                 Op::Shfl {
@@ -1287,7 +337,7 @@ impl Decoder<'_> {
                 }
                 n_ops(ops, 2)?;
                 let ds = self.vec_or_one(&ops[0]);
-                if ds.len() != num || !matches!(ops[0], Raw::Vec(_)) {
+                if ds.len() != num || !matches!(ops[0], Operand::Vec(_)) {
                     return Err(format!("ldmatrix .x{num} needs a vector of {num} registers"));
                 }
                 let ds = ds
@@ -1308,13 +358,13 @@ impl Decoder<'_> {
         Ok(op)
     }
 
-    fn mov(&self, m: &mut Mods, ops: &[Raw]) -> DResult<Op> {
+    fn mov(&self, m: &mut Mods, ops: &[Operand]) -> DResult<Op> {
         let ty = m.take_ty().ok_or("mov needs a type")?;
         n_ops(ops, 2)?;
         if ty == Ty::Pred {
             let d = self.pred_dst(&ops[0])?;
             return Ok(match &ops[1] {
-                Raw::Lit(Lit::Int(v)) => Op::SetPredConst { d, v: *v != 0 },
+                Operand::Lit(Lit::Int(v)) => Op::SetPredConst { d, v: *v != 0 },
                 other => Op::MovPred {
                     d,
                     a: self.pred_src(other)?,
@@ -1324,7 +374,7 @@ impl Decoder<'_> {
         if matches!(ty, Ty::B8 | Ty::U8 | Ty::S8) {
             return Err("mov has no 8-bit types".into());
         }
-        if let Raw::Vec(parts) = &ops[0] {
+        if let Operand::Vec(parts) = &ops[0] {
             if !ty.is_bit() || !(parts.len() == 2 || parts.len() == 4) {
                 return Err("unpacking mov needs .b32/.b64 and 2 or 4 elements".into());
             }
@@ -1337,7 +387,7 @@ impl Decoder<'_> {
                 part_bits,
             });
         }
-        if let Raw::Vec(parts) = &ops[1] {
+        if let Operand::Vec(parts) = &ops[1] {
             if !ty.is_bit() || !(parts.len() == 2 || parts.len() == 4) {
                 return Err("packing mov needs .b32/.b64 and 2 or 4 elements".into());
             }
@@ -1357,7 +407,7 @@ impl Decoder<'_> {
         })
     }
 
-    fn ld_st(&self, is_ld: bool, m: &mut Mods, ops: &[Raw]) -> DResult<Op> {
+    fn ld_st(&self, is_ld: bool, m: &mut Mods, ops: &[Operand]) -> DResult<Op> {
         let space = self.space(
             m,
             &[Space::Global, Space::Shared, Space::Param, Space::Const, Space::Generic],
@@ -1399,10 +449,10 @@ impl Decoder<'_> {
         }
         n_ops(ops, 2)?;
         let (data, addr) = if is_ld { (&ops[0], &ops[1]) } else { (&ops[1], &ops[0]) };
-        if n > 1 && !matches!(data, Raw::Vec(v) if v.len() == n as usize) {
+        if n > 1 && !matches!(data, Operand::Vec(v) if v.len() == n as usize) {
             return Err(format!(".v{n} needs a vector of {n} operands"));
         }
-        if n == 1 && matches!(data, Raw::Vec(_)) {
+        if n == 1 && matches!(data, Operand::Vec(_)) {
             return Err("a vector operand needs .v2/.v4".into());
         }
         let addr = self.addr(addr, space)?;
@@ -1436,7 +486,7 @@ impl Decoder<'_> {
         Ok(fm)
     }
 
-    fn binary(&self, base: &str, m: &mut Mods, ops: &[Raw]) -> DResult<Op> {
+    fn binary(&self, base: &str, m: &mut Mods, ops: &[Operand]) -> DResult<Op> {
         let rnd = m.take_round();
         if let Some(r) = rnd
             && r != Round::Nearest
@@ -1567,7 +617,7 @@ impl Decoder<'_> {
         })
     }
 
-    fn unary(&self, base: &str, m: &mut Mods, ops: &[Raw]) -> DResult<Op> {
+    fn unary(&self, base: &str, m: &mut Mods, ops: &[Operand]) -> DResult<Op> {
         let approx = m.take("approx");
         let rnd = m.take_round();
         let ty = m.take_ty().ok_or_else(|| format!("{base} needs a type"))?;
@@ -1657,7 +707,7 @@ impl Decoder<'_> {
         })
     }
 
-    fn mad(&self, base: &str, m: &mut Mods, ops: &[Raw]) -> DResult<Op> {
+    fn mad(&self, base: &str, m: &mut Mods, ops: &[Operand]) -> DResult<Op> {
         let rnd = m.take_round();
         let kind = m.take_any(&["lo", "hi", "wide"]);
         let ty = m.take_ty().ok_or_else(|| format!("{base} needs a type"))?;
@@ -1717,7 +767,7 @@ impl Decoder<'_> {
         })
     }
 
-    fn setp(&self, m: &mut Mods, ops: &[Raw]) -> DResult<Op> {
+    fn setp(&self, m: &mut Mods, ops: &[Operand]) -> DResult<Op> {
         let cmp = match m
             .take_any(&[
                 "eq", "ne", "lt", "le", "gt", "ge", "lo", "ls", "hi", "hs", "equ", "neu", "ltu", "leu", "gtu", "geu",
@@ -1776,8 +826,8 @@ impl Decoder<'_> {
         let n = if bop.is_some() { 4 } else { 3 };
         n_ops(ops, n)?;
         let (p, q) = match &ops[0] {
-            Raw::Pipe(p, q) => (Some(self.pred(p)?), Some(self.pred(q)?)),
-            Raw::Sink => (None, None),
+            Operand::Pipe(p, q) => (Some(self.pred(p)?), Some(self.pred(q)?)),
+            Operand::Sink => (None, None),
             other => (Some(self.pred_dst(other)?), None),
         };
         let comb = match bop {
@@ -1796,7 +846,7 @@ impl Decoder<'_> {
         })
     }
 
-    fn cvt(&self, m: &mut Mods, ops: &[Raw]) -> DResult<Op> {
+    fn cvt(&self, m: &mut Mods, ops: &[Operand]) -> DResult<Op> {
         let irnd = m.take_iround();
         let frnd = m.take_round();
         let ftz = m.take("ftz");
@@ -1886,7 +936,7 @@ impl Decoder<'_> {
         })
     }
 
-    fn cp_async(&self, m: &mut Mods, ops: &[Raw]) -> DResult<Op> {
+    fn cp_async(&self, m: &mut Mods, ops: &[Operand]) -> DResult<Op> {
         if !m.take("async") {
             return Err("only cp.async is supported".into());
         }
@@ -1896,7 +946,7 @@ impl Decoder<'_> {
         }
         if m.take("wait_group") {
             n_ops(ops, 1)?;
-            let Raw::Lit(Lit::Int(n)) = ops[0] else {
+            let Operand::Lit(Lit::Int(n)) = ops[0] else {
                 return Err("cp.async.wait_group takes an integer constant".into());
             };
             return Ok(Op::CpWait {
@@ -1924,7 +974,7 @@ impl Decoder<'_> {
             return Err("cp.async takes [dst], [src], cp-size{, src-size | ignore-src}".into());
         }
         let size = match ops[2] {
-            Raw::Lit(Lit::Int(s)) if s == 4 || s == 8 || s == 16 => s as u32,
+            Operand::Lit(Lit::Int(s)) if s == 4 || s == 8 || s == 16 => s as u32,
             _ => return Err("cp-size must be 4, 8 or 16".into()),
         };
         if cg && size != 16 {
@@ -1933,8 +983,8 @@ impl Decoder<'_> {
         let (mut src_size, mut ignore) = (None, None);
         if let Some(x) = ops.get(3) {
             let is_pred = match x {
-                Raw::Not(_) => true,
-                Raw::Name(n, 0) => matches!(lookup(self.f, n), Some(RegRef::P(_))),
+                Operand::Not(_) => true,
+                Operand::Name(n, 0) => matches!(self.f.lookup(n), Some(RegRef::P(_))),
                 _ => false,
             };
             if is_pred {
@@ -1949,16 +999,16 @@ impl Decoder<'_> {
                 src_size = Some(s);
             }
         }
-        Ok(Op::CpAsync {
+        Ok(Op::CpAsync(CpAsync {
             dst: self.addr(&ops[0], Space::Shared)?,
             src: self.addr(&ops[1], Space::Global)?,
             size,
             src_size,
             ignore,
-        })
+        }))
     }
 
-    fn mma(&self, m: &mut Mods, ops: &[Raw]) -> DResult<Op> {
+    fn mma(&self, m: &mut Mods, ops: &[Operand]) -> DResult<Op> {
         for q in ["sync", "aligned"] {
             if !m.take(q) {
                 return Err(format!("mma needs .{q}"));
@@ -1986,9 +1036,9 @@ impl Decoder<'_> {
             return Err("mma accumulators are .f32 (or .f16 with .f16 inputs)".into());
         }
         n_ops(ops, 4)?;
-        let regs = |r: &Raw, n: usize, what: &str| -> DResult<Vec<Raw>> {
+        let regs = |r: &Operand, n: usize, what: &str| -> DResult<Vec<Operand>> {
             match r {
-                Raw::Vec(v) if v.len() == n => Ok(v.clone()),
+                Operand::Vec(v) if v.len() == n => Ok(v.clone()),
                 _ => Err(format!("mma operand {what} needs a vector of {n} registers")),
             }
         };
@@ -2026,7 +1076,7 @@ impl Decoder<'_> {
         })
     }
 
-    fn atom(&self, is_atom: bool, m: &mut Mods, ops: &[Raw]) -> DResult<Op> {
+    fn atom(&self, is_atom: bool, m: &mut Mods, ops: &[Operand]) -> DResult<Op> {
         m.take_any(&["relaxed", "acquire", "release", "acq_rel"]);
         m.take_any(&["cta", "gpu", "sys"]);
         let space = self.space(m, &[Space::Global, Space::Shared, Space::Generic])?;
@@ -2092,20 +1142,4 @@ fn wide_ty(t: Ty) -> Ty {
         Ty::U32 => Ty::U64,
         _ => Ty::S64,
     }
-}
-
-pub(crate) fn parse_module(src: &str) -> Result<Module, EmuError> {
-    let toks = lex(src)?;
-    let p = Parser {
-        toks,
-        pos: 0,
-        lines: src.lines().collect(),
-        shared: HashMap::new(),
-        shared_size: 0,
-        dyn_shared: Vec::new(),
-        dyn_align: 16,
-        consts: HashMap::new(),
-        const_data: Vec::new(),
-    };
-    p.module()
 }

@@ -1,8 +1,8 @@
 //! Emulated global memory: separately allocated buffers at fake 64-bit
 //! device addresses, every access bounds-checked.
 
-use super::EmuError;
-use super::num::{bf16_from_f32, bf16_to_f32};
+use crate::EmuError;
+use crate::num::{bf16_from_f32, bf16_to_f32};
 
 /// Buffer `i` lives at `(i + 1) << BASE_SHIFT`; the gap between buffers
 /// makes any overrun land outside every buffer.

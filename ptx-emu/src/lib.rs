@@ -1,11 +1,35 @@
-//! An emulator for the subset of PTX that [`crate::ptx`] emits, parsed from
-//! the PTX text, with SIMT semantics (warps of 32 lanes), so kernels can be
-//! checked numerically without a GPU.
+//! ouroc-ptx-emu: an emulator for the subset of PTX that ouroc's sm_80
+//! backend emits, parsed from the PTX text, with SIMT semantics (warps of
+//! 32 lanes), so kernels can be checked numerically without a GPU. It
+//! depends on no other ouroc crate.
+//!
+//! # Layout
+//!
+//! Text becomes a syntax tree, the tree becomes decoded kernels, and a
+//! scheduler issues their instructions to the semantics.
+//!
+//! | file | holds |
+//! |---|---|
+//! | `lex.rs` | tokens; comments dropped |
+//! | `ast.rs` | the syntax tree: directives, declarations, labels, instructions, operands as written |
+//! | `parse.rs` | tokens -> syntax tree (grammar only) |
+//! | `lower.rs` | syntax tree -> kernels: `.shared`/`.const`/`.param` layout, register scopes, labels |
+//! | `decode.rs` | opcode and modifiers -> the executable `ir::Op`, every modifier checked |
+//! | `operand.rs` | operands -> registers, immediates, addresses, with the ISA's type rules |
+//! | `ty.rs`, `ir.rs` | PTX types; the decoded instruction set |
+//! | `module.rs` | [`Module`]: launch limits, parameter marshalling, the grid loop |
+//! | `sched.rs` | the warp scheduler: per-lane PCs, reconvergence, barriers, deadlocks, `cp.async` groups |
+//! | `exec.rs` | instruction semantics on a warp's lanes |
+//! | `alu.rs` | per-lane integer/float arithmetic, comparisons, `cvt` |
+//! | `space.rs` | state-space addressing (generic windows, bounds checks) |
+//! | `memory.rs` | [`Memory`]: global memory buffers |
+//! | `num.rs` | f16/bf16 and correctly rounded conversions |
+//! | `error.rs` | [`EmuError`] |
 //!
 //! # API
 //!
 //! ```
-//! use ouroc_codegen::ptx_emu::{LaunchDims, Memory, Module, Param};
+//! use ouroc_ptx_emu::{LaunchDims, Memory, Module, Param};
 //!
 //! let ptx = r#"
 //! .version 8.0
@@ -141,14 +165,26 @@
 //! block, grid y/z at most 65535, 48 KiB of static and 163 KiB of total
 //! shared memory per block; `.reqntid`/`.maxntid` are checked.
 
+mod alu;
+mod ast;
+mod decode;
+mod error;
 mod exec;
 mod ir;
 mod lex;
+mod lower;
 mod memory;
+mod module;
 mod num;
+mod operand;
 mod parse;
+mod sched;
+mod space;
+mod ty;
 
+pub use error::EmuError;
 pub use memory::Memory;
+pub use module::{LaunchDims, LaunchStats, Module, Param, ParamDecl};
 pub use num::{bf16_from_f32, bf16_to_f32, f16_from_f32, f16_to_f32};
 
 /// Generic addresses `SHARED_WINDOW + offset` refer to shared memory
@@ -165,238 +201,3 @@ pub const MAX_CONST: usize = 64 * 1024;
 pub const MAX_STATIC_SHARED: usize = 48 * 1024;
 /// Total (static + dynamic) shared memory per block on sm_80.
 pub const MAX_SHARED: usize = 163 * 1024;
-
-/// Why parsing or running PTX failed.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum EmuError {
-    #[error("PTX parse error at line {line}: {msg}")]
-    Parse { line: u32, msg: String },
-    #[error("line {line}: `{inst}`: {msg}")]
-    Unsupported { line: u32, inst: String, msg: String },
-    #[error("launch of `{kernel}`: {msg}")]
-    Launch { kernel: String, msg: String },
-    #[error("kernel `{kernel}`, line {line} `{inst}`, CTA {cta:?}, thread {thread:?}: {msg}")]
-    Fault {
-        kernel: String,
-        line: u32,
-        inst: String,
-        cta: [u32; 3],
-        thread: [u32; 3],
-        msg: String,
-    },
-    #[error("kernel `{kernel}`, CTA {cta:?}: deadlock: {msg}")]
-    Deadlock { kernel: String, cta: [u32; 3], msg: String },
-    #[error("kernel `{kernel}`: more than {limit} warp instructions (an endless loop?)")]
-    StepLimit { kernel: String, limit: u64 },
-    #[error("memory: {0}")]
-    Memory(String),
-}
-
-/// A kernel parameter value.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Param {
-    U32(u32),
-    S32(i32),
-    F32(f32),
-    U64(u64),
-    /// A device address from [`Memory`].
-    Ptr(u64),
-    /// Raw bytes for `.param .align N .b8 name[SIZE]`.
-    Bytes(Vec<u8>),
-}
-
-/// A declared `.param` of an entry.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ParamDecl {
-    pub name: String,
-    pub ty_name: &'static str,
-    pub size: usize,
-    pub offset: usize,
-    pub array: bool,
-}
-
-/// Grid and block shape and dynamic shared memory of a launch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LaunchDims {
-    pub grid: (u32, u32, u32),
-    pub block: (u32, u32, u32),
-    /// Dynamic shared memory in bytes (what `.extern .shared` arrays get).
-    pub shared_bytes: u32,
-}
-
-/// Counters of one launch.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct LaunchStats {
-    pub ctas: u64,
-    pub warps: u64,
-    /// Warp-instructions issued (one per lockstep step of a warp).
-    pub warp_instructions: u64,
-    /// Thread-instructions executed (lanes not predicated off).
-    pub thread_instructions: u64,
-    /// Barrier completions.
-    pub barriers: u64,
-}
-
-/// One `.entry`.
-#[derive(Debug, Clone)]
-pub(crate) struct Kernel {
-    pub name: String,
-    pub params: Vec<ParamDecl>,
-    pub param_bytes: usize,
-    pub insts: Vec<ir::Inst>,
-    pub reg_bits: Vec<u32>,
-    pub npreds: usize,
-    pub static_shared: usize,
-    pub dyn_shared_offset: usize,
-    pub reqntid: Option<[u32; 3]>,
-    pub maxntid: Option<[u32; 3]>,
-}
-
-/// A parsed PTX module.
-#[derive(Debug, Clone)]
-pub struct Module {
-    pub version: Option<String>,
-    pub target: Vec<String>,
-    pub address_size: Option<u32>,
-    pub(crate) kernels: Vec<Kernel>,
-    pub(crate) const_data: Vec<u8>,
-    step_limit: u64,
-}
-
-impl Module {
-    /// Parses and decodes PTX text.
-    pub fn parse(text: &str) -> Result<Module, EmuError> {
-        parse::parse_module(text)
-    }
-
-    /// Names of the entries, in order.
-    pub fn entries(&self) -> Vec<&str> {
-        self.kernels.iter().map(|k| k.name.as_str()).collect()
-    }
-
-    /// The declared parameters of `entry`.
-    pub fn params(&self, entry: &str) -> Option<&[ParamDecl]> {
-        self.kernels
-            .iter()
-            .find(|k| k.name == entry)
-            .map(|k| k.params.as_slice())
-    }
-
-    /// Static shared memory of `entry` in bytes.
-    pub fn static_shared_bytes(&self, entry: &str) -> Option<usize> {
-        self.kernels.iter().find(|k| k.name == entry).map(|k| k.static_shared)
-    }
-
-    /// Caps the warp-instructions one launch may issue (default 2^32).
-    pub fn set_step_limit(&mut self, limit: u64) {
-        self.step_limit = limit;
-    }
-
-    /// Runs `entry` over the whole grid.
-    pub fn launch(
-        &self,
-        entry: &str,
-        dims: LaunchDims,
-        params: &[Param],
-        mem: &mut Memory,
-    ) -> Result<LaunchStats, EmuError> {
-        let k = self
-            .kernels
-            .iter()
-            .find(|k| k.name == entry)
-            .ok_or_else(|| EmuError::Launch {
-                kernel: entry.to_string(),
-                msg: format!("no such entry (entries: {:?})", self.entries()),
-            })?;
-        let err = |msg: String| EmuError::Launch {
-            kernel: k.name.clone(),
-            msg,
-        };
-        let (bx, by, bz) = dims.block;
-        let (gx, gy, gz) = dims.grid;
-        if bx == 0 || by == 0 || bz == 0 || gx == 0 || gy == 0 || gz == 0 {
-            return Err(err(format!("empty grid {:?} or block {:?}", dims.grid, dims.block)));
-        }
-        if bx > 1024 || by > 1024 || bz > 64 || u64::from(bx) * u64::from(by) * u64::from(bz) > 1024 {
-            return Err(err(format!(
-                "block {:?} exceeds the sm_80 limits (1024 threads, z <= 64)",
-                dims.block
-            )));
-        }
-        if gx > i32::MAX as u32 || gy > 65535 || gz > 65535 {
-            return Err(err(format!("grid {:?} exceeds the sm_80 limits", dims.grid)));
-        }
-        if let Some(r) = k.reqntid
-            && r != [bx, by, bz]
-        {
-            return Err(err(format!(".reqntid {r:?} but the block is {:?}", dims.block)));
-        }
-        if let Some(m) = k.maxntid
-            && bx * by * bz > m[0] * m[1] * m[2]
-        {
-            return Err(err(format!(".maxntid {m:?} but the block is {:?}", dims.block)));
-        }
-        if k.static_shared > MAX_STATIC_SHARED {
-            return Err(err(format!(
-                "{} bytes of static shared memory exceed 48 KiB",
-                k.static_shared
-            )));
-        }
-        let total_shared = k.static_shared.max(k.dyn_shared_offset) + dims.shared_bytes as usize;
-        if total_shared > MAX_SHARED {
-            return Err(err(format!(
-                "{total_shared} bytes of shared memory exceed the sm_80 limit of {MAX_SHARED}"
-            )));
-        }
-        if params.len() != k.params.len() {
-            return Err(err(format!(
-                "{} parameters given, {} declared",
-                params.len(),
-                k.params.len()
-            )));
-        }
-        let mut pbytes = vec![0u8; k.param_bytes];
-        for (p, d) in params.iter().zip(&k.params) {
-            let bytes: Vec<u8> = match p {
-                Param::U32(v) => v.to_le_bytes().to_vec(),
-                Param::S32(v) => v.to_le_bytes().to_vec(),
-                Param::F32(v) => v.to_le_bytes().to_vec(),
-                Param::U64(v) | Param::Ptr(v) => v.to_le_bytes().to_vec(),
-                Param::Bytes(b) => b.clone(),
-            };
-            let float_ok = match p {
-                Param::F32(_) => matches!(d.ty_name, "f32" | "b32"),
-                Param::U32(_) | Param::S32(_) | Param::U64(_) | Param::Ptr(_) => !d.ty_name.starts_with('f'),
-                Param::Bytes(_) => true,
-            };
-            if bytes.len() != d.size || !float_ok {
-                return Err(err(format!(
-                    "parameter `{}` is .{} ({} bytes) but {p:?} was given",
-                    d.name, d.ty_name, d.size
-                )));
-            }
-            pbytes[d.offset..d.offset + d.size].copy_from_slice(&bytes);
-        }
-        let nwarps = (bx * by * bz).div_ceil(32);
-        let mut stats = LaunchStats::default();
-        for z in 0..gz {
-            for y in 0..gy {
-                for x in 0..gx {
-                    let ctx = exec::Ctx {
-                        k,
-                        dims,
-                        params: &pbytes,
-                        consts: &self.const_data,
-                        ctaid: [x, y, z],
-                        nwarps,
-                    };
-                    let mut cta = exec::Cta::new(&ctx, mem, &mut stats, self.step_limit);
-                    cta.run()?;
-                    stats.ctas += 1;
-                    stats.warps += u64::from(nwarps);
-                }
-            }
-        }
-        Ok(stats)
-    }
-}

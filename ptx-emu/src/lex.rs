@@ -2,7 +2,7 @@
 //! `%` registers, labels, `::` sub-qualifiers), numbers, strings and
 //! punctuation; comments are dropped.
 
-use super::EmuError;
+use crate::EmuError;
 
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Tok {
