@@ -1,8 +1,8 @@
 //! `ouroc build`: checkpoints compiled ahead of time into executables, run
 //! in an empty directory with no ouroc on PATH; greedy output identical to
 //! `ouroc run`; the refusals (weights missing, truncated, from another
-//! build; exit policy; GPU target without a driver); no Cranelift, egg or
-//! melior code inside.
+//! build; exit policy; GPU target without a driver); no Cranelift, egg,
+//! melior, PTX emitter or PTX emulator code inside.
 //!
 //! The app runtime is built first, on its own (`cargo build --release -p
 //! ouroc-app --target-dir target/app`, a no-op when up to date).
@@ -263,10 +263,18 @@ fn executables_contain_no_compiler_and_gpu_targets_need_a_driver() {
     ] {
         assert!(syms.contains(s), "nm lacks {s}");
     }
-    // ... and none of the compilers.
+    // ... and none of the compilers, nor the PTX emitter or emulator (a GPU
+    // target loads the PTX module the build stored).
     for line in syms.lines() {
         let l = line.to_lowercase();
-        for bad in ["cranelift", "egg::", "melior", "regalloc2"] {
+        for bad in [
+            "cranelift",
+            "egg::",
+            "melior",
+            "regalloc2",
+            "ouroc_codegen",
+            "ouroc_ptx_emu",
+        ] {
             assert!(!l.contains(bad), "{} links {bad}: {line}", app.display());
         }
     }

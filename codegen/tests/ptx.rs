@@ -424,3 +424,30 @@ fn ptxas_accepts_every_kernel_for_sm_80_without_spills_in_gemm_or_attention() {
     assert!(gemm.contains("LDSM"), "no LDSM (ldmatrix) in the GEMM");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The runtime's own kernel (the KV copy, in every module's
+/// `runtime_text`) is accepted by ptxas for sm_80 like the Program's.
+#[test]
+fn ptxas_accepts_the_runtime_kv_copy_kernel() {
+    let Some(ptxas) = require("OUROC_PTXAS", "ptxas", "nvidia/cuda_nvcc/bin/ptxas") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("kv_copy.ptx");
+    std::fs::write(&src, ptx::KV_COPY_PTX).unwrap();
+    let out = Command::new(&ptxas)
+        .args(["-arch=sm_80", "-v", "-o"])
+        .arg(dir.path().join("kv_copy.cubin"))
+        .arg(&src)
+        .output()
+        .expect("ptxas runs");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "ptxas rejects the KV copy:\n{log}");
+    assert!(log.contains(ptx::KV_COPY_ENTRY), "{log}");
+    let m = ptx::module(&fixture("mha-r4", DType::F32)).unwrap();
+    assert_eq!(m.runtime_text, ptx::KV_COPY_PTX);
+}

@@ -49,7 +49,9 @@ use ouroc_codegen::cpu::Jit;
 use ouroc_driver::codec;
 use ouroc_driver::{CallShape, Device, DeviceError, Driver, DriverOptions, KvArg, KvLayout, KvStore, Span};
 pub use ouroc_driver::{KvMode, ResidentWeights, Step, Trace};
-use ouroc_ir::{DType, WeightSource};
+use ouroc_ir::DType;
+#[cfg(feature = "jit")]
+use ouroc_ir::WeightSource;
 use ouroc_kernels::abi::{KvSeq, RawKernel, extra_args};
 use ouroc_kernels::spec::{Family, LinearSpec, operand_dtypes};
 use ouroc_kernels::{ActValue, Kernel, KernelSpec, Operand, Program};

@@ -130,8 +130,9 @@ pub struct AppMeta {
     pub config_eos_ids: Vec<u32>,
     /// The default `--kv` mode.
     pub kv: String,
-    /// PTX text of the Program (GPU targets).
-    pub ptx: Option<String>,
+    /// The Program's PTX module with its launch records (GPU targets): the
+    /// executable loads it as it is, without an emitter.
+    pub ptx: Option<ouroc_kernels::abi::ptx::PtxModule>,
     /// The weights image is linked in.
     pub embedded_weights: bool,
     /// Bytes of the weights image.

@@ -136,7 +136,7 @@ pub fn run(args: &BuildArgs) -> Result<()> {
     let ptx = if args.target == "cpu" {
         None
     } else {
-        Some(ouroc_codegen::ptx::module(&program)?.text)
+        Some(ouroc_codegen::ptx::module(&program)?)
     };
     let tokenizer = match std::fs::read_to_string(args.ckpt.join("tokenizer.json")) {
         Ok(t) => Some(t),

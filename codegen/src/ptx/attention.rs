@@ -5,39 +5,9 @@
 
 use super::asm::{Body, Kind, Red, Reg, f32_imm, ins, size};
 use super::simple::{act_row, rope_pair, threads};
-use super::{Dim, Emitted, Launch, When};
+use super::{Dim, Emitted, Launch, When, decode_splits};
 use ouroc_ir::DType;
 use ouroc_kernels::spec::AttentionSpec;
-
-/// One sequence's KV stores as the attention entries read them (the `kv`
-/// parameter points at an array of these, one per sequence; 24 bytes).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct KvSeqDesc {
-    /// Global address of the K store (`kv_heads * kv_cap * head_dim` elements of act).
-    pub k: u64,
-    /// Global address of the V store, same layout.
-    pub v: u64,
-    /// Positions already stored; the first new token's absolute position.
-    pub past: u32,
-    pub pad: u32,
-}
-
-/// The number of KV-length splits of the decode entries: enough CTAs
-/// (`splits x heads x batch`) to fill an A100 at batch 1.
-pub fn decode_splits(a: &AttentionSpec) -> u32 {
-    (128 / a.heads.max(1) as u32).clamp(1, 32)
-}
-
-/// Floats of scratch per (sequence, head).
-fn scratch_floats(a: &AttentionSpec, kv_cap: u32) -> u32 {
-    kv_cap + decode_splits(a) * (2 + a.head_dim as u32)
-}
-
-/// Bytes of the `scratch` parameter for a call with `batch` sequences.
-pub fn attention_scratch_bytes(a: &AttentionSpec, batch: usize, kv_cap: usize) -> u64 {
-    (batch * a.heads) as u64 * scratch_floats(a, kv_cap as u32) as u64 * 4
-}
 
 const QTILE: u32 = 16;
 const KTILE: u32 = 32;

@@ -4,15 +4,9 @@
 //! `src + head * src_head + offset` to `dst + head * dst_head + offset`.
 //! It fills the KV slots of skipped loop steps and moves the stores when
 //! their capacity grows. Launch: grid `[heads, 2, 1]`, block
-//! [`KV_COPY_BLOCK`], no shared memory; parameters in the order of the
+//! `KV_COPY_BLOCK`, no shared memory; parameters in the order of the
 //! entry (`src_k, src_v, dst_k, dst_v: u64`, `src_head, dst_head, offset:
 //! u64` in bytes, `words: u32`).
-
-/// The entry's name.
-pub const KV_COPY_ENTRY: &str = "ouroc_kv_copy";
-
-/// Threads per block.
-pub const KV_COPY_BLOCK: u32 = 256;
 
 /// The module text (PTX ISA 8.0, sm_80).
 pub const KV_COPY_PTX: &str = r#"

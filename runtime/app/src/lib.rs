@@ -303,13 +303,17 @@ fn run() -> Result<(), String> {
         LinkedKernels::new(meta.kernel_keys.iter().cloned().zip(fns.iter().copied()))
     };
     let (mut model, engine): (Box<dyn Forward>, String) = if use_gpu {
-        // The Program's PTX (the same `ouroc_codegen::ptx` text the build
-        // embedded) on the CUDA device, from the same encoded weights.
+        // The Program's PTX as the build stored it (no emitter in here) on
+        // the CUDA device, from the same encoded weights.
         let dev = CudaDevice::new().map_err(|e| e.to_string())?;
         let mut g = GpuOptions::new(meta.max_positions);
         g.early_exit = !args.no_early_exit;
         g.kv = kv;
-        let m = GpuForward::from_encoded(meta.program.clone(), weights, dev, g).map_err(|e| e.to_string())?;
+        let module = meta
+            .ptx
+            .clone()
+            .ok_or("corrupt executable: a GPU target without its PTX module")?;
+        let m = GpuForward::with_module(meta.program.clone(), weights, module, dev, g).map_err(|e| e.to_string())?;
         (Box::new(m), format!("PTX on the CUDA device, KV cache {kv}"))
     } else {
         let opts = CpuOptions {

@@ -17,7 +17,7 @@
 //! for the device (sm_80 PTX runs on every GPU of compute capability 8.0
 //! or newer). A launch with more than 48 KiB of dynamic shared memory
 //! first raises the function's `MAX_DYNAMIC_SHARED_SIZE_BYTES`.
-//! [`Device::launch_timed`] measures with a pair of CUDA events.
+//! [`Gpu::launch_timed`](super::Gpu::launch_timed) measures with a pair of CUDA events.
 
 use super::{DevPtr, FuncId, Gpu, GpuError, KParam, LaunchCfg, ModuleId};
 use cudarc::driver::sys::{CUevent_flags, CUfunction_attribute};

@@ -1,5 +1,5 @@
 //! The GPU device of the driver (`ouroc_driver`): a lowered [`Program`]
-//! run as the PTX of [`ouroc_codegen::ptx::module`] on a [`Gpu`]. The loop,
+//! run as the PTX of `ouroc_codegen::ptx::module` on a [`Gpu`]. The loop,
 //! exit control, KV bookkeeping and weight encoding are the driver's; this
 //! file binds kernels to their PTX entries and parameters, keeps the arena
 //! and KV stores in device memory and moves rows.
@@ -25,7 +25,7 @@
 //!
 //! - **module**: the Program's PTX module (one entry set per distinct
 //!   kernel code, plus `argmax`) and `ouroc_kv_copy`
-//!   ([`ptx::KV_COPY_PTX`]) loaded once; every Program kernel is bound to
+//!   (`PtxModule::runtime_text`) loaded once; every Program kernel is bound to
 //!   its entries (`PtxEntry{entry, when, launch}`) and its parameters
 //!   (`KernelAbi::params`: operand and result addresses, row strides,
 //!   `tokens`, and for attention `kv`, `seq`, `kv_cap`, `scratch`).
@@ -70,21 +70,25 @@
 //! kernel predicated on the same flag. The host would then read back only
 //! the sampled token (the `argmax` kernel already runs on the device).
 
+#[cfg(feature = "emu")]
 mod emu;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
+#[cfg(feature = "emu")]
 pub use emu::EmuDevice;
 
 use crate::generate::Forward;
-use ouroc_codegen::ptx::{self, KernelAbi, ParamDesc, ParamRole, ParamTy, PtxEntry, PtxModule};
 use ouroc_driver::codec;
 use ouroc_driver::{
     CallShape, Device, DeviceError, Driver, DriverError, DriverOptions, KvArg, KvLayout, KvStore, Span,
 };
 pub use ouroc_driver::{ResidentWeights, Step, Trace};
-use ouroc_ir::{DType, WeightSource};
+use ouroc_ir::DType;
+#[cfg(feature = "ptx")]
+use ouroc_ir::WeightSource;
+use ouroc_kernels::abi::ptx::{self, KernelAbi, ParamDesc, ParamRole, ParamTy, PtxEntry, PtxModule};
 use ouroc_kernels::spec::{AttentionSpec, Family};
 use ouroc_kernels::{ActValue, Kernel, Operand, Program};
 use std::collections::HashMap;
@@ -310,7 +314,7 @@ fn gpu_err(e: DriverError) -> GpuError {
 
 impl<G: Gpu> PtxDevice<G> {
     /// A device running `module` (the Program's PTX, as
-    /// [`ptx::module`] emits it or `ouroc build` stored it) on `gpu`.
+    /// `ouroc_codegen::ptx::module` emits it or `ouroc build` stored it) on `gpu`.
     pub fn new(gpu: G, module: PtxModule, opts: GpuOptions) -> PtxDevice<G> {
         let cap = match opts.kv_positions {
             0 => KV_CAP_DEFAULT,
@@ -564,7 +568,7 @@ impl<G: Gpu> PtxDevice<G> {
             )));
         }
         let m = self.gpu.load_module(&self.module.text)?;
-        let kvm = self.gpu.load_module(ptx::KV_COPY_PTX)?;
+        let kvm = self.gpu.load_module(&self.module.runtime_text)?;
         let kv_copy = self.gpu.function(kvm, ptx::KV_COPY_ENTRY)?;
         self.modules = Some((m, kv_copy));
         for key in ResidentWeights::required(program) {
@@ -820,6 +824,7 @@ impl<G: Gpu> DerefMut for GpuForward<G> {
 impl<G: Gpu> GpuForward<G> {
     /// Check `program`, emit and load its PTX on `gpu`, upload its weights
     /// from `weights`.
+    #[cfg(feature = "ptx")]
     pub fn new(program: Program, weights: &dyn WeightSource, gpu: G, opts: GpuOptions) -> Result<Self, GpuError> {
         ouroc_driver::check_program(&program).map_err(GpuError::Program)?;
         let encoded = ResidentWeights::encode(&program, weights, true).map_err(GpuError::Program)?;
@@ -829,6 +834,7 @@ impl<G: Gpu> GpuForward<G> {
     /// As [`GpuForward::new`], from weights already encoded in the dtypes
     /// the kernels read (the CPU backend's and `ouroc build`'s encoding:
     /// the same bytes), e.g. a memory-mapped weights file.
+    #[cfg(feature = "ptx")]
     pub fn from_encoded(
         program: Program,
         weights: ResidentWeights,
@@ -836,7 +842,7 @@ impl<G: Gpu> GpuForward<G> {
         opts: GpuOptions,
     ) -> Result<Self, GpuError> {
         ouroc_driver::check_program(&program).map_err(GpuError::Program)?;
-        let module = ptx::module(&program).map_err(|e| GpuError::Program(e.to_string()))?;
+        let module = ouroc_codegen::ptx::module(&program).map_err(|e| GpuError::Program(e.to_string()))?;
         GpuForward::with_module(program, weights, module, gpu, opts)
     }
 
@@ -969,6 +975,7 @@ impl<G: Gpu> GpuForward<G> {
     }
 }
 
+#[cfg(feature = "emu")]
 impl GpuForward<EmuDevice> {
     /// On the PTX emulator.
     pub fn emulated(program: Program, weights: &dyn WeightSource, opts: GpuOptions) -> Result<Self, GpuError> {
@@ -1004,7 +1011,7 @@ fn bind<G: Gpu>(
             abi.name, k.spec.name
         )));
     }
-    let dtypes = ptx::operand_dtypes(&k.spec);
+    let dtypes = ouroc_kernels::spec::operand_dtypes(&k.spec);
     let name = &k.spec.name;
     for (op, d) in k.inputs.iter().zip(&dtypes) {
         if let Operand::Act(r) = op

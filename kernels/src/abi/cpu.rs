@@ -1,4 +1,4 @@
-//! The CPU kernel ABI shared by the code generator (`ouroc_codegen::cpu`,
+//! The CPU kernel ABI, shared by the code generator (`ouroc_codegen::cpu`,
 //! which emits kernels with it) and the runtime (which calls them, JIT
 //! compiled or linked ahead of time into an executable): the entry point
 //! type, the KV-cache descriptor and the arguments after the results.
