@@ -1,0 +1,376 @@
+//! Binding a Program kernel to its arguments (arena offsets, column
+//! windows, row strides, weight pointers, the microkernel or the row and
+//! token splits) and launching it over the threads (see the module docs
+//! of [`crate::cpu`]).
+
+use super::device::CpuDevice;
+use crate::gemm;
+use ouroc_driver::{CallShape, DeviceError, KvArg};
+use ouroc_ir::DType;
+use ouroc_kernels::abi::{KvSeq, RawKernel, extra_args};
+use ouroc_kernels::spec::{Family, LinearSpec, operand_dtypes};
+use ouroc_kernels::{ActValue, Kernel, Operand};
+use std::collections::HashMap;
+
+/// Where one kernel argument lives.
+#[derive(Clone, Copy, Debug)]
+enum Arg {
+    /// An activation: byte `offset * tokens + col_bytes` of the arena, row
+    /// stride `stride` elements of `elem` bytes.
+    Act {
+        offset: usize,
+        col_bytes: usize,
+        stride: usize,
+        elem: usize,
+    },
+    /// A weight (read only), kept alive by the driver's weights.
+    Weight(*const u8),
+}
+
+impl Arg {
+    /// Bytes from one token's row to the next (0 for a weight).
+    fn row_bytes(&self) -> usize {
+        match *self {
+            Arg::Act { stride, elem, .. } => stride * elem,
+            Arg::Weight(_) => 0,
+        }
+    }
+}
+
+/// A `Linear` split over its output rows (see the module docs).
+struct Split {
+    /// Per chunk, in task order: its output rows `row0 .. row1`.
+    chunks: Vec<(usize, usize)>,
+    /// Bytes of one activation element.
+    act_elem: usize,
+    /// The result overlaps `x`: copy `x`'s rows (this many bytes) first.
+    copy_x: Option<usize>,
+}
+
+/// A `Linear` launch run by [`crate::gemm::linear`] instead of its kernel.
+#[derive(Clone, Copy)]
+struct Gemm {
+    n: usize,
+    k: usize,
+    act: DType,
+    weight: DType,
+    bias: bool,
+    /// Row chunks start at multiples of this (the microkernel's row tile).
+    tile: usize,
+}
+
+/// One pre-bound kernel launch (the CPU device's bound kernel).
+pub struct Launch {
+    f: RawKernel,
+    gemm: Option<Gemm>,
+    /// Operands then results.
+    args: Vec<Arg>,
+    /// An `Attention` (takes the KV arguments).
+    attention: bool,
+    /// `Linear`: its output rows `n` (the row-range arguments `0 .. n`).
+    rows: Option<usize>,
+    split: Option<Split>,
+    /// Families computed token by token (all but Attention and Linear):
+    /// each argument's row bytes, to split a prompt by tokens.
+    token_rows: Option<Vec<usize>>,
+}
+
+impl Launch {
+    /// Run by a std::arch microkernel.
+    pub(super) fn on_microkernel(&self) -> bool {
+        self.gemm.is_some()
+    }
+
+    /// Split over the threads by output rows.
+    pub(super) fn row_split(&self) -> bool {
+        self.split.as_ref().is_some_and(|s| s.chunks.len() > 1)
+    }
+}
+
+impl CpuDevice {
+    pub(super) fn bind_kernel(&mut self, k: &Kernel) -> Result<Launch, DeviceError> {
+        let threads = self.pool.threads();
+        let values = &self.values;
+        let gemm = match &k.spec.family {
+            Family::Linear(l) if self.microkernels && gemm::microkernel(k.spec.act, l.weight) => Some(Gemm {
+                n: l.n,
+                k: l.k,
+                act: k.spec.act,
+                weight: l.weight,
+                bias: l.bias,
+                tile: gemm::Variant::best().tile(k.spec.act, l.weight).0,
+            }),
+            _ => None,
+        };
+        let (split, rows) = match &k.spec.family {
+            Family::Linear(l) if gemm.is_none() => (split_linear(k, l, values, threads), Some(l.n)),
+            Family::Linear(l) => (None, Some(l.n)),
+            _ => (None, None),
+        };
+        let f = self.kernels.raw_kernel(&k.spec).map_err(DeviceError::Program)?;
+        let dtypes = operand_dtypes(&k.spec);
+        let mut args = Vec::new();
+        for (op, d) in k.inputs.iter().zip(&dtypes) {
+            args.push(match op {
+                Operand::Act(r) => {
+                    let v = &values[&r.value];
+                    if v.dtype != *d {
+                        return Err(DeviceError::Program(format!(
+                            "kernel {} reads %{} of dtype {} as {d}",
+                            k.spec.name, r.value, v.dtype
+                        )));
+                    }
+                    Arg::Act {
+                        offset: v.offset as usize,
+                        col_bytes: r.col * v.dtype.size_bytes(),
+                        stride: v.width,
+                        elem: v.dtype.size_bytes(),
+                    }
+                }
+                Operand::Weight(w) => Arg::Weight(*self.weights.get(&(*w, *d)).ok_or_else(|| {
+                    DeviceError::Program(format!(
+                        "kernel {} reads weight %{w} as {d}, which is not loaded",
+                        k.spec.name
+                    ))
+                })?),
+            });
+        }
+        for o in &k.outputs {
+            let v = &values[o];
+            if v.dtype != k.spec.act {
+                return Err(DeviceError::Program(format!(
+                    "kernel {} writes %{o} of dtype {} as {}",
+                    k.spec.name, v.dtype, k.spec.act
+                )));
+            }
+            args.push(Arg::Act {
+                offset: v.offset as usize,
+                col_bytes: 0,
+                stride: v.width,
+                elem: v.dtype.size_bytes(),
+            });
+        }
+        let attention = matches!(&k.spec.family, Family::Attention(_));
+        debug_assert_eq!(extra_args(&k.spec), if attention || rows.is_some() { 2 } else { 0 });
+        let token_rows = match &k.spec.family {
+            Family::Attention(_) | Family::Linear(_) => None,
+            _ => Some(args.iter().map(Arg::row_bytes).collect()),
+        };
+        Ok(Launch {
+            f,
+            gemm,
+            args,
+            attention,
+            rows,
+            split,
+            token_rows,
+        })
+    }
+    /// Run one pre-bound launch.
+    pub(super) fn run_launch(&mut self, l: &Launch, shape: CallShape, kv: &[KvArg]) -> Result<(), DeviceError> {
+        let (tokens, seq) = (shape.tokens, shape.seq);
+        let base = self.arena.as_mut_ptr() as *mut u8;
+        let mut args: Vec<*mut u8> = Vec::with_capacity(l.args.len() + 2);
+        let mut strides: Vec<usize> = Vec::with_capacity(l.args.len() + 2);
+        for a in &l.args {
+            match *a {
+                Arg::Act {
+                    offset,
+                    col_bytes,
+                    stride,
+                    ..
+                } => {
+                    // SAFETY: inside the arena sized for `tokens`.
+                    args.push(unsafe { base.add(offset * tokens + col_bytes) });
+                    strides.push(stride);
+                }
+                Arg::Weight(p) => {
+                    args.push(p as *mut u8);
+                    strides.push(0);
+                }
+            }
+        }
+        let f = l.f;
+        if let Some(g) = l.gemm {
+            let res = 2 + g.bias as usize;
+            let p = gemm::LinearArgs {
+                tokens,
+                n: g.n,
+                k: g.k,
+                act: g.act,
+                weight: g.weight,
+                x: args[0],
+                x_stride: strides[0],
+                w: args[1],
+                bias: if g.bias { args[2] } else { std::ptr::null() },
+                y: args[res],
+                y_stride: strides[res],
+            };
+            // Equal row chunks, one per thread, cut at the microkernel's row
+            // tile; an in-place launch (y over x) runs whole on this thread.
+            let parts = if p.aliased() { 1 } else { self.pool.threads() };
+            let rows = g.n.div_ceil(parts).next_multiple_of(g.tile.max(1));
+            let chunks = g.n.div_ceil(rows);
+            self.pool.run(chunks, &|c| {
+                let range = c * rows..((c + 1) * rows).min(g.n);
+                // SAFETY: the pointers are the launch's arena rows for
+                // `tokens` tokens and its encoded weights (the same the
+                // kernel would get); chunks write disjoint result columns.
+                unsafe { gemm::linear(&p, range) }
+            });
+            return Ok(());
+        }
+        if let Some(sp) = &l.split {
+            if let Some(row) = sp.copy_x {
+                // In place: the chunks read x from a private copy.
+                let need = (tokens * row).div_ceil(8);
+                if self.x_copy.len() < need {
+                    self.x_copy.resize(need, 0);
+                }
+                let dst = self.x_copy.as_mut_ptr() as *mut u8;
+                let act_elem = sp.act_elem;
+                for t in 0..tokens {
+                    // SAFETY: row t of x (stride strides[0] elements) lies
+                    // in the arena; the copy holds tokens * row bytes.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(args[0].add(t * strides[0] * act_elem), dst.add(t * row), row)
+                    };
+                }
+                args[0] = dst;
+                strides[0] = row / act_elem;
+            }
+            // Every chunk: the same arguments, its own row range.
+            args.extend([std::ptr::null_mut(); 2]);
+            let na = strides.len() + 2;
+            let mut chunk_strides: Vec<usize> = Vec::with_capacity(na * sp.chunks.len());
+            for &(row0, row1) in &sp.chunks {
+                chunk_strides.extend_from_slice(&strides);
+                chunk_strides.extend([row0, row1]);
+            }
+            let args = args.iter().map(|&p| p as usize).collect::<Vec<usize>>();
+            self.pool.run(sp.chunks.len(), &|c| {
+                let a = args.as_ptr() as *const *mut u8;
+                // SAFETY: the kernel ABI as for the whole kernel (below);
+                // each chunk writes only its own rows of the result.
+                unsafe { f(a, chunk_strides[c * na..].as_ptr(), tokens) }
+            });
+            return Ok(());
+        }
+        if let Some(n) = l.rows {
+            // The whole Linear: rows 0 .. n.
+            args.extend([std::ptr::null_mut(); 2]);
+            strides.extend([0, n]);
+        }
+        if let Some(row_bytes) = &l.token_rows {
+            let chunks = token_chunks(tokens, self.pool.threads());
+            if chunks > 1 {
+                // Each token is computed from that token's rows alone:
+                // chunks of tokens are independent launches of the same
+                // kernel on row-offset pointers.
+                let per = tokens.div_ceil(chunks);
+                self.token_split_launches += 1;
+                let args = args.iter().map(|&p| p as usize).collect::<Vec<usize>>();
+                self.pool.run(tokens.div_ceil(per), &|c| {
+                    let t0 = c * per;
+                    let a: Vec<*mut u8> = args
+                        .iter()
+                        .zip(row_bytes)
+                        .map(|(&p, &rb)| (p + t0 * rb) as *mut u8)
+                        .collect();
+                    // SAFETY: as for the whole launch below, on tokens
+                    // t0 .. t0 + n of every activation; chunks write
+                    // disjoint token rows.
+                    unsafe { f(a.as_ptr(), strides.as_ptr(), per.min(tokens - t0)) };
+                });
+                return Ok(());
+            }
+        }
+        let mut seqs: Vec<KvSeq> = Vec::new();
+        if l.attention {
+            let mut need = 0;
+            for a in kv {
+                let s = self
+                    .stores
+                    .get_mut(a.store.0)
+                    .and_then(|s| s.as_mut())
+                    .ok_or_else(|| DeviceError::Failed(format!("KV store {} is not allocated", a.store.0)))?;
+                if s.rows() < a.past + seq {
+                    return Err(DeviceError::Failed(format!(
+                        "KV store {} holds {} positions, the launch needs {}",
+                        a.store.0,
+                        s.rows(),
+                        a.past + seq
+                    )));
+                }
+                seqs.push(KvSeq {
+                    k: s.k.as_mut_ptr(),
+                    v: s.v.as_mut_ptr(),
+                    past: a.past,
+                });
+                need = need.max(a.past + seq);
+            }
+            if self.scratch.len() < need {
+                self.scratch.resize(need.next_power_of_two(), 0.0);
+            }
+            args.push(seqs.as_mut_ptr() as *mut u8);
+            strides.push(seq);
+            args.push(self.scratch.as_mut_ptr() as *mut u8);
+            strides.push(0);
+        }
+        // SAFETY: the arguments follow the kernel ABI of ouroc_codegen::cpu:
+        // one pointer per operand and result (arena rows for `tokens`
+        // tokens, weights encoded in their operand dtype), then for
+        // attention the KvSeq array (capacity >= past + seq) and a scratch
+        // of at least past + seq f32.
+        unsafe { f(args.as_ptr(), strides.as_ptr(), tokens) };
+        Ok(())
+    }
+}
+
+/// The row split of a Linear on `threads` threads (None: one chunk).
+fn split_linear(k: &Kernel, l: &LinearSpec, values: &HashMap<u32, ActValue>, threads: usize) -> Option<Split> {
+    let parts = row_chunks(l.n, threads);
+    if parts.len() < 2 {
+        return None;
+    }
+    let act_elem = k.spec.act.size_bytes();
+    let y = &values[&k.outputs[0]];
+    let copy_x = match &k.inputs[0] {
+        Operand::Act(r) if overlap(&values[&r.value], y) => Some(l.k * act_elem),
+        _ => None,
+    };
+    Some(Split {
+        chunks: parts.into_iter().map(|(row0, rows)| (row0, row0 + rows)).collect(),
+        act_elem,
+        copy_x,
+    })
+}
+
+/// The chunks (first row, rows) a Linear of `n` rows is split into on
+/// `threads` threads: none (one chunk) under 8 rows or on one thread.
+fn row_chunks(n: usize, threads: usize) -> Vec<(usize, usize)> {
+    if threads <= 1 || n < 8 {
+        return vec![(0, n)];
+    }
+    let size = n.div_ceil(threads).next_multiple_of(4);
+    (0..n.div_ceil(size))
+        .map(|c| (c * size, size.min(n - c * size)))
+        .collect()
+}
+
+/// Fewest tokens a task of a token-split launch gets: below that the
+/// fork/join of the pool costs more than the kernel saves.
+const MIN_TOKENS_PER_TASK: usize = 8;
+
+/// Chunks of tokens a per-token kernel (`Launch::token_rows`) is split
+/// into on `threads` threads: one in decode and for short prompts.
+fn token_chunks(tokens: usize, threads: usize) -> usize {
+    threads.min(tokens / MIN_TOKENS_PER_TASK).max(1)
+}
+
+/// Whether the per-token byte ranges of two arena values overlap.
+fn overlap(a: &ActValue, b: &ActValue) -> bool {
+    let range = |v: &ActValue| (v.offset as usize, v.offset as usize + v.width * v.dtype.size_bytes());
+    let ((a0, a1), (b0, b1)) = (range(a), range(b));
+    a0 < b1 && b0 < a1
+}
