@@ -166,8 +166,9 @@ pub struct BuildArgs {
     /// Link the weights into the executable instead of writing APP.weights
     #[arg(long)]
     pub embed_weights: bool,
-    /// The app runtime static library (default: target/app/release/libouroc_app.a of this
-    /// workspace, or $OUROC_APP_LIB)
+    /// The app runtime static library (default: $OUROC_APP_LIB, else app/release/libouroc_app.a
+    /// beside this ouroc's target/<profile>/ or in $OUROC_APP_TARGET_DIR, built there by cargo
+    /// from this ouroc's workspace when missing or older than its sources)
     #[arg(long, value_name = "FILE")]
     pub app_lib: Option<PathBuf>,
 }
