@@ -36,7 +36,7 @@ pub enum Command {
     /// interface)
     Logits(LogitsArgs),
     /// Run the optimisation pipeline (e-graph rewrites, fusion, loop passes,
-    /// re-rolling, CSE/DCE, memory planning) and report what it did
+    /// re-rolling, CSE/DCE) and report what it did and the memory plan
     Compile(CompileArgs),
     /// Generate text from a prompt, streaming it, then print speed and the
     /// distribution of exit depths (how many loop steps each token used)
@@ -166,8 +166,9 @@ pub struct BuildArgs {
     /// Link the weights into the executable instead of writing APP.weights
     #[arg(long)]
     pub embed_weights: bool,
-    /// The app runtime static library (default: target/app/release/libouroc_app.a of this
-    /// workspace, or $OUROC_APP_LIB)
+    /// The app runtime static library (default: $OUROC_APP_LIB, else app/release/libouroc_app.a
+    /// beside this ouroc's target/<profile>/ or in $OUROC_APP_TARGET_DIR, built there by cargo
+    /// from this ouroc's workspace when missing or older than its sources)
     #[arg(long, value_name = "FILE")]
     pub app_lib: Option<PathBuf>,
 }
@@ -240,8 +241,8 @@ pub enum Emit {
         source: SourceArgs,
         #[command(flatten)]
         model: ModelFlags,
-        /// Export the IR after this pass of the pipeline (`--after memplan`: fully optimised,
-        /// with the fused ops); without it, the imported IR
+        /// Export the IR after this pass of the pipeline (`--after dce`, the last pass: fully
+        /// optimised, with the fused ops); without it, the imported IR
         #[arg(long, value_name = "PASS")]
         after: Option<String>,
         /// Print each op's location: the IR op it comes from (`loc("%50 = add_rms_norm")`)
@@ -280,7 +281,8 @@ pub struct CompileArgs {
     #[command(flatten)]
     pub model: ModelFlags,
     /// Print per-pass statistics: ops, ops in the loop, kernels launched per token,
-    /// weight and activation bytes moved per token; and the activation memory plan
+    /// weight and activation bytes moved per token; and the activation memory plan of the
+    /// optimised graph (an analysis, not a pass: the one lowering uses)
     #[arg(long)]
     pub stats: bool,
 }

@@ -4,8 +4,8 @@
 //! build; exit policy; GPU target without a driver); no Cranelift, egg,
 //! melior, PTX emitter or PTX emulator code inside.
 //!
-//! The app runtime is built first, on its own (`cargo build --release -p
-//! ouroc-app --target-dir target/app`, a no-op when up to date).
+//! The app runtime is found (or built, when missing or stale) by `ouroc
+//! build` itself, as for a user: once, by the first build of a test run.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -15,24 +15,35 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// libouroc_app.a, built once per test run.
+/// libouroc_app.a where `ouroc build` finds it by default, made ready (built
+/// by ouroc if missing or stale) by one build per test run, before the tests'
+/// builds use it concurrently.
 fn app_lib() -> &'static Path {
     static LIB: OnceLock<PathBuf> = OnceLock::new();
     LIB.get_or_init(|| {
-        let target = root().join("target/app");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let o = Command::new(cargo)
-            .args(["build", "--release", "-p", "ouroc-app", "--target-dir"])
-            .arg(&target)
-            .current_dir(root())
+        let dir = tempfile::tempdir().unwrap();
+        let app = dir.path().join("first");
+        let ckpt = root().join("tests/fixtures/r1");
+        let o = Command::new(env!("CARGO_BIN_EXE_ouroc"))
+            .args(["build", ckpt.to_str().unwrap(), "-o", app.to_str().unwrap()])
+            .env_remove("OUROC_APP_LIB")
+            .env_remove("OUROC_APP_TARGET_DIR")
             .output()
-            .expect("run cargo");
-        assert!(
-            o.status.success(),
-            "building ouroc-app failed:\n{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        target.join("release/libouroc_app.a")
+            .expect("run ouroc");
+        let err = text(&o.stderr);
+        assert!(o.status.success(), "the first ouroc build failed:\n{err}");
+        // "[5/5] linked APP with LIB by cc (...)"
+        let lib = err
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("[5/5] linked ")?
+                    .split_once(" with ")?
+                    .1
+                    .split_once(" by ")
+                    .map(|x| x.0)
+            })
+            .unwrap_or_else(|| panic!("no link line:\n{err}"));
+        PathBuf::from(lib)
     })
 }
 
@@ -47,18 +58,13 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// `ouroc build FIXTURE -o DIR/NAME FLAGS`; returns the executable.
+/// `ouroc build FIXTURE -o DIR/NAME FLAGS` with the app runtime it finds
+/// by default; returns the executable.
 fn build(dir: &Path, name: &str, ckpt: &str, flags: &[&str]) -> PathBuf {
     let app = dir.join(name);
     let ckpt = root().join(ckpt);
-    let mut args = vec![
-        "build",
-        ckpt.to_str().unwrap(),
-        "-o",
-        app.to_str().unwrap(),
-        "--app-lib",
-        app_lib().to_str().unwrap(),
-    ];
+    app_lib();
+    let mut args = vec!["build", ckpt.to_str().unwrap(), "-o", app.to_str().unwrap()];
     args.extend_from_slice(flags);
     let o = ouroc(&args);
     let err = text(&o.stderr);
@@ -333,4 +339,104 @@ fn build_explains_a_missing_app_runtime() {
         "{}",
         text(&o.stderr)
     );
+}
+
+/// With the app runtime missing from its target directory
+/// (`$OUROC_APP_TARGET_DIR`), `ouroc build` runs cargo (`$CARGO`; a stand-in
+/// here, which records its arguments and puts the real library where cargo
+/// would) in its own workspace, says so, and links what it built; then it
+/// uses the library as it is, rebuilds it once it is older than Cargo.lock,
+/// and explains a cargo that fails or is not there.
+#[test]
+fn build_builds_a_missing_app_runtime_with_cargo() {
+    let real = app_lib();
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("app target");
+    let lib = target.join("release/libouroc_app.a");
+    let log = dir.path().join("cargo.log");
+    let cargo = dir.path().join("cargo");
+    std::fs::write(
+        &cargo,
+        format!(
+            "#!/bin/sh\necho \"cargo $* (in $(pwd))\" >> '{log}'\necho '   Compiling ouroc-app (stand-in)' >&2\n\
+             mkdir -p '{rel}' && cp '{real}' '{rel}/'\n",
+            log = log.display(),
+            rel = target.join("release").display(),
+            real = real.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&cargo, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ckpt = root().join("tests/fixtures/r1");
+    let app = dir.path().join("x");
+    let run = |cargo: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_ouroc"))
+            .args(["build", ckpt.to_str().unwrap(), "-o", app.to_str().unwrap()])
+            .env_remove("OUROC_APP_LIB")
+            .env("OUROC_APP_TARGET_DIR", &target)
+            .env("CARGO", cargo)
+            .output()
+            .unwrap()
+    };
+    let calls = || std::fs::read_to_string(&log).unwrap_or_default();
+    // A build that succeeds: its progress output.
+    let built = |cargo: &Path| {
+        let o = run(cargo);
+        let err = text(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        err
+    };
+
+    let err = built(&cargo);
+    assert!(
+        err.contains("building the app runtime") && err.contains(" once (about "),
+        "no progress line:\n{err}"
+    );
+    assert!(
+        err.contains("Compiling ouroc-app (stand-in)"),
+        "cargo's output is shown:\n{err}"
+    );
+    let want = format!(
+        "cargo build --release -p ouroc-app --target-dir {} (in {})\n",
+        target.display(),
+        root().display()
+    );
+    assert_eq!(calls(), want);
+    assert!(err.contains(&format!("with {} by", lib.display())), "{err}");
+    let o = run_app(&app, &["--ids", "1,2", "--max-new-tokens", "2", "--temperature", "0"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+
+    // Up to date: no cargo.
+    assert!(!built(&cargo).contains("the app runtime"));
+    assert_eq!(calls(), want, "cargo ran for an up-to-date library");
+
+    // Older than the workspace's Cargo.lock: rebuilt, saying why.
+    std::fs::File::options()
+        .write(true)
+        .open(&lib)
+        .unwrap()
+        .set_modified(std::time::SystemTime::UNIX_EPOCH)
+        .unwrap();
+    let err = built(&cargo);
+    assert!(
+        err.contains("rebuilding the app runtime") && err.contains("Cargo.lock changed since it was built"),
+        "{err}"
+    );
+    assert_eq!(calls(), want.repeat(2));
+
+    // cargo fails, or is not there: the command to run, no panic.
+    std::fs::remove_file(&lib).unwrap();
+    for (cargo, needle) in [
+        (Path::new("/bin/false"), "building the app runtime failed"),
+        (&dir.path().join("no-cargo"), "cannot run cargo"),
+    ] {
+        let o = run(cargo);
+        let err = text(&o.stderr);
+        assert!(!o.status.success() && !err.contains("panicked"), "{err}");
+        assert!(
+            err.contains(needle) && err.contains("cargo build --release -p ouroc-app --target-dir"),
+            "{err}"
+        );
+    }
 }

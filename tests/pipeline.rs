@@ -78,6 +78,33 @@ fn emit_after_a_pass_shows_its_effect_and_unknown_passes_are_named() {
     );
 }
 
+/// Memory planning is an analysis lowering runs, not a pass: the pipeline
+/// ends at `dce`, and neither `--after memplan` nor the stats table offer
+/// a pass that does nothing.
+#[test]
+fn memplan_is_not_a_pass() {
+    let o = ouroc(&["emit", "ir", &fixture("mha-r4"), "--after", "memplan"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("unknown pass `memplan`") && err.contains("cse, dce"),
+        "{err}"
+    );
+    let stats = ok(&["compile", &fixture("mha-r4"), "--stats"]);
+    let passes: Vec<&str> = stats
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(passes.last(), Some(&"dce"), "{stats}");
+    assert!(!passes.contains(&"memplan"), "{stats}");
+    // The plan is still reported, at one token and at 128.
+    assert!(
+        stats.contains("activation arena") && stats.contains("seq 128"),
+        "{stats}"
+    );
+}
+
 #[test]
 fn shape_and_checkpoint_are_exclusive() {
     let o = ouroc(&["compile", &fixture("mha-r4"), "--shape", "1.4b"]);
@@ -99,10 +126,10 @@ fn optimised_ir_snapshots() {
         "--precision",
         "bf16",
         "--after",
-        "memplan",
+        "dce",
     ]);
     insta::assert_snapshot!("optimised_mha_r4_bf16_default_policy", mha);
-    let gqa = ok(&["emit", "ir", &fixture("gqa-hd"), "--exit", "last", "--after", "memplan"]);
+    let gqa = ok(&["emit", "ir", &fixture("gqa-hd"), "--exit", "last", "--after", "dce"]);
     insta::assert_snapshot!("optimised_gqa_hd_last", gqa);
     // Under `last` nothing reads the exit signal: the gate is gone entirely.
     assert!(

@@ -4,7 +4,7 @@
 //! (serde); [`Program::check`] validates one read from a file.
 //!
 //! Identifiers are the IR's value numbers (`%45`), so a program can be read
-//! next to `ouroc emit ir --after memplan`.
+//! next to `ouroc emit ir --after dce` (the optimised graph).
 
 use crate::spec::{Family, KernelSpec, dtype_serde};
 use ouroc_ir::{DType, WeightSource};

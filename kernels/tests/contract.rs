@@ -267,3 +267,31 @@ fn weight_bytes_read_counts_layers_per_step_and_one_embedding_row() {
     );
     assert_eq!(outside as usize, 4 * (h + v * h), "one embedding row and the head");
 }
+
+/// The Program's arena is `memplan::plan` of the graph it lowers, at one
+/// token: every activation at the offset the plan gives it, in an arena of
+/// the plan's size (memory planning is an analysis lowering runs, not a
+/// pass of the pipeline). The fixtures need no relocation (the case above).
+#[test]
+fn the_arena_is_the_memory_plan_of_the_lowered_graph() {
+    for (name, policy) in [("mha-r4", "threshold:0.5"), ("gqa-hd", "last"), ("tied", "weighted")] {
+        let ckpt = open(name);
+        for g in [
+            graph(&ckpt, DType::F32, policy),
+            optimised(&graph(&ckpt, DType::BF16, policy)),
+        ] {
+            let plan = ouroc_passes::memplan::plan(&g, 1, 1);
+            let prog = lower(&g).unwrap();
+            assert_eq!(prog.arena.bytes_per_token, plan.arena_bytes, "{name}");
+            assert!(!prog.arena.values.is_empty());
+            for v in &prog.arena.values {
+                let id = ouroc_ir::ValueId(v.id);
+                assert_eq!(Some(&v.offset), plan.offsets.get(&id), "{name}: %{}", v.id);
+            }
+            // Views have no buffer of their own; every other planned value has one.
+            let views: std::collections::HashSet<_> = plan.views.iter().map(|(v, _)| v.0).collect();
+            let planned = plan.offsets.keys().filter(|v| !views.contains(&v.0)).count();
+            assert_eq!(prog.arena.values.len(), planned, "{name}");
+        }
+    }
+}

@@ -1,6 +1,12 @@
 //! Memory planning of the activations: buffer lifetimes, in-place reuse and
 //! the arena size for a given (batch, seq).
 //!
+//! An analysis, not a pass: [`plan`] reads a graph and changes nothing, so
+//! it is not in the pipeline (a plan kept beside a graph would go stale at
+//! the next rewrite). Its users call it on the graph they have:
+//! `ouroc_kernels::lower` for the Program's arena (batch = seq = 1), and
+//! `ouroc compile --stats` for the summary it prints.
+//!
 //! Activations are the graph inputs and every op result except weights and
 //! values computed from weights only (folded/merged weights live with the
 //! weights, made once at load). A `slice` is a view of its input: it has no
@@ -26,7 +32,6 @@
 //! lowest offset not overlapping a placed buffer whose lifetime overlaps
 //! its own (first fit by size). Sizes are rounded up to 64 bytes.
 
-use crate::manager::{Pass, PassError};
 use crate::ssa::{constants, defs, term_uses};
 use ouroc_ir::{Block, Dim, Graph, OpKind, Type, ValueId};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -76,34 +81,6 @@ impl MemoryPlan {
             self.buffers.len(),
             self.in_place.len()
         )
-    }
-}
-
-/// The analysis as a pass: leaves the graph as it is (the CLI prints the
-/// plan from [`plan`]).
-#[derive(Clone, Copy, Debug)]
-pub struct MemPlan {
-    pub batch: usize,
-    pub seq: usize,
-}
-
-impl Default for MemPlan {
-    fn default() -> Self {
-        MemPlan { batch: 1, seq: 1 }
-    }
-}
-
-impl Pass for MemPlan {
-    fn name(&self) -> &'static str {
-        "memplan"
-    }
-
-    fn description(&self) -> &'static str {
-        "plan activation buffers (lifetimes, in-place reuse, arena size); the graph is unchanged"
-    }
-
-    fn run(&self, g: &Graph) -> Result<Graph, PassError> {
-        Ok(g.clone())
     }
 }
 

@@ -9,15 +9,17 @@
 //! 4. `rotate`: carries the next step's input norm so `step_end` fuses it
 //!    (must precede `policy-dce`, which simplifies `step_end` under `last`);
 //! 5. `policy-dce`, `peel`: remove what the fixed exit policy never uses;
-//! 6. `cse`, `dce`: clean up;
-//! 7. `memplan`: an analysis (buffer lifetimes, arena size).
+//! 6. `cse`, `dce`: clean up (`dce` is the last pass: `--after dce` is the
+//!    optimised graph).
+//!
+//! Memory planning is an analysis of the result, not a pass:
+//! [`crate::memplan::plan`], which lowering calls.
 
 use crate::cse::Cse;
 use crate::dce::Dce;
 use crate::egraph::EGraphRewrite;
 use crate::hoist::Hoist;
 use crate::manager::PassManager;
-use crate::memplan::MemPlan;
 use crate::peel::Peel;
 use crate::policy_dce::PolicyDce;
 use crate::reroll::Reroll;
@@ -45,7 +47,28 @@ pub fn pipeline(keep_exit_trace: bool) -> PassManager {
         Box::new(Peel::new()) as Box<dyn crate::Pass>,
         Box::new(Cse),
         Box::new(Dce),
-        Box::new(MemPlan::default()),
     ]);
     PassManager::new(passes)
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every pass of the pipeline transforms the graph; memory planning, an
+    /// analysis, is not one of them.
+    #[test]
+    fn the_pipeline_ends_at_dce() {
+        assert_eq!(
+            super::default_pipeline().names(),
+            [
+                "reroll",
+                "egraph",
+                "hoist",
+                "rotate",
+                "policy-dce",
+                "peel",
+                "cse",
+                "dce"
+            ]
+        );
+    }
 }

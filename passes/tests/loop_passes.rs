@@ -13,7 +13,7 @@ use ouroc_ir::{
 use ouroc_passes::cse::Cse;
 use ouroc_passes::dce::{Dce, dce};
 use ouroc_passes::hoist::Hoist;
-use ouroc_passes::memplan::{MemPlan, MemoryPlan, plan};
+use ouroc_passes::memplan::{MemoryPlan, plan};
 use ouroc_passes::peel::Peel;
 use ouroc_passes::policy_dce::PolicyDce;
 use ouroc_passes::rotate::Rotate;
@@ -198,7 +198,6 @@ fn all_passes() -> Vec<(Box<dyn Pass>, bool)> {
         (Box::new(Peel::forced()), false),
         (Box::new(Cse), true),
         (Box::new(Dce), true),
-        (Box::new(MemPlan::default()), true),
     ]
 }
 
@@ -211,7 +210,6 @@ fn pipeline() -> PassManager {
         Box::new(Peel::new()),
         Box::new(Cse),
         Box::new(Dce),
-        Box::new(MemPlan::default()),
     ])
 }
 

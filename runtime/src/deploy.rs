@@ -225,41 +225,70 @@ pub fn write_weights(out: &mut dyn Write, header: &WeightsHeader, weights: &Resi
     out.write_all(&head)?;
     let mut at = 0u64;
     let zeros = [0u8; ENTRY_ALIGN];
+    // The padding before each entry and at the end: less than ENTRY_ALIGN
+    // bytes for a header made by [`layout`].
+    let pad = |to: u64, at: u64| {
+        to.checked_sub(at)
+            .and_then(|n| zeros.get(..usize::try_from(n).ok()?))
+            .ok_or_else(|| std::io::Error::other(format!("a weights header out of order: {to} after {at}")))
+    };
     for (ix, (_, bytes)) in header.entries.iter().zip(weights.entries()) {
-        out.write_all(&zeros[..(ix.offset - at) as usize])?;
+        out.write_all(pad(ix.offset, at)?)?;
         out.write_all(bytes)?;
         at = ix.offset + bytes.len() as u64;
     }
-    out.write_all(&zeros[..(header.data_bytes - at) as usize])?;
+    out.write_all(pad(header.data_bytes, at)?)?;
     Ok(head.len() as u64 + header.data_bytes)
 }
 
 /// One encoded weight of an image: (weight id, dtype) and its bytes.
 pub type WeightSlice<'a> = ((u32, DType), &'a [u8]);
 
+/// Bytes before a weights image's header: the magic and the header length.
+const PREFIX: usize = WEIGHTS_MAGIC.len() + 8;
+
 /// Check a weights image against the fingerprint `want` and return its
 /// entries. `what` names it in errors (a path, or "the embedded weights").
+///
+/// Every length and offset the image holds is untrusted: each is checked
+/// (checked arithmetic, bounds) before it is used, and a bad one is an
+/// error naming it, never a panic.
 pub fn read_weights<'a>(image: &'a [u8], want: &Fingerprint, what: &str) -> Result<Vec<WeightSlice<'a>>, String> {
-    if image.len() < 16 || image[..8] != WEIGHTS_MAGIC {
+    if image.len() < PREFIX || image[..8] != WEIGHTS_MAGIC {
         return Err(format!(
             "{what} is not an ouroc weights file (no `OUROCWT1` header; {} bytes)",
             image.len()
         ));
     }
-    let hlen = u64::from_le_bytes(image[8..16].try_into().expect("8 bytes")) as usize;
-    let json = image
-        .get(16..16 + hlen)
-        .ok_or_else(|| format!("{what} is truncated: its header does not fit ({} bytes)", image.len()))?;
-    let header: WeightsHeader =
-        serde_json::from_slice(json).map_err(|e| format!("{what}: unreadable weights header: {e}"))?;
+    let hlen = u64::from_le_bytes(image[8..PREFIX].try_into().expect("8 bytes"));
+    let json_end = usize::try_from(hlen)
+        .ok()
+        .and_then(|h| h.checked_add(PREFIX))
+        .filter(|&end| end <= image.len())
+        .ok_or_else(|| {
+            format!(
+                "{what} is truncated or corrupt: its header length ({hlen} bytes) runs past the end of \
+                 the file ({} bytes)",
+                image.len()
+            )
+        })?;
+    let header: WeightsHeader = serde_json::from_slice(&image[PREFIX..json_end])
+        .map_err(|e| format!("{what}: unreadable weights header: {e}"))?;
     if let Some(diff) = header.fingerprint.mismatch(want) {
         return Err(format!(
             "{what} does not belong to this executable: {diff}; use the weights file written with it \
              by the same `ouroc build`"
         ));
     }
-    let start = (16 + hlen).next_multiple_of(DATA_ALIGN);
-    let want_len = start as u64 + header.data_bytes;
+    let start = json_end
+        .checked_next_multiple_of(DATA_ALIGN)
+        .ok_or_else(|| format!("{what} is corrupt: its header length ({hlen} bytes) overflows"))?;
+    let want_len = (start as u64).checked_add(header.data_bytes).ok_or_else(|| {
+        format!(
+            "{what} is corrupt: its header's data length ({} bytes) overflows",
+            header.data_bytes
+        )
+    })?;
     if (image.len() as u64) < want_len {
         return Err(format!(
             "{what} is truncated: {} bytes, its header says {want_len}",
@@ -272,18 +301,45 @@ pub fn read_weights<'a>(image: &'a [u8], want: &Fingerprint, what: &str) -> Resu
             image.len()
         ));
     }
+    // `start <= want_len == image.len()`: in bounds.
     let data = &image[start..];
     header
         .entries
         .iter()
         .map(|e| {
             let d = DType::parse(&e.dtype).ok_or_else(|| format!("{what}: unknown dtype `{}`", e.dtype))?;
-            let bytes = data
-                .get(e.offset as usize..(e.offset + e.len) as usize)
-                .ok_or_else(|| format!("{what}: entry %{} lies outside the data", e.id))?;
-            Ok(((e.id, d), bytes))
+            let range = entry_range(e, data.len() as u64).map_err(|m| format!("{what} is corrupt: {m}"))?;
+            Ok(((e.id, d), &data[range]))
         })
         .collect()
+}
+
+/// The bytes of entry `e` in data of `data_len` bytes, checked.
+fn entry_range(e: &WeightIndex, data_len: u64) -> Result<std::ops::Range<usize>, String> {
+    let end = e
+        .offset
+        .checked_add(e.len)
+        .ok_or_else(|| format!("entry %{}: offset {} + length {} overflows", e.id, e.offset, e.len))?;
+    if end > data_len {
+        return Err(format!(
+            "entry %{} (bytes {}..{end}) lies outside the data ({data_len} bytes)",
+            e.id, e.offset
+        ));
+    }
+    // Both fit in `data_len`, the length of a slice: they fit in usize.
+    Ok(e.offset as usize..end as usize)
+}
+
+/// The length of a linked blob ([`blob`]) whose length field says `len`
+/// with `available` bytes at most after the field (the size of the file it
+/// is in): an error naming `what` when it cannot be.
+pub fn blob_len(len: u64, available: u64, what: &str) -> Result<usize, String> {
+    if len > available {
+        return Err(format!(
+            "corrupt executable: {what} says it has {len} bytes, more than the whole file ({available} bytes)"
+        ));
+    }
+    usize::try_from(len).map_err(|_| format!("corrupt executable: {what} has {len} bytes, more than memory holds"))
 }
 
 /// A blob as linked into an executable: `u64 LE length | bytes`.

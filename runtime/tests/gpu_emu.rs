@@ -7,7 +7,7 @@
 //! Tolerances (`gpu_common::tol`, the ones tests/golden.rs justifies): f32
 //! 1e-4 relative to the largest golden value; bf16 2e-2. bf16 goldens are
 //! compared in full (logits, every step's hidden states, lambdas, exit
-//! steps) on the *unfused* Program (only the memory plan), whose rounding
+//! steps) on the *unfused* Program (no pass run), whose rounding
 //! points are the reference's. The optimised Program folds each RMSNorm
 //! weight into the next linear (`scale_cols`: the weight product is
 //! rounded into the bf16 matrix instead of into the normalised row, see

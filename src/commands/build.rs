@@ -14,7 +14,8 @@
 //!    embedded);
 //! 4. the object linked by the system C compiler (`cc`) with the app
 //!    runtime `libouroc_app.a` (package `ouroc-app`, built on its own so
-//!    no JIT reaches it).
+//!    no JIT reaches it: by cargo, run from here when it is missing or
+//!    older than its sources; see [`app_lib`]).
 
 use super::{build as build_graph, open};
 use crate::cli::{BuildArgs, Precision};
@@ -26,9 +27,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-/// The cargo command that builds the app runtime where `ouroc build` looks.
-pub const APP_LIB_COMMAND: &str = "cargo build --release -p ouroc-app --target-dir target/app";
-
 const TARGETS: [&str; 3] = ["cpu", "a100", "cpu+a100"];
 
 /// Libraries the Rust standard library needs when linked from a staticlib
@@ -39,9 +37,26 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
-/// `libouroc_app.a`: `--app-lib`, `$OUROC_APP_LIB`, or
-/// `target/app/release/` of the workspace this ouroc was built in (beside
-/// `target/<profile>/ouroc`).
+/// The workspace this ouroc was built from: the app runtime's sources.
+const WORKSPACE: &str = env!("CARGO_MANIFEST_DIR");
+
+/// The app runtime's file name in `<target dir>/release/`.
+const APP_LIB_FILE: &str = "libouroc_app.a";
+
+/// Minutes a first build of the app runtime takes (measured on 2 cores).
+const APP_LIB_MINUTES: u32 = 3;
+
+/// The cargo command that builds the app runtime into `target` (on its own:
+/// no other package's features, such as the JIT, reach it).
+fn app_lib_command(target: &Path) -> String {
+    format!("cargo build --release -p ouroc-app --target-dir {}", target.display())
+}
+
+/// `libouroc_app.a`: `--app-lib FILE` or `$OUROC_APP_LIB` as given;
+/// otherwise `<target>/release/libouroc_app.a`, where `<target>` is
+/// `$OUROC_APP_TARGET_DIR` or [`default_app_target`], built there by cargo
+/// from this ouroc's workspace when it is missing or older than its
+/// sources.
 fn app_lib(flag: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = flag {
         if !p.is_file() {
@@ -56,21 +71,165 @@ fn app_lib(flag: Option<&Path>) -> Result<PathBuf> {
         }
         return Ok(p);
     }
-    let exe = std::env::current_exe().context("cannot find the ouroc executable's path")?;
-    let dir = exe.parent().context("the ouroc executable has no directory")?;
-    let want = dir.join("../app/release/libouroc_app.a");
-    if want.is_file() {
-        return Ok(want);
+    let target = match std::env::var_os("OUROC_APP_TARGET_DIR") {
+        Some(t) => PathBuf::from(t),
+        None => default_app_target(),
+    };
+    let lib = target.join("release").join(APP_LIB_FILE);
+    let workspace = Path::new(WORKSPACE);
+    let sources = workspace.join("runtime/app/Cargo.toml").is_file().then_some(workspace);
+    match (app_lib_state(&lib, sources), sources) {
+        (AppLib::Ready, _) => Ok(lib),
+        (state, Some(workspace)) => {
+            build_app_lib(workspace, &target, &state, &lib)?;
+            if !lib.is_file() {
+                bail!("cargo built the app runtime but {} is not there", lib.display());
+            }
+            // Cargo found it up to date although a file it was checked
+            // against is newer (a Cargo.lock change that does not touch it):
+            // say so on the file, so the next build does not ask again.
+            if app_lib_state(&lib, sources) != AppLib::Ready {
+                std::fs::File::options()
+                    .write(true)
+                    .open(&lib)
+                    .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+                    .with_context(|| format!("cannot update the time of {}", lib.display()))?;
+            }
+            Ok(lib)
+        }
+        (_, None) => bail!(
+            "the app runtime {} is not built, and the ouroc sources it is built from ({WORKSPACE}) \
+             are not here; in an ouroc checkout run\n    {}\n\
+             and pass --app-lib <target dir>/release/{APP_LIB_FILE} (or set OUROC_APP_LIB)",
+            lib.display(),
+            app_lib_command(&target)
+        ),
     }
-    bail!(
-        "the app runtime libouroc_app.a is not built (looked for {}); build it with\n    {APP_LIB_COMMAND}\n\
-         in the ouroc workspace (on its own, so no JIT is linked in), or pass --app-lib FILE",
-        want.display()
-    )
+}
+
+/// `app/` beside `target/<profile>/` when this ouroc runs from a cargo
+/// target directory (which cargo tags with `CACHEDIR.TAG`), so it follows
+/// `CARGO_TARGET_DIR`; else `target/app` of the workspace.
+fn default_app_target() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.to_path_buf()))
+        .filter(|t| t.join("CACHEDIR.TAG").is_file())
+        .unwrap_or_else(|| Path::new(WORKSPACE).join("target"))
+        .join("app")
+}
+
+/// The state of the app runtime library.
+#[derive(Debug, PartialEq)]
+enum AppLib {
+    /// There, and no older than its sources (or they are not here to tell).
+    Ready,
+    /// Not there.
+    Missing,
+    /// Older than a source: why.
+    Stale(String),
+}
+
+/// Whether `lib` is there and up to date with its sources: the files
+/// cargo's dep-info beside it (`libouroc_app.d`) lists and the workspace's
+/// `Cargo.lock` (`sources`: the workspace, if here).
+fn app_lib_state(lib: &Path, sources: Option<&Path>) -> AppLib {
+    let Ok(built) = std::fs::metadata(lib).and_then(|m| m.modified()) else {
+        return AppLib::Missing;
+    };
+    let Some(workspace) = sources else {
+        return AppLib::Ready;
+    };
+    let mut inputs = vec![workspace.join("Cargo.lock")];
+    if let Ok(d) = std::fs::read_to_string(lib.with_extension("d")) {
+        inputs.extend(dep_info_inputs(&d));
+    }
+    for input in inputs {
+        match std::fs::metadata(&input).and_then(|m| m.modified()) {
+            Ok(t) if t <= built => {}
+            Ok(_) => {
+                return AppLib::Stale(format!("{} changed since it was built", input.display()));
+            }
+            Err(_) => {
+                return AppLib::Stale(format!("it was built from {}, which is gone", input.display()));
+            }
+        }
+    }
+    AppLib::Ready
+}
+
+/// The input files of a cargo dep-info file (`out: in1 in2 ...`, spaces in
+/// names escaped as `\ `).
+fn dep_info_inputs(d: &str) -> Vec<PathBuf> {
+    let Some(line) = d.lines().find(|l| l.contains(": ")) else {
+        return Vec::new();
+    };
+    let Some((_, rest)) = line.split_once(": ") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = rest.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => cur.extend(chars.next()),
+            ' ' => {
+                if !cur.is_empty() {
+                    out.push(PathBuf::from(std::mem::take(&mut cur)));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(PathBuf::from(cur));
+    }
+    out
+}
+
+/// Build the app runtime (`lib`, in `state`) into `target` with cargo
+/// (`$CARGO`, else `cargo` on PATH) in `workspace`, showing cargo's output.
+fn build_app_lib(workspace: &Path, target: &Path, state: &AppLib, lib: &Path) -> Result<()> {
+    let command = app_lib_command(target);
+    let what = match state {
+        AppLib::Stale(why) => format!("rebuilding the app runtime {} ({why})", lib.display()),
+        _ => format!(
+            "building the app runtime {} once (about {APP_LIB_MINUTES} min on 2 cores)",
+            lib.display()
+        ),
+    };
+    eprintln!(
+        "{what}, on its own so no JIT is linked in:\n    {command}\n  in {}",
+        workspace.display()
+    );
+    let t = Instant::now();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(["build", "--release", "-p", "ouroc-app", "--target-dir"])
+        .arg(target)
+        .current_dir(workspace)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::io::stderr())
+        .status()
+        .with_context(|| {
+            format!(
+                "cannot run cargo ({}) to build the app runtime: install Rust 1.95 (rustup) and run\n    \
+                 {command}\n  in {}, or pass --app-lib FILE",
+                Path::new(&cargo).display(),
+                workspace.display()
+            )
+        })?;
+    if !status.success() {
+        bail!(
+            "building the app runtime failed ({status}): the command was\n    {command}\n  in {}",
+            workspace.display()
+        );
+    }
+    eprintln!("built the app runtime in {:.0} s", t.elapsed().as_secs_f64());
+    Ok(())
 }
 
 pub fn run(args: &BuildArgs) -> Result<()> {
-    let t0 = Instant::now();
     if !TARGETS.contains(&args.target.as_str()) {
         bail!(
             "unknown target `{}`; valid targets: {}",
@@ -87,6 +246,8 @@ pub fn run(args: &BuildArgs) -> Result<()> {
     }
     ouroc_runtime::cpu::KvMode::parse(&args.kv).map_err(anyhow::Error::msg)?;
     let lib = app_lib(args.app_lib.as_deref())?;
+    // The build's phases and total, without the app runtime's first build.
+    let t0 = Instant::now();
     let app = &args.output;
     let mut weights_path = app.clone().into_os_string();
     weights_path.push(".weights");
@@ -290,4 +451,89 @@ pub fn run(args: &BuildArgs) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    fn at(p: &Path, secs: u64) {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs);
+        let f = std::fs::File::options().write(true).open(p).unwrap();
+        f.set_modified(t).unwrap();
+    }
+
+    fn write(p: &Path, text: &str) {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+
+    /// A fake workspace and target dir: the library is built when missing or
+    /// older than Cargo.lock or a file its dep-info lists (one gone too), and
+    /// used as it is when the sources are not there to tell.
+    #[test]
+    fn the_app_runtime_is_built_when_missing_or_older_than_a_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().join("ws");
+        let (lock, src, spaced) = (
+            ws.join("Cargo.lock"),
+            ws.join("runtime/src/lib.rs"),
+            ws.join("runtime/src/a b.rs"),
+        );
+        for p in [&lock, &src, &spaced] {
+            write(p, "");
+            at(p, 0);
+        }
+        let lib = dir.path().join("target/release").join(APP_LIB_FILE);
+        assert_eq!(app_lib_state(&lib, Some(&ws)), AppLib::Missing);
+        assert_eq!(app_lib_state(&lib, None), AppLib::Missing);
+
+        write(&lib, "!<arch>\n");
+        at(&lib, 10);
+        // No dep-info: only Cargo.lock is checked.
+        assert_eq!(app_lib_state(&lib, Some(&ws)), AppLib::Ready);
+        let dep_info = format!(
+            "{}: {} {}\n\n{}:\n",
+            lib.display(),
+            src.display(),
+            spaced.display().to_string().replace(' ', "\\ "),
+            src.display()
+        );
+        write(&lib.with_extension("d"), &dep_info);
+        assert_eq!(app_lib_state(&lib, Some(&ws)), AppLib::Ready);
+
+        at(&spaced, 20);
+        let AppLib::Stale(why) = app_lib_state(&lib, Some(&ws)) else {
+            panic!("a newer source")
+        };
+        assert!(why.contains("a b.rs changed since it was built"), "{why}");
+        // Without the sources there is nothing to compare with: use it.
+        assert_eq!(app_lib_state(&lib, None), AppLib::Ready);
+
+        at(&lib, 30);
+        assert_eq!(app_lib_state(&lib, Some(&ws)), AppLib::Ready);
+        at(&lock, 40);
+        let AppLib::Stale(why) = app_lib_state(&lib, Some(&ws)) else {
+            panic!("a newer Cargo.lock")
+        };
+        assert!(why.contains("Cargo.lock changed"), "{why}");
+
+        at(&lib, 50);
+        std::fs::remove_file(&src).unwrap();
+        let AppLib::Stale(why) = app_lib_state(&lib, Some(&ws)) else {
+            panic!("a source gone")
+        };
+        assert!(why.contains("lib.rs, which is gone"), "{why}");
+    }
+
+    #[test]
+    fn dep_info_inputs_unescape_spaces() {
+        let d = "/t/libx.a: /w/a.rs /w/my\\ dir/b.rs  /w/c.rs\n\n/w/a.rs:\n";
+        assert_eq!(
+            dep_info_inputs(d),
+            ["/w/a.rs", "/w/my dir/b.rs", "/w/c.rs"].map(PathBuf::from)
+        );
+        assert!(dep_info_inputs("").is_empty());
+    }
 }

@@ -22,7 +22,7 @@
 use clap::{CommandFactory, FromArgMatches, Parser};
 use ouroc_kernels::abi::RawKernel;
 use ouroc_runtime::cpu::{CpuForward, CpuOptions, KvMode, LinkedKernels, ResidentWeights};
-use ouroc_runtime::deploy::{AppMeta, host_has, missing_features, read_weights};
+use ouroc_runtime::deploy::{AppMeta, blob_len, host_has, missing_features, read_weights};
 use ouroc_runtime::generate::{Forward, GenLimits};
 use ouroc_runtime::gpu::cuda::CudaDevice;
 use ouroc_runtime::gpu::{GpuForward, GpuOptions};
@@ -57,16 +57,23 @@ pub extern "C" fn ouroc_sinf(x: f32) -> f32 {
     x.sin()
 }
 
-/// A linked blob: `u64` length then the bytes.
+/// A linked blob: `u64` length then the bytes; `what` names it in errors.
+/// The length is checked against the size of the executable's file (a
+/// blob is part of it), so a corrupt one is an error, not a wild read.
 ///
 /// # Safety
 /// `head` is the first 8 bytes of such a blob, linked in (static).
-unsafe fn blob(head: *const u64) -> &'static [u8] {
-    // SAFETY: the length is followed by that many bytes of the same symbol.
-    unsafe {
-        let len = std::ptr::read(head) as usize;
-        std::slice::from_raw_parts((head as *const u8).add(8), len)
-    }
+unsafe fn blob(head: *const u64, what: &str) -> Result<&'static [u8], String> {
+    // SAFETY: `head` points to the blob's 8-byte length.
+    let len = unsafe { std::ptr::read(head) };
+    // Without the file's size (no /proc), the most a slice may hold.
+    let file = std::env::current_exe()
+        .and_then(std::fs::metadata)
+        .map_or(isize::MAX as u64 - 8, |m| m.len());
+    let len = blob_len(len, file, what)?;
+    // SAFETY: the length is followed by that many bytes of the same symbol
+    // (at most the executable's size, checked above).
+    Ok(unsafe { std::slice::from_raw_parts((head as *const u8).add(8), len) })
 }
 
 /// The executable's entry point (the C runtime calls it).
@@ -162,7 +169,7 @@ struct Args {
 
 fn run() -> Result<(), String> {
     // SAFETY: the symbol is the metadata blob `ouroc build` links in.
-    let meta_json = unsafe { blob(&raw const ouroc_app_meta) };
+    let meta_json = unsafe { blob(&raw const ouroc_app_meta, "the linked metadata") }?;
     let meta: AppMeta = serde_json::from_slice(meta_json).map_err(|e| format!("corrupt metadata: {e}"))?;
     let name = app_name();
     let weights_where = if meta.embedded_weights {
@@ -380,7 +387,7 @@ fn run() -> Result<(), String> {
 fn load_weights(meta: &AppMeta, flag: Option<&PathBuf>, name: &str) -> Result<ResidentWeights, String> {
     if meta.embedded_weights {
         // SAFETY: the weights blob `ouroc build` linked in (static).
-        let image = unsafe { blob(&raw const ouroc_app_weights) };
+        let image = unsafe { blob(&raw const ouroc_app_weights, "the embedded weights") }?;
         let entries = read_weights(image, &meta.fingerprint, "the embedded weights")?;
         // SAFETY: static data, never written.
         return Ok(unsafe { ResidentWeights::borrowed(entries, Box::new(())) });

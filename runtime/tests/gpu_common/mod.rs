@@ -43,9 +43,9 @@ pub fn program(ckpt: &Checkpoint, dtype: DType, policy: &str) -> Program {
     ouroc_kernels::lower(&opt).expect("lower")
 }
 
-/// The Program of the imported graph without the algebraic rewrites
-/// (only the memory plan): every rounding point where the reference has
-/// it, so bf16 results are comparable with the golden tolerance.
+/// The Program of the imported graph, no pass run (lowering plans its
+/// memory): every rounding point where the reference has it, so bf16
+/// results are comparable with the golden tolerance.
 pub fn program_unfused(ckpt: &Checkpoint, dtype: DType, policy: &str) -> Program {
     let opts = BuildOptions {
         dtype,
@@ -54,9 +54,7 @@ pub fn program_unfused(ckpt: &Checkpoint, dtype: DType, policy: &str) -> Program
         unrolled: false,
     };
     let g = ouroc_models::build_graph(ckpt, &opts).expect("build graph");
-    let pm = ouroc_passes::PassManager::new(vec![Box::new(ouroc_passes::memplan::MemPlan::default())]);
-    let opt = pm.run(&g, None).expect("memplan").0;
-    ouroc_kernels::lower(&opt).expect("lower")
+    ouroc_kernels::lower(&g).expect("lower")
 }
 
 /// The project's golden tolerance (tests/golden.rs): f32 1e-4 relative;
