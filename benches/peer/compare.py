@@ -3,6 +3,7 @@ and print the ratios ouroc / PyTorch for prefill and decode.
 
     python benches/peer/compare.py --shape 1.4b            # random bf16 weights of a named shape
     python benches/peer/compare.py CKPT --threads 2 --runs 3 --rounds 3
+    python benches/peer/compare.py --shape 1.4b --baseline OLD/ouroc   # before / after a change
 
 A round is one `ouroc bench` (--runs runs) followed by one PyTorch run (--runs runs). On a
 shared machine the memory bandwidth drifts by tens of percent from minute to minute, so the
@@ -11,7 +12,9 @@ median over the rounds is reported, with every round's numbers shown.
 
 The ouroc binary is target/release/ouroc (build it first: `cargo build --release`) unless
 --ouroc says otherwise. Both engines get the same thread count, prompt length, decode length
-and number of runs, and run every loop step of every token (`--exit last`).
+and number of runs, and run every loop step of every token (`--exit last`). With --baseline
+OLD_OUROC, each round also runs that binary (first), and the ratios new / old are reported the
+same way (per round, then the median).
 """
 import argparse
 import json
@@ -42,6 +45,7 @@ def main():
     ap.add_argument("--runs", type=int, default=3, help="runs per engine per round (median)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of both engines")
     ap.add_argument("--ouroc", default=str(ROOT / "target" / "release" / "ouroc"))
+    ap.add_argument("--baseline", help="another ouroc binary (before a change), run in every round too")
     a = ap.parse_args()
     if (a.ckpt is None) == (a.shape is None):
         sys.exit("give a checkpoint directory or --shape NAME (one of them)")
@@ -49,14 +53,20 @@ def main():
         sys.exit("--rounds and --runs must be at least 1")
     if not Path(a.ouroc).exists():
         sys.exit(f"{a.ouroc} does not exist: run `cargo build --release` first")
+    if a.baseline and not Path(a.baseline).exists():
+        sys.exit(f"--baseline {a.baseline} does not exist")
     common = ["--prefill-tokens", str(a.prefill_tokens), "--decode-tokens", str(a.decode_tokens),
               "--runs", str(a.runs), "--threads", str(a.threads)]
-    rounds = []
+    rounds, base = [], []
     with tempfile.TemporaryDirectory() as tmp:
         ours_json, peer_json = Path(tmp) / "ouroc.json", Path(tmp) / "torch.json"
         src = [a.ckpt] if a.ckpt else ["--shape", a.shape]
         for r in range(a.rounds):
             print(f"== round {r + 1}/{a.rounds}", flush=True)
+            if a.baseline:
+                old = run_json([a.baseline, "bench", *src, "--precision", a.precision, "--exit", "last",
+                                "--json", str(ours_json), *common], ours_json)
+                base.append(old["results"][0])
             ours = run_json([a.ouroc, "bench", *src, "--precision", a.precision, "--exit", "last",
                              "--json", str(ours_json), *common], ours_json)
             ckpt = ours["checkpoint"]
@@ -80,6 +90,13 @@ def main():
         peer = statistics.median(p[key] for _, _, p in rounds)
         ratio = statistics.median(m[key] / p[key] for m, _, p in rounds)
         print(f"| {name} | {ours:.2f} | {peer:.2f} | {ratio:.2f}x |")
+    if base:
+        print()
+        print(f"| new / baseline ({a.baseline}) | per round | median |")
+        print("|---|---|---|")
+        for key, name in KEYS:
+            per = [m[key] / b[key] for (m, _, _), b in zip(rounds, base)]
+            print(f"| {name} | {', '.join(f'{x:.2f}x' for x in per)} | {statistics.median(per):.2f}x |")
     bytes_per_token = rounds[0][0]["decode_weight_bytes_per_token"]
     bw = statistics.median(b for _, b, _ in rounds)
     floor = bw * 1e9 / bytes_per_token

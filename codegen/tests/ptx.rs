@@ -366,18 +366,7 @@ fn ptxas_accepts_every_kernel_for_sm_80_without_spills_in_gemm_or_attention() {
         let src = dir.join(format!("{label}.ptx"));
         let cubin = dir.join(format!("{label}.cubin"));
         std::fs::write(&src, &k.text).unwrap();
-        let out = Command::new(&ptxas)
-            .args(["-arch=sm_80", "-v", "-o"])
-            .arg(&cubin)
-            .arg(&src)
-            .output()
-            .expect("ptxas runs");
-        let log = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "ptxas rejects {}:\n{log}", src.display());
+        let log = run_ptxas(&ptxas, &src, &cubin);
         let usage = parse_ptxas(&log);
         assert_eq!(usage.len(), k.abi.entries.len(), "{label}: one report per entry\n{log}");
         for (entry, u) in usage {
@@ -425,6 +414,23 @@ fn ptxas_accepts_every_kernel_for_sm_80_without_spills_in_gemm_or_attention() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `ptxas -arch=sm_80 -v` on `src`: its log (it must accept the module).
+fn run_ptxas(ptxas: &Path, src: &Path, cubin: &Path) -> String {
+    let out = Command::new(ptxas)
+        .args(["-arch=sm_80", "-v", "-o"])
+        .arg(cubin)
+        .arg(src)
+        .output()
+        .expect("ptxas runs");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "ptxas rejects {}:\n{log}", src.display());
+    log
+}
+
 /// The runtime's own kernel (the KV copy, in every module's
 /// `runtime_text`) is accepted by ptxas for sm_80 like the Program's.
 #[test]
@@ -435,18 +441,7 @@ fn ptxas_accepts_the_runtime_kv_copy_kernel() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("kv_copy.ptx");
     std::fs::write(&src, ptx::KV_COPY_PTX).unwrap();
-    let out = Command::new(&ptxas)
-        .args(["-arch=sm_80", "-v", "-o"])
-        .arg(dir.path().join("kv_copy.cubin"))
-        .arg(&src)
-        .output()
-        .expect("ptxas runs");
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "ptxas rejects the KV copy:\n{log}");
+    let log = run_ptxas(&ptxas, &src, &dir.path().join("kv_copy.cubin"));
     assert!(log.contains(ptx::KV_COPY_ENTRY), "{log}");
     let m = ptx::module(&fixture("mha-r4", DType::F32)).unwrap();
     assert_eq!(m.runtime_text, ptx::KV_COPY_PTX);

@@ -343,17 +343,6 @@ fn carried_values_are_a_parallel_copy() {
     assert_eq!(t.exit_steps, want.exit_steps);
 }
 
-/// The index of the first maximum.
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 /// `kv last` and `kv mean` on the PTX emulator: token for token what the
 /// CPU device decodes (greedy), with early exit, the same logits within f32
 /// rounding, exit depths, loop steps run and KV bytes.
@@ -381,8 +370,8 @@ fn kv_sharing_modes_on_the_emulator_match_the_cpu_device_token_for_token() {
                 let ctx = format!("kv {kv} {policy} token {i}");
                 assert!(rel_err(&a.logits, &b.logits) < 1e-4, "{ctx}: logits differ");
                 assert_eq!((a.depth, a.steps_run), (b.depth, b.steps_run), "{ctx}: depth, steps");
-                let next = argmax(&b.logits);
-                assert_eq!(argmax(&a.logits), next, "{ctx}: the next token differs");
+                let next = gpu_argmax(&b.logits);
+                assert_eq!(gpu_argmax(&a.logits), next, "{ctx}: the next token differs");
                 early += (a.steps_run < 4) as usize;
                 (a, b) = (gpu.run(&[next]).unwrap(), cpu.run(&[next]).unwrap());
             }
