@@ -47,7 +47,7 @@ fn imported(ckpt: &Checkpoint, dtype: DType, policy: &str, unrolled: bool) -> Gr
 }
 
 fn optimised(g: &Graph) -> Graph {
-    ouroc_passes::default_pipeline().run(g, None).expect("pipeline").0
+    ouroc_compile::optimise(g, false, None).expect("pipeline").0
 }
 
 fn export(g: &Graph) -> String {

@@ -12,9 +12,10 @@
 //! is set (`.ci/run` installs both).
 
 use ouroc_codegen::ptx::{self, Dim, KernelAbi, PtxError, PtxKernel, When};
+use ouroc_compile::compile_graph;
 use ouroc_ir::{DType, ExitPolicy};
 use ouroc_kernels::spec::{AttentionSpec, Family, LinearSpec};
-use ouroc_kernels::{KernelSpec, Program, lower};
+use ouroc_kernels::{KernelSpec, Program};
 use ouroc_models::{BuildOptions, Checkpoint};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -29,10 +30,6 @@ fn opts(dtype: DType, policy: &str) -> BuildOptions {
     }
 }
 
-fn optimised(g: &ouroc_ir::Graph) -> ouroc_ir::Graph {
-    ouroc_passes::default_pipeline().run(g, None).expect("pipeline").0
-}
-
 /// The lowered Program of a fixture checkpoint after the default pipeline.
 fn fixture(name: &str, dtype: DType) -> Program {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -40,14 +37,14 @@ fn fixture(name: &str, dtype: DType) -> Program {
         .join(name);
     let ckpt = Checkpoint::open(&dir).unwrap_or_else(|e| panic!("fixture {name}: {e}"));
     let g = ouroc_models::build_graph(&ckpt, &opts(dtype, "threshold:0.5")).expect("graph");
-    lower(&optimised(&g)).expect("lower")
+    compile_graph(g, false).expect("compile").program
 }
 
 /// The Ouro-1.4B shape (no weights needed), bf16.
 fn ouro_1_4b() -> Program {
     let cfg = ouroc_models::shapes::named_shape("1.4b").unwrap();
     let g = ouroc_models::build_from_config(&cfg, "lm_head.weight", &opts(DType::BF16, "threshold:1.0:bf16"));
-    lower(&optimised(&g.unwrap())).unwrap()
+    compile_graph(g.unwrap(), false).unwrap().program
 }
 
 /// One spec per distinct code.

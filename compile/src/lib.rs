@@ -16,7 +16,7 @@ use ouroc_driver::ResidentWeights;
 use ouroc_ir::{DType, ExitPolicy, Graph};
 use ouroc_kernels::Program;
 use ouroc_models::{BuildOptions, Checkpoint};
-use ouroc_passes::PassReport;
+use ouroc_passes::{PassManager, PassReport};
 
 /// What to compile.
 #[derive(Clone, Debug)]
@@ -91,9 +91,14 @@ pub fn compile(ckpt: &Checkpoint, opts: &CompileOptions) -> Result<Compiled, Com
 
 /// Optimise and lower a graph (`keep_exit_trace`: see [`CompileOptions`]).
 pub fn compile_graph(imported: Graph, keep_exit_trace: bool) -> Result<Compiled, CompileError> {
-    let (optimised, reports) = ouroc_passes::pipeline(keep_exit_trace)
-        .run(&imported, None)
-        .map_err(|e| CompileError::Pass(e.to_string()))?;
+    compile_with(imported, &ouroc_passes::pipeline(keep_exit_trace))
+}
+
+/// Optimise a graph with the pass pipeline `passes` instead of the default
+/// one (a test's partial pipeline; none: the imported graph lowered as it
+/// is), then lower it.
+pub fn compile_with(imported: Graph, passes: &PassManager) -> Result<Compiled, CompileError> {
+    let (optimised, reports) = run_passes(passes, &imported, None)?;
     let program = ouroc_kernels::lower(&optimised).map_err(|e| CompileError::Lower(e.to_string()))?;
     Ok(Compiled {
         imported,
@@ -101,4 +106,24 @@ pub fn compile_graph(imported: Graph, keep_exit_trace: bool) -> Result<Compiled,
         reports,
         program,
     })
+}
+
+/// The optimisation stage alone: `imported` through the pass pipeline
+/// (`keep_exit_trace`: see [`CompileOptions`]) and each pass's report,
+/// stopping after the pass named `stop_after` if given (`ouroc emit ir
+/// --after PASS`; an unknown name is an error listing the pipeline's).
+pub fn optimise(
+    imported: &Graph,
+    keep_exit_trace: bool,
+    stop_after: Option<&str>,
+) -> Result<(Graph, Vec<PassReport>), CompileError> {
+    run_passes(&ouroc_passes::pipeline(keep_exit_trace), imported, stop_after)
+}
+
+fn run_passes(
+    passes: &PassManager,
+    g: &Graph,
+    stop_after: Option<&str>,
+) -> Result<(Graph, Vec<PassReport>), CompileError> {
+    passes.run(g, stop_after).map_err(|e| CompileError::Pass(e.to_string()))
 }

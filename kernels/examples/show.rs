@@ -10,12 +10,12 @@ fn main() {
         unrolled: false,
     };
     let g = ouroc_models::build_graph(&ckpt, &opts).unwrap();
-    let g = if args.iter().any(|a| a == "raw") {
-        g
+    let compiled = if args.iter().any(|a| a == "raw") {
+        ouroc_compile::compile_with(g, &ouroc_passes::PassManager::new(vec![]))
     } else {
-        ouroc_passes::default_pipeline().run(&g, None).unwrap().0
+        ouroc_compile::compile_graph(g, false)
     };
-    let p = ouroc_kernels::lower(&g).unwrap();
+    let p = compiled.unwrap().program;
     if args.iter().any(|a| a == "json") {
         println!("{}", p.to_json());
     } else {

@@ -134,7 +134,7 @@ fn an_unrolled_graph_is_refused_with_the_pass_to_run() {
     );
     assert!(err.to_string().contains("reroll"), "{err}");
     // After the reroll pass it lowers.
-    let rerolled = ouroc_passes::default_pipeline().run(&g, Some("reroll")).unwrap().0;
+    let rerolled = ouroc_compile::optimise(&g, false, Some("reroll")).unwrap().0;
     assert!(lower(&rerolled).is_ok());
 }
 

@@ -103,11 +103,9 @@ fn main() -> Result<(), String> {
         "lm_head.weight"
     };
     let g = ouroc_models::build_from_config(&cfg, head, &opts)?;
-    let opt = ouroc_passes::default_pipeline()
-        .run(&g, None)
+    let program = ouroc_compile::compile_graph(g, false)
         .map_err(|e| e.to_string())?
-        .0;
-    let program = ouroc_kernels::lower(&opt).map_err(|e| e.to_string())?;
+        .program;
     let weight_bytes: usize = program
         .kernels()
         .filter_map(|k| match &k.spec.family {

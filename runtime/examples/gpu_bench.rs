@@ -25,10 +25,11 @@
 //!    measured by scripts/gpu-check.sh with torch). A group is
 //!    compute-bound when its flops per byte exceed the ceilings' ratio.
 
+use ouroc_compile::{CompileOptions, compile};
 use ouroc_ir::{DType, ExitPolicy};
 use ouroc_kernels::Program;
 use ouroc_kernels::spec::Family;
-use ouroc_models::{BuildOptions, Checkpoint, StorageDtype};
+use ouroc_models::{Checkpoint, StorageDtype};
 use ouroc_runtime::gpu::cuda::CudaDevice;
 use ouroc_runtime::gpu::{Gpu, GpuForward, GpuOptions, LaunchRecord};
 use std::collections::BTreeMap;
@@ -277,18 +278,9 @@ fn run() -> Result<(), String> {
     let dir = checkpoint(&args.shape, args.dir.clone())?;
     let ckpt = Checkpoint::open(&dir).map_err(|e| e.to_string())?;
     let positions = args.prefill + args.decode + 1;
-    let opts = BuildOptions {
-        dtype: DType::BF16,
-        policy: ExitPolicy::parse(&args.policy)?,
-        loops: None,
-        unrolled: false,
-    };
+    let opts = CompileOptions::reference(&ckpt, DType::BF16).with_policy(ExitPolicy::parse(&args.policy)?);
     let t0 = Instant::now();
-    let g = ouroc_models::build_graph(&ckpt, &opts)?;
-    let (opt, _) = ouroc_passes::default_pipeline()
-        .run(&g, None)
-        .map_err(|e| e.to_string())?;
-    let program = ouroc_kernels::lower(&opt).map_err(|e| e.to_string())?;
+    let program = compile(&ckpt, &opts).map_err(|e| e.to_string())?.program;
     let device = dev.name();
     let gopts = GpuOptions {
         max_positions: positions,

@@ -34,8 +34,7 @@ fn graph_in(ckpt: &Checkpoint, policy: &str, dtype: DType) -> Graph {
 }
 
 fn program(g: &Graph) -> Program {
-    let opt = ouroc_passes::default_pipeline().run(g, None).expect("pipeline").0;
-    ouroc_kernels::lower(&opt).expect("lower")
+    ouroc_compile::compile_graph(g.clone(), false).expect("compile").program
 }
 
 fn cpu(g: &Graph, ckpt: &Checkpoint, early_exit: bool) -> CpuForward {

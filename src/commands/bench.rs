@@ -68,8 +68,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let name = format!("{precision:?}").to_lowercase();
         eprintln!("[{name}] compiling...");
         let graph = build(&ckpt, &flags)?;
-        let (optimised, _) = ouroc_passes::default_pipeline().run(&graph, None)?;
-        let program = ouroc_kernels::lower(&optimised).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let program = ouroc_compile::compile_graph(graph, false)?.program;
         let (outside, per_step) = program.weight_bytes_read();
         eprintln!("[{name}] loading weights and JIT-compiling kernels...");
         let mut model = CpuForward::with_options(program, &ckpt, &opts).map_err(anyhow::Error::msg)?;

@@ -258,8 +258,7 @@ pub fn run(args: &BuildArgs) -> Result<()> {
     let graph = build_graph(&ckpt, &args.model)?;
     let steps = graph.exit_control().map_or(1, |(steps, _)| steps);
     let policy = graph.exit_control().map(|(_, p)| p.to_string()).unwrap_or_default();
-    let (optimised, _) = ouroc_passes::default_pipeline().run(&graph, None)?;
-    let program = ouroc_kernels::lower(&optimised).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let program = ouroc_compile::compile_graph(graph, false)?.program;
     let launches = program.kernels().count();
     eprintln!(
         "[1/5] {}: {} layers x {steps} loop steps, exit policy {policy}: {launches} kernel launches ({:.1} s)",

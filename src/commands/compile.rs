@@ -5,8 +5,7 @@ use ouroc_passes::memplan;
 
 pub fn run(args: &CompileArgs) -> Result<()> {
     let graph = build_source(&args.source, &args.model)?;
-    let pipeline = ouroc_passes::default_pipeline();
-    let (optimised, reports) = pipeline.run(&graph, None)?;
+    let (optimised, reports) = ouroc_compile::optimise(&graph, false, None)?;
     let (first, last) = (&reports[0].before, &reports[reports.len() - 1].after);
     if args.stats {
         print!("{}", ouroc_passes::table(&reports));

@@ -6,17 +6,14 @@ use ouroc_kernels::Program;
 pub fn ir(source: &SourceArgs, flags: &ModelFlags, after: Option<&str>) -> Result<()> {
     let mut graph = build_source(source, flags)?;
     if let Some(pass) = after {
-        let (g, _) = ouroc_passes::default_pipeline().run(&graph, Some(pass))?;
-        graph = g;
+        graph = ouroc_compile::optimise(&graph, false, Some(pass))?.0;
     }
     print_out(&ouroc_ir::print(&graph))
 }
 
 /// The optimised graph of `source` lowered to a Program.
 pub fn program(source: &SourceArgs, flags: &ModelFlags) -> Result<Program> {
-    let graph = build_source(source, flags)?;
-    let (optimised, _) = ouroc_passes::default_pipeline().run(&graph, None)?;
-    ouroc_kernels::lower(&optimised).map_err(|e| anyhow::anyhow!("{e}"))
+    Ok(ouroc_compile::compile_graph(build_source(source, flags)?, false)?.program)
 }
 
 /// The kernel of `program` named `name`, or an error listing the names.
@@ -100,7 +97,7 @@ pub fn clif(source: &SourceArgs, flags: &ModelFlags, kernel: Option<&str>) -> Re
 pub fn mlir(source: &SourceArgs, flags: &ModelFlags, after: Option<&str>, locations: bool) -> Result<()> {
     let mut graph = build_source(source, flags)?;
     if let Some(pass) = after {
-        graph = ouroc_passes::default_pipeline().run(&graph, Some(pass))?.0;
+        graph = ouroc_compile::optimise(&graph, false, Some(pass))?.0;
     }
     print_out(&mlir_text(&graph, locations)?)
 }

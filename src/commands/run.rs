@@ -76,8 +76,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             Box::new(InterpForward::new(&graph, &ckpt, max_positions, early_exit).map_err(anyhow::Error::msg)?)
         }
         Backend::Cpu => {
-            let (optimised, _) = ouroc_passes::default_pipeline().run(&graph, None)?;
-            let program = ouroc_kernels::lower(&optimised).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let program = ouroc_compile::compile_graph(graph.clone(), false)?.program;
             let opts = cpu_opts.expect("parsed for the cpu backend");
             if args.device == Device::Cuda {
                 let mut g = ouroc_runtime::gpu::GpuOptions::new(max_positions);

@@ -31,7 +31,7 @@ pub fn graph(ckpt: &Checkpoint, dtype: DType, policy: &str) -> Graph {
 
 /// The graph after the default pipeline.
 pub fn optimised(g: &Graph) -> Graph {
-    ouroc_passes::default_pipeline().run(g, None).expect("pipeline").0
+    ouroc_compile::optimise(g, false, None).expect("pipeline").0
 }
 
 /// `n` token ids below `vocab`, deterministic.

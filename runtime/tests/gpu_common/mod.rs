@@ -3,9 +3,10 @@
 //! comparisons.
 #![allow(dead_code)]
 
+use ouroc_compile::CompileOptions;
 use ouroc_ir::{DType, ExitPolicy};
 use ouroc_kernels::Program;
-use ouroc_models::{BuildOptions, Checkpoint};
+use ouroc_models::Checkpoint;
 use ouroc_runtime::gpu::{Gpu, GpuForward, Trace};
 use std::path::PathBuf;
 
@@ -32,29 +33,22 @@ pub fn dtype_of(prec: &str) -> DType {
 
 /// The optimised, lowered Program of a fixture.
 pub fn program(ckpt: &Checkpoint, dtype: DType, policy: &str) -> Program {
-    let opts = BuildOptions {
-        dtype,
-        policy: ExitPolicy::parse(policy).unwrap(),
-        loops: None,
-        unrolled: false,
-    };
-    let g = ouroc_models::build_graph(ckpt, &opts).expect("build graph");
-    let opt = ouroc_passes::default_pipeline().run(&g, None).expect("pipeline").0;
-    ouroc_kernels::lower(&opt).expect("lower")
+    ouroc_compile::compile(ckpt, &options(ckpt, dtype, policy))
+        .expect("compile")
+        .program
 }
 
 /// The Program of the imported graph, no pass run (lowering plans its
 /// memory): every rounding point where the reference has it, so bf16
 /// results are comparable with the golden tolerance.
 pub fn program_unfused(ckpt: &Checkpoint, dtype: DType, policy: &str) -> Program {
-    let opts = BuildOptions {
-        dtype,
-        policy: ExitPolicy::parse(policy).unwrap(),
-        loops: None,
-        unrolled: false,
-    };
-    let g = ouroc_models::build_graph(ckpt, &opts).expect("build graph");
-    ouroc_kernels::lower(&g).expect("lower")
+    let g = ouroc_models::build_graph(ckpt, &options(ckpt, dtype, policy).build).expect("build graph");
+    let no_passes = ouroc_passes::PassManager::new(vec![]);
+    ouroc_compile::compile_with(g, &no_passes).expect("compile").program
+}
+
+fn options(ckpt: &Checkpoint, dtype: DType, policy: &str) -> CompileOptions {
+    CompileOptions::reference(ckpt, dtype).with_policy(ExitPolicy::parse(policy).unwrap())
 }
 
 /// The project's golden tolerance (tests/golden.rs): f32 1e-4 relative;
