@@ -778,8 +778,10 @@ fn cuda_without_a_driver_or_the_feature_is_a_clear_error() {
         &[needle],
     );
     fails_with(&["run", "--prompt", "x", "--device", "cuda"], &[needle]);
+    // The one driver runs every KV mode on the GPU too; threads are the CPU's.
+    fails_with(&["run", "--prompt", "x", "--device", "cuda", "--kv", "last"], &[needle]);
     fails_with(
-        &["run", "--prompt", "x", "--device", "cuda", "--kv", "last"],
-        &["--device cuda", "--kv"],
+        &["run", "--prompt", "x", "--device", "cuda", "--threads", "2"],
+        &["--device cuda", "--threads"],
     );
 }

@@ -37,10 +37,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
         seed: args.seed,
     };
     params.check().map_err(anyhow::Error::msg)?;
-    if args.device == Device::Cuda
-        && (args.backend != Backend::Cpu || args.cpu.threads.is_some() || args.cpu.kv != "full")
-    {
-        bail!("--device cuda runs the compiled Program on the GPU: --backend interp, --threads and --kv do not apply");
+    if args.device == Device::Cuda && (args.backend != Backend::Cpu || args.cpu.threads.is_some()) {
+        bail!("--device cuda runs the compiled Program on the GPU: --backend interp and --threads do not apply");
     }
     // Flags are checked before the (slow) load.
     let cpu_opts = match args.backend {
@@ -80,7 +78,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             let opts = cpu_opts.expect("parsed for the cpu backend");
             if args.device == Device::Cuda {
                 let mut g = ouroc_runtime::gpu::GpuOptions::new(max_positions);
-                g.early_exit = early_exit;
+                (g.early_exit, g.kv) = (early_exit, opts.kv);
                 cuda_forward(program, &ckpt, g)?
             } else {
                 Box::new(CpuForward::with_options(program, &ckpt, &opts).map_err(anyhow::Error::msg)?)
@@ -89,7 +87,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     };
     let policy = graph.exit_control().map(|(_, p)| p.to_string()).unwrap_or_default();
     let engine = match &cpu_opts {
-        Some(_) if args.device == Device::Cuda => "PTX on the CUDA device".to_string(),
+        Some(o) if args.device == Device::Cuda => format!("PTX on the CUDA device, KV cache {}", o.kv),
         Some(o) => {
             let threads = if o.threads == 0 {
                 std::thread::available_parallelism().map_or(1, |n| n.get())
