@@ -26,6 +26,12 @@ pub fn get(b: &[u8], d: DType) -> f32 {
 
 /// Every value of `v`, rounded to `d` and encoded.
 pub fn encode(v: &[f32], d: DType) -> Vec<u8> {
+    // The weight dtypes without a per-element dispatch (whole checkpoints go through here).
+    match d {
+        DType::F32 => return v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DType::BF16 => return v.iter().flat_map(|&x| bf16_bits(x).to_le_bytes()).collect(),
+        _ => {}
+    }
     let size = d.size_bytes();
     let mut out = vec![0u8; v.len() * size];
     for (chunk, &x) in out.chunks_exact_mut(size).zip(v) {

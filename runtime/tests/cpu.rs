@@ -7,6 +7,7 @@
 mod common;
 
 use common::{fixture, golden_i32};
+use ouroc_driver::codec;
 use ouroc_ir::{DType, ExitPolicy, Graph};
 use ouroc_kernels::spec::{Family, GatherSpec, LinearSpec};
 use ouroc_kernels::{ActRef, ActValue, Arena, Kernel, KernelSpec, Operand, Program, Recipe, WeightEntry};
@@ -374,29 +375,6 @@ fn split_in_place_linear_reads_its_input_whole() {
     assert_eq!(outs.len(), 4);
 }
 
-/// Element `i` of KV bytes in `d`, as f32.
-fn kv_get(bytes: &[u8], d: DType, i: usize) -> f32 {
-    match d {
-        DType::F32 => f32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap()),
-        DType::BF16 => f32::from_bits((u16::from_le_bytes(bytes[2 * i..2 * i + 2].try_into().unwrap()) as u32) << 16),
-        d => panic!("KV dtype {d}"),
-    }
-}
-
-/// `x`, representable in `d`, as KV bytes.
-fn kv_bytes_of(xs: &[f32], d: DType) -> Vec<u8> {
-    xs.iter()
-        .flat_map(|&x| match d {
-            DType::F32 => x.to_le_bytes().to_vec(),
-            _ => (((x.to_bits()) >> 16) as u16).to_le_bytes().to_vec(),
-        })
-        .collect()
-}
-
-fn kv_f32(bytes: &[u8], d: DType) -> Vec<f32> {
-    (0..bytes.len() / d.size_bytes()).map(|i| kv_get(bytes, d, i)).collect()
-}
-
 /// `kv last`: decode equals a `full` decode in which, before every token,
 /// the caches of steps 0..R-2 are replaced by step R-1's; the shared cache
 /// then equals full's step R-1 cache (the last step that ran, the exit step
@@ -473,7 +451,7 @@ fn kv_mean_equals_full_with_every_step_reading_the_mean_cache() {
                         let caches: Vec<Vec<f32>> = (0..steps)
                             .map(|s| {
                                 let (k, v) = full.kv_rows(s, layer).unwrap();
-                                kv_f32(if h == 0 { &k } else { &v }, dtype)
+                                codec::decode(if h == 0 { &k } else { &v }, dtype)
                             })
                             .collect();
                         for j in from..caches[0].len() {
@@ -492,7 +470,7 @@ fn kv_mean_equals_full_with_every_step_reading_the_mean_cache() {
                     }
                     if i > 0 {
                         for (li, &layer) in layers.iter().enumerate() {
-                            let (k, v) = (kv_bytes_of(&shared[li].0, dtype), kv_bytes_of(&shared[li].1, dtype));
+                            let (k, v) = (codec::encode(&shared[li].0, dtype), codec::encode(&shared[li].1, dtype));
                             for s in 0..r {
                                 full.set_kv_rows(s, layer, &k, &v).unwrap();
                             }
@@ -509,7 +487,7 @@ fn kv_mean_equals_full_with_every_step_reading_the_mean_cache() {
                             let (k, v) = mean_rows(&mut full, layer, a.2, row * e);
                             shared[li].0.extend(k);
                             shared[li].1.extend(v);
-                            let want = (kv_bytes_of(&shared[li].0, dtype), kv_bytes_of(&shared[li].1, dtype));
+                            let want = (codec::encode(&shared[li].0, dtype), codec::encode(&shared[li].1, dtype));
                             for s in 0..r {
                                 let (gk, gv) = mean.kv_rows(s, layer).unwrap();
                                 assert!(
