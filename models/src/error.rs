@@ -115,6 +115,10 @@ pub enum ModelError {
     #[error("{path}: safetensors header is not a valid JSON object: {message}")]
     HeaderJson { path: PathBuf, message: String },
 
+    /// The tensors' byte ranges do not tile the data section (gap, overlap, trailing bytes).
+    #[error("{path}: tensor data layout is inconsistent with the header: {message}")]
+    DataLayout { path: PathBuf, message: String },
+
     /// A header entry is structurally wrong (missing dtype/shape/data_offsets, wrong types,
     /// begin > end, sizes overflowing).
     #[error("{path}: tensor `{tensor}`: invalid header entry: {message}")]

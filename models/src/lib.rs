@@ -13,6 +13,7 @@ pub mod error;
 pub mod random;
 pub mod safetensors_file;
 pub mod shapes;
+mod strict_json;
 pub mod weights;
 
 pub use build::{BuildOptions, build_from_config, build_graph};

@@ -13,6 +13,10 @@ use memmap2::Mmap;
 use serde_json::Value;
 
 use crate::error::ModelError;
+use crate::strict_json;
+
+/// Largest header accepted; the reference loader refuses more than 100 MB.
+const MAX_HEADER_LEN: u64 = 100_000_000;
 
 /// A tensor as the header describes it, validated against the file's size.
 #[derive(Debug, Clone)]
@@ -85,6 +89,14 @@ pub(crate) fn parse_header(path: &Path, bytes: &[u8]) -> Result<Vec<RawEntry>, M
         });
     };
     let header_len = u64::from_le_bytes(*len_field);
+    if header_len > MAX_HEADER_LEN {
+        return Err(ModelError::HeaderJson {
+            path: path.to_path_buf(),
+            message: format!(
+                "the header length field says {header_len} bytes; headers are at most {MAX_HEADER_LEN} bytes (the limit of the reference loader): corrupt, or not a safetensors file"
+            ),
+        });
+    }
     let available = rest.len() as u64;
     if header_len > available {
         return Err(ModelError::HeaderTooLong {
@@ -102,7 +114,12 @@ pub(crate) fn parse_header(path: &Path, bytes: &[u8]) -> Result<Vec<RawEntry>, M
         path: path.to_path_buf(),
         message,
     };
-    let value: Value = serde_json::from_slice(header).map_err(|e| json_err(e.to_string()))?;
+    if header.first() != Some(&b'{') {
+        return Err(json_err(
+            "the header does not start with `{` (a header length one off, or not a safetensors file)".into(),
+        ));
+    }
+    let value = strict_json::from_slice(header).map_err(|e| json_err(e.to_string()))?;
     let Value::Object(map) = value else {
         return Err(json_err("the top level is not an object".into()));
     };
@@ -123,7 +140,50 @@ pub(crate) fn parse_header(path: &Path, bytes: &[u8]) -> Result<Vec<RawEntry>, M
             shape: entry.3,
         });
     }
+    check_layout(path, &entries, data_start, data.len())?;
     Ok(entries)
+}
+
+/// The tensors' byte ranges, in order, must tile the data section exactly: no gap, no overlap, no
+/// byte after the last tensor. Anything else means the header and data disagree (a header length
+/// one off still parses when the header ends in padding, and then every tensor is read shifted),
+/// or one tensor aliases another's bytes. The reference loader enforces the same.
+fn check_layout(path: &Path, entries: &[RawEntry], data_start: usize, data_len: usize) -> Result<(), ModelError> {
+    let mut order: Vec<&RawEntry> = entries.iter().collect();
+    order.sort_by_key(|e| (e.begin, e.end));
+    let layout = |message: String| ModelError::DataLayout {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut expected = 0;
+    let mut previous: Option<&str> = None;
+    for e in order {
+        let begin = e.begin - data_start;
+        if begin != expected {
+            let after = previous.map_or("the start of the data section".to_string(), |p| format!("tensor `{p}`"));
+            return Err(layout(if begin < expected {
+                format!(
+                    "tensor `{}` (data_offsets begin {begin}) overlaps {after}, which ends at {expected}",
+                    e.name
+                )
+            } else {
+                format!(
+                    "{} unused bytes between {after} (ending at {expected}) and tensor `{}` (beginning at {begin})",
+                    begin - expected,
+                    e.name
+                )
+            }));
+        }
+        expected = e.end - data_start;
+        previous = Some(&e.name);
+    }
+    if expected != data_len {
+        return Err(layout(format!(
+            "the tensors end at byte {expected} of the data section but it is {data_len} bytes long ({} bytes unaccounted for: a wrong header length, or trailing garbage)",
+            data_len - expected
+        )));
+    }
+    Ok(())
 }
 
 /// (begin, end) relative to the data section, dtype, shape.

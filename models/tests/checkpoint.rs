@@ -348,6 +348,91 @@ fn data_offsets_past_the_end() {
     assert_mentions(&open_err(dir.path()), &["tensor `w`", "data_offsets"]);
 }
 
+/// A header length one less than written still parses when the header ends in padding spaces;
+/// every tensor would then be read one byte off. The data section is one byte too long for its
+/// tensors, which is refused.
+#[test]
+fn header_length_one_short_is_refused_not_read_shifted() {
+    let dir = common::tiny_checkpoint(Dtype::BF16);
+    let path = dir.path().join("model.safetensors");
+    let header = r#"{"model.norm.weight": {"dtype": "BF16", "shape": [8], "data_offsets": [0, 16]}}    "#;
+    common::write_raw_safetensors(&path, header, &[0; 16]);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+    bytes[..8].copy_from_slice(&(n - 1).to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    assert_mentions(
+        &open_err(dir.path()),
+        &[
+            "model.safetensors",
+            "end at byte 16",
+            "17 bytes long",
+            "1 bytes unaccounted",
+        ],
+    );
+    // One more than written: the header then swallows a data byte and starts no longer
+    // parsing as JSON, or the data no longer fits; never a shifted read.
+    common::write_raw_safetensors(&path, header, &[0; 16]);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[..8].copy_from_slice(&(n + 1).to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    assert_mentions(&open_err(dir.path()), &["model.safetensors"]);
+}
+
+#[test]
+fn overlapping_data_offsets_are_refused() {
+    let dir = common::tiny_checkpoint(Dtype::BF16);
+    let header = r#"{"a": {"dtype": "BF16", "shape": [8], "data_offsets": [0, 16]},
+                     "b": {"dtype": "BF16", "shape": [8], "data_offsets": [8, 24]}}"#;
+    common::write_raw_safetensors(&dir.path().join("model.safetensors"), header, &[0; 24]);
+    assert_mentions(
+        &open_err(dir.path()),
+        &["tensor `b`", "overlaps tensor `a`", "ends at 16"],
+    );
+    // Two names for the very same bytes.
+    let header = r#"{"a": {"dtype": "BF16", "shape": [8], "data_offsets": [0, 16]},
+                     "b": {"dtype": "BF16", "shape": [8], "data_offsets": [0, 16]}}"#;
+    common::write_raw_safetensors(&dir.path().join("model.safetensors"), header, &[0; 16]);
+    assert_mentions(&open_err(dir.path()), &["overlaps tensor `a`"]);
+}
+
+#[test]
+fn gaps_and_trailing_bytes_in_the_data_section_are_refused() {
+    let dir = common::tiny_checkpoint(Dtype::BF16);
+    let path = dir.path().join("model.safetensors");
+    let header = r#"{"a": {"dtype": "BF16", "shape": [8], "data_offsets": [0, 16]},
+                     "b": {"dtype": "BF16", "shape": [8], "data_offsets": [20, 36]}}"#;
+    common::write_raw_safetensors(&path, header, &[0; 36]);
+    assert_mentions(&open_err(dir.path()), &["4 unused bytes", "tensor `a`", "tensor `b`"]);
+    let header = r#"{"a": {"dtype": "BF16", "shape": [8], "data_offsets": [4, 20]}}"#;
+    common::write_raw_safetensors(&path, header, &[0; 20]);
+    assert_mentions(&open_err(dir.path()), &["4 unused bytes", "start of the data section"]);
+    let header = r#"{"a": {"dtype": "BF16", "shape": [8], "data_offsets": [0, 16]}}"#;
+    common::write_raw_safetensors(&path, header, &[0; 20]);
+    assert_mentions(&open_err(dir.path()), &["20 bytes long", "4 bytes unaccounted"]);
+}
+
+#[test]
+fn duplicate_tensor_names_are_refused() {
+    let dir = common::tiny_checkpoint(Dtype::BF16);
+    let header = r#"{"model.norm.weight": {"dtype": "BF16", "shape": [8], "data_offsets": [0, 16]},
+                     "model.norm.weight": {"dtype": "BF16", "shape": [8], "data_offsets": [16, 32]}}"#;
+    common::write_raw_safetensors(&dir.path().join("model.safetensors"), header, &[0; 32]);
+    assert_mentions(
+        &open_err(dir.path()),
+        &["model.safetensors", "duplicate key `model.norm.weight`"],
+    );
+}
+
+#[test]
+fn header_length_above_the_reference_limit_is_refused_before_reading() {
+    let dir = common::tiny_checkpoint(Dtype::BF16);
+    let mut bytes = 200_000_000u64.to_le_bytes().to_vec();
+    bytes.extend_from_slice(b"{}");
+    std::fs::write(dir.path().join("model.safetensors"), bytes).unwrap();
+    assert_mentions(&open_err(dir.path()), &["200000000", "at most 100000000"]);
+}
+
 #[test]
 fn data_size_not_matching_dtype_and_shape() {
     let dir = common::tiny_checkpoint(Dtype::BF16);
