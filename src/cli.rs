@@ -79,7 +79,7 @@ pub struct BenchArgs {
     #[arg(long = "exit", value_name = "POLICY", default_value = "last")]
     pub exit: String,
     /// Number of loop steps R (default: the config's total_ut_steps)
-    #[arg(long, value_name = "R")]
+    #[arg(long, value_name = "R", value_parser = ouroc_models::limits::parse_loops_flag)]
     pub loops: Option<usize>,
     /// Also write the results as JSON to this file
     #[arg(long, value_name = "FILE.json")]
@@ -178,7 +178,7 @@ pub struct BuildArgs {
 pub struct CpuFlags {
     /// Threads for the compiled kernels (default: all cores); each matrix-vector product is
     /// split over them by output rows
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, value_name = "N", value_parser = ouroc_runtime::threads::parse_threads_flag)]
     pub threads: Option<u16>,
     /// KV cache in decode: full (one cache per loop step and layer, as trained), last (every
     /// step reads and writes one shared cache per layer, seeded from the last step's), mean
@@ -300,7 +300,7 @@ pub struct ModelFlags {
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub precision: Precision,
     /// Number of loop steps R (default: the config's total_ut_steps)
-    #[arg(long, value_name = "R")]
+    #[arg(long, value_name = "R", value_parser = ouroc_models::limits::parse_loops_flag)]
     pub loops: Option<usize>,
     /// Import R explicit copies of the layer stack, as a tracer would (the `reroll`
     /// pass recovers the loop)
@@ -345,7 +345,7 @@ pub struct LogitsArgs {
     #[arg(long, value_enum, default_value_t = LogitsBackend::Interp)]
     pub backend: LogitsBackend,
     /// Threads for --backend cpu (default: all cores)
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, value_name = "N", value_parser = ouroc_runtime::threads::parse_threads_flag)]
     pub threads: Option<u16>,
 }
 

@@ -208,6 +208,24 @@ fn built_executables_generate_what_ouroc_run_does_and_refuse_bad_weights() {
         &["fixed at build time", "threshold:1.0"],
     );
 
+    // Thread counts far above the cores are refused at once, not run (they made no progress).
+    refuses(
+        &mha,
+        &["--prompt", "hi", "--threads", "10000"],
+        &["--threads 10000", "core"],
+    );
+    // A full stdout is an error naming it, not a panic.
+    let full = std::fs::File::options().write(true).open("/dev/full");
+    if let Ok(full) = full {
+        let o = Command::new(&mha).args(args).stdout(full).output().unwrap();
+        assert!(!o.status.success(), "wrote to /dev/full and exited 0");
+        let err = text(&o.stderr);
+        assert!(
+            err.contains("cannot write to stdout") && !err.contains("panicked"),
+            "{err}"
+        );
+    }
+
     // The weights file: missing, truncated, from another build.
     let weights = dir.path().join("mha.weights");
     let keep = dir.path().join("mha.weights.keep");

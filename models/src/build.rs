@@ -118,10 +118,7 @@ impl Step {
 /// Build from a config alone (weights are referenced by name). `head` is the
 /// tensor used as lm_head (`model.embed_tokens.weight` when tied).
 pub fn build_from_config(cfg: &OuroConfig, head: &str, opts: &BuildOptions) -> Result<Graph, String> {
-    let steps = opts.loops.unwrap_or(cfg.total_ut_steps);
-    if steps == 0 {
-        return Err("--loops must be at least 1".into());
-    }
+    let steps = crate::limits::check_loops(opts.loops.unwrap_or(cfg.total_ut_steps))?;
     opts.policy.check(steps)?;
     let d = opts.dtype;
     let (h, inter, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);

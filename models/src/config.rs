@@ -10,6 +10,7 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use crate::error::ModelError;
+use crate::limits;
 
 /// The hyper-parameters of an Ouro model that the compiler needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -112,13 +113,13 @@ impl Parser<'_> {
         let model_type = self.model_type()?;
         self.refuse_unsupported()?;
 
-        let hidden_size = self.positive("hidden_size")?;
-        let intermediate_size = self.positive("intermediate_size")?;
-        let num_hidden_layers = self.positive("num_hidden_layers")?;
-        let num_attention_heads = self.positive("num_attention_heads")?;
+        let hidden_size = self.bounded("hidden_size", limits::MAX_HIDDEN)?;
+        let intermediate_size = self.bounded("intermediate_size", limits::MAX_INTERMEDIATE)?;
+        let num_hidden_layers = self.bounded("num_hidden_layers", limits::MAX_LAYERS)?;
+        let num_attention_heads = self.bounded("num_attention_heads", limits::MAX_HEADS)?;
         let num_key_value_heads = match self.get("num_key_value_heads") {
             None => num_attention_heads,
-            Some(_) => self.positive("num_key_value_heads")?,
+            Some(_) => self.bounded("num_key_value_heads", limits::MAX_HEADS)?,
         };
         if num_attention_heads % num_key_value_heads != 0 {
             return Err(self.invalid(
@@ -130,7 +131,7 @@ impl Parser<'_> {
             ));
         }
         let (head_dim, head_dim_explicit) = match self.get("head_dim") {
-            Some(_) => (self.positive("head_dim")?, true),
+            Some(_) => (self.bounded("head_dim", limits::MAX_HEAD_DIM)?, true),
             None => {
                 if hidden_size % num_attention_heads != 0 {
                     return Err(self.invalid(
@@ -141,7 +142,18 @@ impl Parser<'_> {
                         ),
                     ));
                 }
-                (hidden_size / num_attention_heads, false)
+                let derived = hidden_size / num_attention_heads;
+                if derived > limits::MAX_HEAD_DIM {
+                    return Err(self.invalid(
+                        "hidden_size",
+                        hidden_size,
+                        format!(
+                            "the derived head_dim hidden_size / num_attention_heads = {derived} is more than ouroc accepts (at most {})",
+                            limits::MAX_HEAD_DIM
+                        ),
+                    ));
+                }
+                (derived, false)
             }
         };
         if head_dim % 2 != 0 {
@@ -161,14 +173,14 @@ impl Parser<'_> {
             }
         }
 
-        let vocab_size = self.positive("vocab_size")?;
+        let vocab_size = self.bounded("vocab_size", limits::MAX_VOCAB)?;
         let rms_norm_eps = self.positive_float("rms_norm_eps")?;
         let rope_theta = self.rope_theta()?;
-        let max_position_embeddings = self.positive("max_position_embeddings")?;
+        let max_position_embeddings = self.bounded("max_position_embeddings", limits::MAX_POSITIONS)?;
         let tie_word_embeddings = self.opt_bool("tie_word_embeddings")?.unwrap_or(false);
         let total_ut_steps = match self.get("total_ut_steps") {
             None => 4,
-            Some(_) => self.positive("total_ut_steps")?,
+            Some(_) => self.bounded("total_ut_steps", limits::MAX_LOOPS)?,
         };
         let early_exit_threshold = self.early_exit_threshold()?;
         let bos_token_id = self.opt_token_id("bos_token_id")?;
@@ -354,6 +366,15 @@ impl Parser<'_> {
             .ok_or_else(|| self.wrong_type(key, "a positive integer", v))?;
         if n == 0 {
             return Err(self.invalid(key, v, "must be greater than 0".into()));
+        }
+        Ok(n)
+    }
+
+    /// A required integer in 1..=limit.
+    fn bounded(&self, key: &str, limit: usize) -> Result<usize, ModelError> {
+        let n = self.positive(key)?;
+        if n > limit {
+            return Err(self.invalid(key, n, format!("is more than ouroc accepts (at most {limit})")));
         }
         Ok(n)
     }

@@ -10,6 +10,7 @@ pub mod build;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod limits;
 pub mod random;
 pub mod safetensors_file;
 pub mod shapes;

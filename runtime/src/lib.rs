@@ -27,6 +27,7 @@ pub mod gemm;
 pub mod generate;
 pub mod gpu;
 pub mod interp;
+pub mod memory;
 pub mod sampling;
 pub mod threads;
 pub mod tokenizer;

@@ -226,12 +226,39 @@ impl Drop for Pool {
     }
 }
 
-/// The threads `threads` asks for: itself, or all cores when 0.
-pub fn resolve_threads(threads: usize) -> usize {
-    if threads > 0 {
-        threads
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+/// How many threads per core a pool may have. More threads than cores only take turns on them
+/// (each job waits for its slowest task), and thousands of spinning workers on a few cores make no
+/// progress at all, so a count far above the machine's is refused rather than run.
+pub const MAX_THREADS_PER_CORE: usize = 4;
+
+/// The threads `threads` asks for: itself, or all cores when 0; an error naming the limit when it
+/// is more than [`MAX_THREADS_PER_CORE`] times the cores this process may use.
+pub fn resolve_threads(threads: usize) -> Result<usize, String> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    check_threads(threads, cores)
+}
+
+/// Parser of a `--threads N` flag (clap `value_parser`): a positive count within
+/// [`resolve_threads`]'s limit, refused when the flag is read rather than after compiling.
+pub fn parse_threads_flag(text: &str) -> Result<u16, String> {
+    let n: u16 = text
+        .parse()
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("`{text}` is not a thread count (an integer from 1 to 65535)"))?;
+    resolve_threads(usize::from(n))?;
+    Ok(n)
+}
+
+fn check_threads(threads: usize, cores: usize) -> Result<usize, String> {
+    let limit = cores.saturating_mul(MAX_THREADS_PER_CORE);
+    match threads {
+        0 => Ok(cores),
+        n if n > limit => Err(format!(
+            "--threads {n} is far more than the {cores} core(s) this process may use: at most {limit} \
+             ({MAX_THREADS_PER_CORE} per core) are accepted; more threads than cores only wait for each other"
+        )),
+        n => Ok(n),
     }
 }
 
@@ -310,7 +337,12 @@ mod tests {
 
     #[test]
     fn zero_threads_means_all_cores() {
-        assert!(resolve_threads(0) >= 1);
-        assert_eq!(resolve_threads(3), 3);
+        assert!(resolve_threads(0).unwrap() >= 1);
+        assert_eq!(resolve_threads(1).unwrap(), 1);
+        assert_eq!(check_threads(0, 2), Ok(2));
+        assert_eq!(check_threads(8, 2), Ok(8));
+        let e = check_threads(10000, 2).unwrap_err();
+        assert!(e.contains("--threads 10000") && e.contains("at most 8"), "{e}");
+        assert!(check_threads(usize::MAX, usize::MAX).is_ok());
     }
 }

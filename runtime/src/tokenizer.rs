@@ -34,7 +34,9 @@ impl Tokenizer {
             path: p.display().to_string(),
             msg,
         };
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| invalid(&path, e.to_string()))?;
+        let bytes = std::fs::read(&path).map_err(|e| invalid(&path, e.to_string()))?;
+        check_added_tokens(&bytes).map_err(|msg| invalid(&path, msg))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| invalid(&path, e.to_string()))?;
         let read_json = |name: &str| -> Result<Option<serde_json::Value>, TokenizerError> {
             let p = dir.join(name);
             match std::fs::read_to_string(&p) {
@@ -75,6 +77,7 @@ impl Tokenizer {
     /// From the bytes of a `tokenizer.json` and what [`Tokenizer::load`]
     /// read beside it (an executable built by `ouroc build` carries these).
     pub fn from_parts(json: &[u8], chat_template: Option<String>, eos_ids: Vec<u32>) -> Result<Tokenizer, String> {
+        check_added_tokens(json).map_err(|e| format!("tokenizer.json: {e}"))?;
         let inner = tokenizers::Tokenizer::from_bytes(json).map_err(|e| format!("tokenizer.json: {e}"))?;
         let im_end = inner.token_to_id("<|im_end|>");
         Ok(Tokenizer {
@@ -106,6 +109,31 @@ impl Tokenizer {
     }
 }
 
+/// Refuses a `tokenizer.json` whose `added_tokens` give a token (`<|im_start|>`) an id other than
+/// the one its vocabulary gives the same text. The tokenizers library then keeps the vocabulary's
+/// id with only a log warning, while the file's author meant the added token's: which one the
+/// model was trained with cannot be told from the file, so it is an error, not a guess.
+fn check_added_tokens(json: &[u8]) -> Result<(), String> {
+    let v: serde_json::Value = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    let (Some(added), Some(vocab)) = (v["added_tokens"].as_array(), v["model"]["vocab"].as_object()) else {
+        return Ok(());
+    };
+    for t in added {
+        let (Some(content), Some(id)) = (t["content"].as_str(), t["id"].as_u64()) else {
+            continue;
+        };
+        if let Some(vocab_id) = vocab.get(content).and_then(|x| x.as_u64())
+            && vocab_id != id
+        {
+            return Err(format!(
+                "added token {content:?} has id {id} in `added_tokens` but id {vocab_id} in the vocabulary \
+                 (`model.vocab`); the two must agree: fix whichever the model was not trained with"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Streams text token by token: byte-level BPE tokens can end inside a
 /// UTF-8 character, so the text of all tokens so far is decoded and only
 /// the complete new part is returned.
@@ -126,5 +154,53 @@ impl TextStream {
         let new = text[self.printed..].to_string();
         self.printed = text.len();
         Ok(new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_dir() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mha-r4")
+    }
+
+    /// A copy of the fixture checkpoint's tokenizer files whose `<|im_start|>` added token has id
+    /// `id` (the vocabulary keeps 1).
+    fn with_im_start_id(id: u64) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let text = std::fs::read_to_string(fixture_dir().join("tokenizer.json")).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for t in v["added_tokens"].as_array_mut().unwrap() {
+            if t["content"] == "<|im_start|>" {
+                t["id"] = id.into();
+            }
+        }
+        std::fs::write(dir.path().join("tokenizer.json"), v.to_string()).unwrap();
+        dir
+    }
+
+    #[test]
+    fn added_tokens_that_agree_with_the_vocabulary_load() {
+        let dir = with_im_start_id(1);
+        let tok = Tokenizer::load(dir.path()).unwrap();
+        assert_eq!(tok.encode("<|im_start|>").unwrap(), vec![1]);
+    }
+
+    #[test]
+    fn an_added_token_whose_id_disagrees_with_the_vocabulary_is_refused() {
+        let dir = with_im_start_id(7);
+        let e = Tokenizer::load(dir.path()).err().expect("refused").to_string();
+        for part in [
+            "tokenizer.json",
+            "<|im_start|>",
+            "id 7 in `added_tokens`",
+            "id 1 in the vocabulary",
+        ] {
+            assert!(e.contains(part), "{e} should mention {part}");
+        }
+        let json = std::fs::read(dir.path().join("tokenizer.json")).unwrap();
+        let e = Tokenizer::from_parts(&json, None, vec![]).err().expect("refused");
+        assert!(e.contains("<|im_start|>"), "{e}");
     }
 }

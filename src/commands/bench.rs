@@ -8,7 +8,7 @@
 
 use super::{build, open};
 use crate::cli::{BenchArgs, ModelFlags, Precision};
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use ouroc_models::StorageDtype;
 use ouroc_runtime::cpu::CpuForward;
 use serde_json::json;
@@ -37,7 +37,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     let ckpt = open(&dir)?;
     let cfg = &ckpt.config;
-    let positions = args.prefill_tokens + args.decode_tokens;
+    let positions = args.prefill_tokens.saturating_add(args.decode_tokens);
     if positions > cfg.max_position_embeddings {
         bail!(
             "{positions} positions (--prefill-tokens + --decode-tokens) exceed the context of {}",
@@ -68,6 +68,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let name = format!("{precision:?}").to_lowercase();
         eprintln!("[{name}] compiling...");
         let graph = build(&ckpt, &flags)?;
+        super::check_memory("ouroc bench", &ckpt, &graph, precision, positions)?;
         let program = ouroc_compile::compile_graph(graph, false)?.program;
         let (outside, per_step) = program.weight_bytes_read();
         eprintln!("[{name}] loading weights and JIT-compiling kernels...");
@@ -107,7 +108,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             setup_s,
         });
     }
-    println!(
+    outln!(
         "{} layers x {} loop steps, exit {}, KV cache {}, Linear on {}, {} prefill + {} decode tokens, median of {} runs, \
          {threads} thread(s)",
         cfg.num_hidden_layers,
@@ -123,14 +124,21 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         args.decode_tokens,
         args.runs
     );
-    println!("read bandwidth measured here: {bandwidth:.1} GB/s");
-    println!(
+    outln!("read bandwidth measured here: {bandwidth:.1} GB/s");
+    outln!(
         "{:<9} {:>10} {:>10} {:>11} {:>13} {:>12} {:>10} {:>8}",
-        "precision", "prefill/s", "decode/s", "steps/tok", "GB read/tok", "decode GB/s", "% of read", "setup s"
+        "precision",
+        "prefill/s",
+        "decode/s",
+        "steps/tok",
+        "GB read/tok",
+        "decode GB/s",
+        "% of read",
+        "setup s"
     );
     for m in &results {
         let gbs = m.decode_bytes_per_token * m.decode_tps / 1e9;
-        println!(
+        outln!(
             "{:<9} {:>10.2} {:>10.2} {:>11.2} {:>13.3} {:>12.1} {:>9.0}% {:>8.1}",
             format!("{:?}", m.precision).to_lowercase(),
             m.prefill_tps,
@@ -168,8 +176,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "read_bandwidth_gb_s": bandwidth,
             "results": rows,
         });
-        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        super::output::write_file(path, (serde_json::to_string_pretty(&doc)? + "\n").as_bytes())?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())

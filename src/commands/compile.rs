@@ -8,13 +8,13 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     let (optimised, reports) = ouroc_compile::optimise(&graph, false, None)?;
     let (first, last) = (&reports[0].before, &reports[reports.len() - 1].after);
     if args.stats {
-        print!("{}", ouroc_passes::table(&reports));
-        println!();
+        out!("{}", ouroc_passes::table(&reports));
+        outln!();
         for seq in [1, 128] {
-            println!("{}", memplan::plan(&optimised, 1, seq).summary());
+            outln!("{}", memplan::plan(&optimised, 1, seq).summary());
         }
     }
-    println!(
+    outln!(
         "{} passes: kernels/token {} -> {}, weight bytes/token {} -> {}, activation bytes/token {} -> {}",
         reports.len(),
         first.kernels_per_token,

@@ -9,9 +9,9 @@ pub fn run(dir: &Path) -> Result<()> {
     let c = &ckpt.config;
     let dtypes: Vec<String> = ckpt.dtypes().iter().map(|(d, n)| format!("{d} x{n}")).collect();
     let kv = c.kv_bytes_per_token(2);
-    println!("checkpoint        {}", dir.display());
-    println!("model_type        {}", c.model_type);
-    println!(
+    outln!("checkpoint        {}", dir.display());
+    outln!("model_type        {}", c.model_type);
+    outln!(
         "shape             hidden {}, intermediate {}, layers {}, heads {} (kv {}), head_dim {}{}, vocab {}",
         c.hidden_size,
         c.intermediate_size,
@@ -22,48 +22,63 @@ pub fn run(dir: &Path) -> Result<()> {
         if c.head_dim_explicit { " (explicit)" } else { "" },
         c.vocab_size
     );
-    println!(
+    outln!(
         "loop              {} steps over the {} layers = {} layer applications per token",
         c.total_ut_steps,
         c.num_hidden_layers,
         c.total_ut_steps * c.num_hidden_layers
     );
-    println!(
+    outln!(
         "exit              early_exit_threshold {} (default policy: {} in bf16, {} in f32)",
         c.early_exit_threshold,
         BuildOptions::reference_policy(c, DType::BF16),
         BuildOptions::reference_policy(c, DType::F32)
     );
-    println!("parameters        {}", group(ckpt.parameter_count()));
-    println!(
+    outln!("parameters        {}", group(ckpt.parameter_count()));
+    outln!(
         "weights           {} bytes stored ({})",
         group(ckpt.weight_bytes()),
         dtypes.join(", ")
     );
-    println!(
+    outln!(
         "lm_head           {}{}",
         ckpt.head_tensor_name(),
         if c.tie_word_embeddings { " (tied)" } else { "" }
     );
-    println!(
+    outln!(
         "KV cache          {} bytes per token in bf16 ({} slots = {} steps x {} layers); {} bytes at {} positions",
         group(kv),
         c.total_ut_steps * c.num_hidden_layers,
         c.total_ut_steps,
         c.num_hidden_layers,
-        group(kv * c.max_position_embeddings as u64),
+        kv.checked_mul(c.max_position_embeddings as u64)
+            .map_or("more than 2^64".to_string(), group),
         c.max_position_embeddings
     );
-    println!(
+    outln!(
         "context           {} positions (rope_theta {})",
-        c.max_position_embeddings, c.rope_theta
+        c.max_position_embeddings,
+        c.rope_theta
     );
-    if ckpt.warnings.is_empty() {
-        println!("warnings          none");
+    let mut warnings = ckpt.warnings.clone();
+    let full_context = kv.checked_mul(c.max_position_embeddings as u64);
+    if let Some(available) = ouroc_runtime::memory::available_bytes()
+        && full_context.is_none_or(|b| b > available)
+    {
+        warnings.push(format!(
+            "the bf16 KV cache of a full {}-position context ({}) is more than this machine's {} available: \
+             runs here must stay shorter (or use --kv last|mean)",
+            c.max_position_embeddings,
+            full_context.map_or("more than 2^64 bytes".to_string(), ouroc_runtime::memory::bytes),
+            ouroc_runtime::memory::bytes(available)
+        ));
+    }
+    if warnings.is_empty() {
+        outln!("warnings          none");
     } else {
-        println!("warnings          {}", ckpt.warnings.len());
-        for w in &ckpt.warnings {
-            println!("  - {w}");
+        outln!("warnings          {}", warnings.len());
+        for w in &warnings {
+            outln!("  - {w}");
         }
     }
     Ok(())

@@ -36,6 +36,7 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
             cfg.max_position_embeddings
         );
     }
+    super::check_memory("ouroc logits", &ckpt, &graph, args.model.precision, ids.len())?;
     let (steps, policy) = graph
         .exit_control()
         .context("the graph has no loop and no exit_select")?;
@@ -96,7 +97,7 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
     }
     let t = ids.len();
     let v = cfg.vocab_size;
-    println!(
+    outln!(
         "policy {policy}, {steps} loop steps, {:?} mode, {t} tokens, {} backend",
         args.mode,
         match args.backend {
@@ -105,7 +106,7 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
         }
     );
     // depth = exit step + 1: how many loop steps the chosen output went through.
-    println!(
+    outln!(
         "{:>4} {:>6} {:>5}  {:<width$}  argmax",
         "pos",
         "id",
@@ -121,7 +122,7 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
                 l => format!("{l:.3}"),
             })
             .collect();
-        println!(
+        outln!(
             "{:>4} {:>6} {:>5}  {:<width$}  {}",
             p,
             id,
@@ -138,7 +139,7 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
         .enumerate()
         .map(|(s, n)| format!("depth {}: {n}", s + 1))
         .collect();
-    println!("tokens per exit depth: {}", hist.join(", "));
+    outln!("tokens per exit depth: {}", hist.join(", "));
     if let Some(path) = &args.out {
         let h = cfg.hidden_size;
         let hidden: Vec<f32> = c.hidden.concat();
@@ -179,12 +180,9 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
             format!("{:?}", args.model.precision).to_lowercase(),
         );
         meta.insert("mode".to_string(), format!("{:?}", args.mode).to_lowercase());
-        // Write to a temporary name, then rename: a failed run never leaves half a file.
-        let tmp = path.with_extension("safetensors.tmp");
-        safetensors::serialize_to_file(views, Some(meta), &tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-        println!("wrote {}", path.display());
+        let bytes = safetensors::serialize(views, Some(meta)).context("cannot serialise the output tensors")?;
+        super::output::write_file(path, &bytes)?;
+        outln!("wrote {}", path.display());
     }
     Ok(())
 }

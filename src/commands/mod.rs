@@ -6,6 +6,7 @@ mod compile;
 mod emit;
 mod inspect;
 mod logits;
+mod output;
 mod run;
 
 use crate::cli::{Cli, Command, Emit, ModelFlags, Precision, SourceArgs};
@@ -43,6 +44,17 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Write to stdout (the `out!` and `outln!` macros): an error names stdout, except a closed
+/// pipe, which ends the output quietly as `print_out` does.
+pub fn write_stdout(args: std::fmt::Arguments) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_fmt(args).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("cannot write to stdout"),
+        _ => Ok(()),
+    }
+}
+
 /// Write generated text to stdout; a closed pipe (`ouroc emit ... | head`)
 /// ends the output quietly instead of failing.
 pub fn print_out(text: &str) -> Result<()> {
@@ -60,6 +72,43 @@ pub fn open(dir: &Path) -> Result<Checkpoint> {
         eprintln!("warning: {w}");
     }
     Ok(ckpt)
+}
+
+/// Refuses, naming the numbers, a command whose weights and KV cache cannot fit in this
+/// machine's memory, before anything large is allocated. Weights count twice over while they are
+/// prepared (the recipes' f32 values and their encoding live together); the KV cache is one slot
+/// per loop step and layer for `positions` tokens.
+pub fn check_memory(
+    command: &str,
+    ckpt: &Checkpoint,
+    graph: &Graph,
+    precision: Precision,
+    positions: usize,
+) -> Result<()> {
+    let encoded: u64 = match precision {
+        Precision::F32 => 4,
+        Precision::Bf16 => 2,
+    };
+    let params = ckpt.parameter_count();
+    // The loop count of the graph (`--loops` may differ from the config's).
+    let steps = graph
+        .exit_control()
+        .map_or(ckpt.config.total_ut_steps, |(steps, _)| steps);
+    let config = OuroConfig {
+        total_ut_steps: steps,
+        ..ckpt.config.clone()
+    };
+    let kv = config.kv_bytes_per_token(encoded as usize);
+    let mut need = ouroc_runtime::memory::Footprint::default();
+    need.add(
+        "weights (f32 while prepared + encoded)",
+        params.checked_mul(4 + encoded),
+    )
+    .add(
+        format!("KV cache for {positions} positions"),
+        kv.checked_mul(positions as u64),
+    );
+    need.check(command).map_err(anyhow::Error::msg)
 }
 
 /// Build the graph the flags ask for.

@@ -7,7 +7,6 @@ use ouroc_runtime::generate::GenLimits;
 use ouroc_runtime::interp::InterpForward;
 use ouroc_runtime::tokenizer::TextStream;
 use ouroc_runtime::{Sampler, SamplingParams, Tokenizer, chat, generate};
-use std::io::Write;
 use std::path::PathBuf;
 
 /// The built-in demo model (see models/demo/README.md).
@@ -61,6 +60,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
     };
     let prompt = tok.encode(&text).map_err(anyhow::Error::msg)?;
     let max_positions = ckpt.config.max_position_embeddings;
+    let positions = prompt.len().saturating_add(args.max_new_tokens).min(max_positions);
+    super::check_memory("ouroc run", &ckpt, &graph, args.model.precision, positions)?;
     let mut stop_ids = tok.eos_ids.clone();
     stop_ids.extend(ckpt.config.eos_token_ids.iter().copied());
     if args.chat {
@@ -107,20 +108,18 @@ pub fn run(args: &RunArgs) -> Result<()> {
     );
     let mut sampler = Sampler::new(params);
     let mut stream = TextStream::default();
-    let mut stdout = std::io::stdout();
-    print!("{}", if args.chat { "" } else { args.prompt.as_str() });
+    out!("{}", if args.chat { "" } else { args.prompt.as_str() });
     let limits = GenLimits {
         max_new_tokens: args.max_new_tokens,
         max_positions,
     };
     let stats = generate(model.as_mut(), &prompt, &mut sampler, &stop_ids, &limits, &mut |id| {
         let piece = stream.push(&tok, id)?;
-        print!("{piece}");
-        stdout.flush().map_err(|e| e.to_string())
+        super::write_stdout(format_args!("{piece}")).map_err(|e| format!("{e:#}"))
     })
     .map_err(anyhow::Error::msg)
     .context("generation failed")?;
-    println!();
+    outln!();
     eprint!("{}", stats.summary(model_steps(&graph), max_positions));
     Ok(())
 }

@@ -2,6 +2,8 @@
 //! tests/reference/gen_fixtures.py, and comparisons.
 #![allow(dead_code)]
 
+pub mod cli;
+
 use ouroc_ir::{DType, ExitPolicy, Graph, Interpreter, Options};
 use ouroc_models::{BuildOptions, Checkpoint};
 use std::path::PathBuf;

@@ -147,7 +147,7 @@ struct Args {
     no_early_exit: bool,
     /// Threads for the kernels (default: all cores); each matrix-vector product is split
     /// over them by output rows
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, value_name = "N", value_parser = ouroc_runtime::threads::parse_threads_flag)]
     threads: Option<u16>,
     /// KV cache in decode: full (one cache per loop step and layer), last or mean (one
     /// shared cache per layer, 1/R of the decode KV memory)
@@ -354,7 +354,6 @@ fn run() -> Result<(), String> {
     }
     let mut sampler = Sampler::new(params);
     let mut stream = TextStream::default();
-    let mut stdout = std::io::stdout();
     let limits = GenLimits {
         max_new_tokens: args.max_new_tokens,
         max_positions: meta.max_positions,
@@ -362,21 +361,20 @@ fn run() -> Result<(), String> {
     let mut first = true;
     let stats = match (&tok, &args.prompt) {
         (Some(tok), Some(p)) if args.ids.is_none() => {
-            print!("{}", if args.chat { "" } else { p.as_str() });
+            write_stdout(format_args!("{}", if args.chat { "" } else { p.as_str() }))?;
             generate(model.as_mut(), &prompt, &mut sampler, &stop_ids, &limits, &mut |id| {
                 let piece = stream.push(tok, id)?;
-                print!("{piece}");
-                stdout.flush().map_err(|e| e.to_string())
+                write_stdout(format_args!("{piece}"))
             })
         }
         _ => generate(model.as_mut(), &prompt, &mut sampler, &stop_ids, &limits, &mut |id| {
-            print!("{}{id}", if first { "" } else { "," });
+            let sep = if first { "" } else { "," };
             first = false;
-            stdout.flush().map_err(|e| e.to_string())
+            write_stdout(format_args!("{sep}{id}"))
         }),
     }
     .map_err(|e| format!("generation failed: {e}"))?;
-    println!();
+    write_stdout(format_args!("\n"))?;
     eprint!("{}", stats.summary(meta.steps, meta.max_positions));
     Ok(())
 }
@@ -423,4 +421,15 @@ fn load_weights(meta: &AppMeta, flag: Option<&PathBuf>, name: &str) -> Result<Re
         .map(|(k, p, n)| (k, unsafe { std::slice::from_raw_parts(p as *const u8, n) }))
         .collect();
     Ok(unsafe { ResidentWeights::borrowed(entries, Box::new(map)) })
+}
+
+/// Writes to stdout, flushed (tokens stream as they come); an error names stdout instead of the
+/// panic of `print!` (`> /dev/full`), and a closed pipe ends the output quietly.
+fn write_stdout(args: std::fmt::Arguments) -> Result<(), String> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_fmt(args).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(format!("cannot write to stdout: {e}")),
+        _ => Ok(()),
+    }
 }

@@ -64,7 +64,7 @@ impl CpuDevice {
             token_split_launches: 0,
             microkernel_kernels: 0,
             split_kernels: 0,
-            pool: Pool::new(resolve_threads(opts.threads))?,
+            pool: Pool::new(resolve_threads(opts.threads)?)?,
             kernels,
         })
     }
@@ -137,11 +137,12 @@ impl Device for CpuDevice {
     }
 
     fn begin_call(&mut self, shape: CallShape, _: &[KvArg]) -> Result<(), DeviceError> {
-        let cells = (self.bytes_per_token * shape.tokens).div_ceil(8);
-        if self.arena.len() < cells {
-            self.arena.resize(cells, 0);
-        }
-        Ok(())
+        let cells = self
+            .bytes_per_token
+            .checked_mul(shape.tokens)
+            .ok_or_else(|| DeviceError::Failed(format!("the arena of {} tokens overflows", shape.tokens)))?
+            .div_ceil(8);
+        grow_zeroed(&mut self.arena, cells, "the activation arena")
     }
 
     fn launch(&mut self, l: &Launch, shape: CallShape, kv: &[KvArg]) -> Result<(), DeviceError> {
@@ -204,11 +205,13 @@ impl Device for CpuDevice {
 
     fn kv_reserve(&mut self, store: KvStore, positions: usize) -> Result<(), DeviceError> {
         let s = self.store(store)?;
-        let need = positions * s.layout.row_bytes();
+        let need = positions
+            .checked_mul(s.layout.row_bytes())
+            .ok_or_else(|| DeviceError::Failed(format!("a KV store of {positions} positions overflows")))?;
         if s.k.len() < need {
-            let cap = need.max(s.k.len() * 2);
-            s.k.resize(cap, 0);
-            s.v.resize(cap, 0);
+            let cap = need.max(s.k.len().saturating_mul(2));
+            grow_zeroed(&mut s.k, cap, "the KV cache")?;
+            grow_zeroed(&mut s.v, cap, "the KV cache")?;
         }
         Ok(())
     }
@@ -265,4 +268,20 @@ impl Device for CpuDevice {
             .and_then(|s| s.as_ref())
             .map_or(0, |s| s.k.len() + s.v.len())
     }
+}
+
+/// Grows `v` to `len` zeroed elements, or returns an error naming `what` and the bytes when the
+/// allocator refuses (a `resize` would abort the process instead).
+fn grow_zeroed<T: Copy + Default>(v: &mut Vec<T>, len: usize, what: &str) -> Result<(), DeviceError> {
+    if v.len() >= len {
+        return Ok(());
+    }
+    v.try_reserve_exact(len - v.len()).map_err(|_| {
+        DeviceError::Failed(format!(
+            "cannot allocate {} bytes for {what}: not enough memory",
+            len.saturating_mul(std::mem::size_of::<T>())
+        ))
+    })?;
+    v.resize(len, T::default());
+    Ok(())
 }
