@@ -146,6 +146,10 @@ fn show(t: &Tok) -> String {
     }
 }
 
+/// The largest integer (dimension, head count, index) the text may hold: far above any model,
+/// and small enough that shape inference's products of two and sums of many cannot overflow.
+const MAX_INT: usize = 1 << 32;
+
 type Attrs = HashMap<String, (Tok, usize)>;
 
 impl Parser {
@@ -224,8 +228,9 @@ impl Parser {
                 self.punct(',')?;
             }
             shape.push(match self.next()? {
-                Tok::Num(n) => match n.parse() {
-                    Ok(v) => Dim::Fixed(v),
+                Tok::Num(n) => match n.parse::<usize>() {
+                    Ok(v) if v <= MAX_INT => Dim::Fixed(v),
+                    Ok(_) => return self.err_prev(format!("dimension {n} is above the limit of {MAX_INT}")),
                     Err(_) => return self.err_prev(format!("invalid dimension `{n}`")),
                 },
                 Tok::Ident(s) => Dim::Sym(s),
@@ -529,10 +534,20 @@ impl Parser {
 
     fn attr_num<T: std::str::FromStr>(&self, attrs: &mut Attrs, key: &str) -> Result<T, ParseError> {
         match attrs.remove(key) {
-            Some((Tok::Num(n), line)) => n.parse().map_err(|_| ParseError {
-                line,
-                msg: format!("invalid value `{n}` for attribute `{key}`"),
-            }),
+            Some((Tok::Num(n), line)) => {
+                // Integers are sizes and counts: bounded, so that the products and sums of shape
+                // inference cannot overflow.
+                if n.bytes().all(|b| b.is_ascii_digit()) && n.parse::<u64>().is_ok_and(|v| v > MAX_INT as u64) {
+                    return Err(ParseError {
+                        line,
+                        msg: format!("attribute `{key}` = {n} is above the limit of {MAX_INT}"),
+                    });
+                }
+                n.parse().map_err(|_| ParseError {
+                    line,
+                    msg: format!("invalid value `{n}` for attribute `{key}`"),
+                })
+            }
             Some((t, line)) => Err(ParseError {
                 line,
                 msg: format!("attribute `{key}` needs a number, found `{}`", show(&t)),

@@ -269,11 +269,18 @@ impl Program {
                 return Err(format!("weight %{} is listed twice", w.id));
             }
         }
+        if self.arena.align == 0 {
+            return Err("the arena's alignment is 0".into());
+        }
         for v in &self.arena.values {
-            if v.offset % self.arena.align != 0 || v.offset >= self.arena.bytes_per_token.max(1) {
+            // The whole row must lie in the arena: kernels write `width` elements from `offset`.
+            let end = (v.width as u64)
+                .checked_mul(v.dtype.size_bytes() as u64)
+                .and_then(|b| b.checked_add(v.offset));
+            if v.offset % self.arena.align != 0 || end.is_none_or(|e| e > self.arena.bytes_per_token) {
                 return Err(format!(
-                    "%{}: offset {} is unaligned or outside the arena",
-                    v.id, v.offset
+                    "%{}: offset {} (width {} x {}) is unaligned or outside the arena of {} bytes per token",
+                    v.id, v.offset, v.width, v.dtype, self.arena.bytes_per_token
                 ));
             }
         }
@@ -281,13 +288,10 @@ impl Program {
             let v = values
                 .get(&r.value)
                 .ok_or_else(|| format!("{what} reads %{}, which has no buffer", r.value))?;
-            if r.col + r.len > v.width {
+            if r.col.checked_add(r.len).is_none_or(|end| end > v.width) {
                 return Err(format!(
-                    "{what} reads columns {}..{} of %{} (width {})",
-                    r.col,
-                    r.col + r.len,
-                    r.value,
-                    v.width
+                    "{what} reads {} columns from column {} of %{} (width {})",
+                    r.len, r.col, r.value, v.width
                 ));
             }
             Ok(())

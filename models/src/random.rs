@@ -55,7 +55,24 @@ pub fn write_random_checkpoint(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), String> {
     let json = shape_config_json(shape)?;
-    let (config, _) = OuroConfig::from_json_str(&json, &format!("shape {shape}")).map_err(|e| e.to_string())?;
+    // A half-written directory must not look current: drop the marker first, write it last.
+    let _ = std::fs::remove_file(dir.join(MARKER));
+    write_random_weights(&json, dir, dtype, seed, progress)?;
+    std::fs::write(dir.join(MARKER), marker(shape, dtype, seed))
+        .map_err(|e| format!("cannot write the random checkpoint in {}: {e}", dir.display()))
+}
+
+/// Write `config_json` and random weights of every tensor it implies into `dir` (created if
+/// needed): a checkpoint of any config, as the structural fuzzer and tests make them.
+pub fn write_random_weights(
+    json: &str,
+    dir: &Path,
+    dtype: StorageDtype,
+    seed: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), String> {
+    let (config, _) =
+        OuroConfig::from_json_str(json, &dir.join("config.json").display().to_string()).map_err(|e| e.to_string())?;
     let st = match dtype {
         StorageDtype::BF16 => "BF16",
         StorageDtype::F16 => "F16",
@@ -80,9 +97,7 @@ pub fn write_random_checkpoint(
     }
     let io = |e: std::io::Error| format!("cannot write the random checkpoint in {}: {e}", dir.display());
     std::fs::create_dir_all(dir).map_err(io)?;
-    // A half-written directory must not look current: drop the marker first, write it last.
-    let _ = std::fs::remove_file(dir.join(MARKER));
-    std::fs::write(dir.join("config.json"), &json).map_err(io)?;
+    std::fs::write(dir.join("config.json"), json).map_err(io)?;
     let tmp = dir.join("model.safetensors.tmp");
     let mut out = BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp).map_err(io)?);
     out.write_all(&(head.len() as u64).to_le_bytes()).map_err(io)?;
@@ -117,7 +132,6 @@ pub fn write_random_checkpoint(
     out.flush().map_err(io)?;
     drop(out);
     std::fs::rename(&tmp, dir.join("model.safetensors")).map_err(io)?;
-    std::fs::write(dir.join(MARKER), marker(shape, dtype, seed)).map_err(io)?;
     Ok(())
 }
 

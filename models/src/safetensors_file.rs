@@ -67,6 +67,13 @@ impl SafetensorsFile {
     }
 }
 
+/// Validates a whole safetensors file held in memory (as [`SafetensorsFile::open`] does a mapped
+/// one): the name and absolute byte range of each tensor, or the error naming what is wrong.
+pub fn validate(bytes: &[u8]) -> Result<Vec<(String, std::ops::Range<usize>)>, ModelError> {
+    let entries = parse_header(Path::new("<memory>"), bytes)?;
+    Ok(entries.into_iter().map(|e| (e.name, e.begin..e.end)).collect())
+}
+
 /// Bytes per element of a safetensors dtype, `None` for sub-byte or unknown dtypes (whose data
 /// size is then not checked: they are never read, only reported).
 pub(crate) fn dtype_size(dtype: &str) -> Option<u64> {

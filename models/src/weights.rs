@@ -95,15 +95,21 @@ fn load_sharded(dir: &Path, index: &Path, warnings: &mut Vec<String>) -> Result<
 
 /// weight_map grouped by shard: shard file -> tensor names (both sorted).
 fn read_index(index: &Path) -> Result<BTreeMap<String, Vec<String>>, ModelError> {
+    let bytes = std::fs::read(index).map_err(|source| ModelError::Io {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    parse_index(&bytes, index)
+}
+
+/// The tensors of each shard named by the index file `bytes` (read from `index`), sorted. A
+/// tensor mapped twice, a shard name that leaves the directory and a malformed map are errors.
+pub fn parse_index(bytes: &[u8], index: &Path) -> Result<BTreeMap<String, Vec<String>>, ModelError> {
     let bad = |message: String| ModelError::IndexInvalid {
         path: index.to_path_buf(),
         message,
     };
-    let text = std::fs::read_to_string(index).map_err(|source| ModelError::Io {
-        path: index.to_path_buf(),
-        source,
-    })?;
-    let value: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let value: Value = crate::strict_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
     let map = value
         .get("weight_map")
         .and_then(Value::as_object)

@@ -164,7 +164,7 @@ impl Module {
             return Err(err(format!(".reqntid {r:?} but the block is {:?}", dims.block)));
         }
         if let Some(m) = k.maxntid
-            && bx * by * bz > m[0] * m[1] * m[2]
+            && u64::from(bx) * u64::from(by) * u64::from(bz) > m.iter().map(|&d| u64::from(d)).product::<u64>()
         {
             return Err(err(format!(".maxntid {m:?} but the block is {:?}", dims.block)));
         }

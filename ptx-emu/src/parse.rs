@@ -7,6 +7,13 @@ use crate::ast::*;
 use crate::lex::{Tok, Token, lex};
 use crate::ty::Ty;
 
+/// Registers one `.reg` declaration may name (`%r<N>`); ptxas-generated code uses a few thousand.
+const MAX_REGISTERS: i128 = 1 << 16;
+/// Elements of one array variable (`.shared`, `.const`): shared memory is at most 228 KiB.
+const MAX_ELEMENTS: u64 = 1 << 24;
+/// `.align N`: a power of two up to this.
+const MAX_ALIGN: i128 = 1 << 12;
+
 pub(crate) fn perr(line: u32, msg: impl Into<String>) -> EmuError {
     EmuError::Parse { line, msg: msg.into() }
 }
@@ -116,6 +123,23 @@ impl Parser<'_> {
             t => Err(perr(line, format!("expected an identifier, found {t:?}"))),
         }
     }
+    /// `[N]` after a variable's name, multiplied into `count`: at most [`MAX_ELEMENTS`] in all
+    /// (a hostile module must not make the emulator allocate without bound).
+    fn dimension(&mut self, count: u64) -> Result<u64, EmuError> {
+        let line = self.line();
+        let n = self.number()?;
+        u64::try_from(n)
+            .ok()
+            .and_then(|n| count.checked_mul(n))
+            .filter(|&c| c <= MAX_ELEMENTS)
+            .ok_or_else(|| {
+                perr(
+                    line,
+                    format!("array size {n} (x {count}) is negative or above {MAX_ELEMENTS} elements"),
+                )
+            })
+    }
+
     fn number(&mut self) -> Result<i128, EmuError> {
         let line = self.line();
         let neg = self.eat_punct('-');
@@ -146,7 +170,13 @@ impl Parser<'_> {
         let name = loop {
             let t = self.ident()?;
             match t.as_str() {
-                ".align" => align = Some(self.number()? as u64),
+                ".align" => {
+                    let a = self.number()?;
+                    if !(1..=MAX_ALIGN).contains(&a) || !(a as u64).is_power_of_two() {
+                        return Err(perr(line, format!(".align {a}: a power of two up to {MAX_ALIGN}")));
+                    }
+                    align = Some(a as u64);
+                }
                 _ if skip.contains(&t.as_str()) => {}
                 _ if t.starts_with('.') => {
                     ty = Some(Ty::parse(&t[1..]).ok_or_else(|| perr(line, format!("{what} `{t}`")))?);
@@ -222,7 +252,7 @@ impl Parser<'_> {
         }
         let mut count = 1u64;
         while self.eat_punct('[') {
-            count *= self.number()? as u64;
+            count = self.dimension(count)?;
             self.expect_punct(']')?;
         }
         let mut values = Vec::new();
@@ -270,7 +300,7 @@ impl Parser<'_> {
                 unsized_array = true;
                 continue;
             }
-            count *= self.number()? as u64;
+            count = self.dimension(count)?;
             self.expect_punct(']')?;
         }
         if self.is_punct('=') {
@@ -313,7 +343,7 @@ impl Parser<'_> {
                 let ty = ty.ok_or_else(|| perr(line, format!("param `{pname}` has no type")))?;
                 let mut count = 1u64;
                 while self.eat_punct('[') {
-                    count *= self.number()? as u64;
+                    count = self.dimension(count)?;
                     self.expect_punct(']')?;
                 }
                 params.push(ParamSyntax {
@@ -344,7 +374,11 @@ impl Parser<'_> {
                                 if i > 0 && !self.eat_punct(',') {
                                     break;
                                 }
-                                *slot = self.number()? as u32;
+                                let n = self.number()?;
+                                *slot = u32::try_from(n)
+                                    .ok()
+                                    .filter(|&n| (1..=1024).contains(&n))
+                                    .ok_or_else(|| perr(line, format!("{d} {n}: each dimension is 1 to 1024")))?;
                             }
                             if d == ".reqntid" {
                                 reqntid = Some(dims);
@@ -436,6 +470,12 @@ impl Parser<'_> {
                     let name = self.ident()?;
                     if self.eat_punct('<') {
                         let n = self.number()?;
+                        if !(0..=MAX_REGISTERS).contains(&n) {
+                            return Err(perr(
+                                line,
+                                format!("`{name}<{n}>`: at most {MAX_REGISTERS} registers per declaration"),
+                            ));
+                        }
                         self.expect_punct('>')?;
                         names.push((name, Some(n)));
                     } else {

@@ -30,33 +30,69 @@ impl Tokenizer {
         if !path.is_file() {
             return Err(TokenizerError::Missing(dir.display().to_string()));
         }
-        let invalid = |p: &Path, msg: String| TokenizerError::Invalid {
-            path: p.display().to_string(),
-            msg,
-        };
-        let bytes = std::fs::read(&path).map_err(|e| invalid(&path, e.to_string()))?;
-        check_added_tokens(&bytes).map_err(|msg| invalid(&path, msg))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| invalid(&path, e.to_string()))?;
-        let read_json = |name: &str| -> Result<Option<serde_json::Value>, TokenizerError> {
+        let read = |name: &str| -> Result<Option<Vec<u8>>, TokenizerError> {
             let p = dir.join(name);
-            match std::fs::read_to_string(&p) {
-                Err(_) => Ok(None),
-                Ok(text) => serde_json::from_str(&text)
-                    .map(Some)
-                    .map_err(|e| invalid(&p, e.to_string())),
+            match std::fs::read(&p) {
+                Ok(bytes) => Ok(Some(bytes)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(TokenizerError::Invalid {
+                    path: p.display().to_string(),
+                    msg: e.to_string(),
+                }),
             }
         };
-        let config = read_json("tokenizer_config.json")?;
-        let generation = read_json("generation_config.json")?;
-        let chat_template = config
-            .as_ref()
-            .and_then(|c| c["chat_template"].as_str())
-            .map(String::from);
-        let mut eos_ids: Vec<u32> = match generation.as_ref().map(|g| &g["eos_token_id"]) {
-            Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
-            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|n| n as u32).collect(),
-            _ => vec![],
+        let json = read("tokenizer.json")?.unwrap_or_default();
+        let config = read("tokenizer_config.json")?;
+        let generation = read("generation_config.json")?;
+        Self::from_files(&json, config.as_deref(), generation.as_deref()).map_err(|(name, msg)| {
+            TokenizerError::Invalid {
+                path: dir.join(name).display().to_string(),
+                msg,
+            }
+        })
+    }
+
+    /// From the bytes of `tokenizer.json` and, when present, `tokenizer_config.json` (the chat
+    /// template, the eos token) and `generation_config.json` (the eos ids). An error names the
+    /// file at fault.
+    pub fn from_files(
+        json: &[u8],
+        config: Option<&[u8]>,
+        generation: Option<&[u8]>,
+    ) -> Result<Tokenizer, (&'static str, String)> {
+        let in_file = |name: &'static str| move |msg: String| (name, msg);
+        check_added_tokens(json).map_err(in_file("tokenizer.json"))?;
+        let inner = tokenizers::Tokenizer::from_bytes(json).map_err(|e| ("tokenizer.json", e.to_string()))?;
+        let parse =
+            |name: &'static str, bytes: Option<&[u8]>| -> Result<Option<serde_json::Value>, (&'static str, String)> {
+                bytes
+                    .map(|b| serde_json::from_slice(b).map_err(|e| (name, e.to_string())))
+                    .transpose()
+            };
+        let config = parse("tokenizer_config.json", config)?;
+        let generation = parse("generation_config.json", generation)?;
+        let chat_template = match config.as_ref().map(|c| &c["chat_template"]) {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(t)) => Some(t.clone()),
+            // A list of named templates (transformers >= 4.43): the "default" one.
+            Some(serde_json::Value::Array(items)) => items
+                .iter()
+                .find(|t| t["name"] == "default")
+                .and_then(|t| t["template"].as_str())
+                .map(String::from),
+            Some(other) => {
+                return Err((
+                    "tokenizer_config.json",
+                    format!("`chat_template` must be a string or a list of named templates, found {other}"),
+                ));
+            }
         };
+        let mut eos_ids = match generation.as_ref().map(|g| &g["eos_token_id"]) {
+            None | Some(serde_json::Value::Null) => Ok(vec![]),
+            Some(serde_json::Value::Array(a)) => a.iter().map(token_id).collect::<Result<_, _>>(),
+            Some(v) => token_id(v).map(|id| vec![id]),
+        }
+        .map_err(in_file("generation_config.json"))?;
         if eos_ids.is_empty()
             && let Some(id) = config
                 .as_ref()
@@ -107,6 +143,13 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+}
+
+/// A token id of `eos_token_id`: an integer that fits in 32 bits.
+fn token_id(v: &serde_json::Value) -> Result<u32, String> {
+    v.as_u64()
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| format!("`eos_token_id` must be a token id or a list of them, found {v}"))
 }
 
 /// Refuses a `tokenizer.json` whose `added_tokens` give a token (`<|im_start|>`) an id other than
