@@ -29,7 +29,6 @@ use ouroc_runtime::gpu::{GpuForward, GpuOptions};
 use ouroc_runtime::tokenizer::TextStream;
 use ouroc_runtime::{Sampler, SamplingParams, Tokenizer, chat, generate};
 use std::ffi::{c_char, c_int, c_void};
-use std::io::Write;
 use std::path::PathBuf;
 
 unsafe extern "C" {
