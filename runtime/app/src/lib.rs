@@ -84,13 +84,13 @@ pub extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
     let code = match std::panic::catch_unwind(run) {
         Ok(Ok(())) => 0,
         Ok(Err(e)) => {
-            let _ = std::io::stdout().flush();
+            let _ = std::io::Write::flush(&mut std::io::stdout());
             eprintln!("{}: error: {e}", app_name());
             1
         }
         Err(_) => 101,
     };
-    let _ = std::io::stdout().flush();
+    let _ = std::io::Write::flush(&mut std::io::stdout());
     code
 }
 
