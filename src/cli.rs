@@ -191,6 +191,21 @@ pub struct CpuFlags {
     /// Cranelift kernels
     #[arg(long, value_enum, default_value_t = LinearImpl::Auto)]
     pub linear: LinearImpl,
+    #[command(flatten)]
+    pub cache: CacheFlags,
+}
+
+/// Where the compiled CPU engine's prepared weights are cached between runs.
+#[derive(Args, Debug, Clone, Default)]
+pub struct CacheFlags {
+    /// Keep the prepared weights of a checkpoint + options here and memory-map them on the next
+    /// start (default: $OUROC_CACHE_DIR, else $XDG_CACHE_HOME/ouroc, else ~/.cache/ouroc); only
+    /// models of at least $OUROC_CACHE_MIN_BYTES (default 64 MiB) of weights are cached
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Prepare the weights from the checkpoint and neither read nor write the cache
+    #[arg(long, conflicts_with = "cache_dir")]
+    pub no_cache: bool,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -344,6 +359,8 @@ pub struct LogitsArgs {
     /// (every loop step runs, as in the reference)
     #[arg(long, value_enum, default_value_t = LogitsBackend::Interp)]
     pub backend: LogitsBackend,
+    #[command(flatten)]
+    pub cache: CacheFlags,
     /// Threads for --backend cpu (default: all cores)
     #[arg(long, value_name = "N", value_parser = ouroc_runtime::threads::parse_threads_flag)]
     pub threads: Option<u16>,

@@ -23,20 +23,54 @@ impl ResidentWeights {
     /// encode each in every dtype a kernel reads it in
     /// ([`operand_dtypes`]; in f32 when not rounded).
     pub fn encode(program: &Program, src: &dyn WeightSource, round: bool) -> Result<ResidentWeights, String> {
-        let resident = program
-            .materialise_weights(src, round)
-            .map_err(|(id, msg)| format!("weight %{id}: {msg}"))?;
-        let mut owned: Vec<((u32, DType), Vec<u8>)> = Vec::new();
-        for (w, d) in ResidentWeights::required(program) {
-            let data = resident
-                .get(&w)
-                .ok_or_else(|| format!("a kernel reads weight %{w}, which is not resident"))?;
+        Self::encode_with_progress(program, src, round, &mut |_, _| {})
+    }
+
+    /// As [`ResidentWeights::encode`], streaming: each weight is encoded as
+    /// soon as its recipe has built it and its f32 values are dropped, so
+    /// preparing a model holds its encoding plus a few f32 tensors.
+    /// `progress(done, total)` counts the encoded bytes.
+    pub fn encode_with_progress(
+        program: &Program,
+        src: &dyn WeightSource,
+        round: bool,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<ResidentWeights, String> {
+        let required = ResidentWeights::required(program);
+        // Unrounded weights stay f32 whatever the kernel's dtype says.
+        let stored = |d: DType| if round { d } else { DType::F32 };
+        for &(w, d) in &required {
             if !matches!(d, DType::F32 | DType::BF16) {
                 return Err(format!("weight %{w}: kernels cannot read weights of dtype {d}"));
             }
-            // Unrounded weights stay f32 whatever the kernel's dtype says.
-            let d = if round { d } else { DType::F32 };
-            owned.push(((w, d), codec::encode(data, d)));
+        }
+        let total: u64 = required
+            .iter()
+            .filter_map(|&(w, d)| {
+                let n: usize = program.weight(w)?.shape.iter().product();
+                Some((n * stored(d).size_bytes()) as u64)
+            })
+            .sum();
+        let mut owned: Vec<((u32, DType), Vec<u8>)> = Vec::with_capacity(required.len());
+        let mut done = 0u64;
+        program
+            .stream_weights(src, round, &mut |e, data| {
+                for &(w, d) in required.iter().filter(|(w, _)| *w == e.id) {
+                    if owned.iter().any(|(k, _)| *k == (w, stored(d))) {
+                        continue; // f32 for two kernel dtypes when not rounded
+                    }
+                    let bytes = codec::encode(data, stored(d));
+                    done += bytes.len() as u64;
+                    owned.push(((w, stored(d)), bytes));
+                }
+                progress(done, total);
+                Ok(())
+            })
+            .map_err(|(id, msg)| format!("weight %{id}: {msg}"))?;
+        for &(w, d) in &required {
+            if !owned.iter().any(|(k, _)| *k == (w, stored(d))) {
+                return Err(format!("a kernel reads weight %{w}, which is not resident"));
+            }
         }
         let entries = owned.iter().map(|(k, v)| (*k, (v.as_ptr(), v.len()))).collect();
         Ok(ResidentWeights {

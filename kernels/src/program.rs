@@ -536,23 +536,58 @@ impl Program {
     /// The values of the weights a runtime keeps (`resident`), each built by
     /// its recipe from the checkpoint once, at load, and rounded to its dtype
     /// (or left in f32 when `round` is false). Errors name the weight id.
+    /// All of them at once: [`Program::stream_weights`] holds one at a time.
     pub fn materialise_weights(
         &self,
         src: &dyn WeightSource,
         round: bool,
     ) -> Result<HashMap<u32, Vec<f32>>, (u32, String)> {
-        let mut all: HashMap<u32, Vec<f32>> = HashMap::new();
-        for e in &self.weights {
+        let mut out = HashMap::new();
+        self.stream_weights(src, round, &mut |e, data| {
+            out.insert(e.id, data.to_vec());
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Builds every weight by its recipe, in table order, and hands each
+    /// resident one to `sink` as soon as it is built (rounded to its dtype,
+    /// or f32 when `round` is false). A value is kept only while a later
+    /// recipe still reads it, so the f32 held at once is a few tensors (a
+    /// layer's projections while they are merged), not the model: a sink that
+    /// encodes and drops each weight prepares a model in the memory of its
+    /// encoding. Errors name the weight id.
+    pub fn stream_weights(
+        &self,
+        src: &dyn WeightSource,
+        round: bool,
+        sink: &mut dyn FnMut(&WeightEntry, &[f32]) -> Result<(), String>,
+    ) -> Result<(), (u32, String)> {
+        // The index of the last recipe that reads each weight.
+        let mut last_read: HashMap<u32, usize> = HashMap::new();
+        for (i, e) in self.weights.iter().enumerate() {
+            for d in recipe_inputs(&e.recipe) {
+                last_read.insert(d, i);
+            }
+        }
+        let mut live: HashMap<u32, Vec<f32>> = HashMap::new();
+        for (i, e) in self.weights.iter().enumerate() {
+            let get = |id: &u32| {
+                live.get(id)
+                    .ok_or((e.id, format!("its recipe reads %{id}, which is not an earlier weight")))
+            };
             let dtype = if round { e.dtype } else { DType::F32 };
             let data: Vec<f32> = match &e.recipe {
-                Recipe::Checkpoint { tensor } => src
-                    .read_f32(tensor)
-                    .map_err(|m| (e.id, format!("\"{tensor}\": {m}")))?
-                    .into_iter()
-                    .map(|x| dtype.round(x))
-                    .collect(),
+                Recipe::Checkpoint { tensor } => {
+                    let mut v = src.read_f32(tensor).map_err(|m| (e.id, format!("\"{tensor}\": {m}")))?;
+                    v.iter_mut().for_each(|x| *x = dtype.round(*x));
+                    v
+                }
                 Recipe::ScaleCols { w, s } => {
-                    let (w, s) = (&all[w], &all[s]);
+                    let (w, s) = (get(w)?, get(s)?);
+                    if s.is_empty() {
+                        return Err((e.id, "scales a weight by an empty vector".into()));
+                    }
                     w.iter()
                         .enumerate()
                         .map(|(i, x)| dtype.round(x * s[i % s.len()]))
@@ -563,7 +598,7 @@ impl Program {
                     let mut data = Vec::new();
                     for o in 0..outer {
                         for part in parts {
-                            let part = &all[part];
+                            let part = get(part)?;
                             let block = part.len() / outer.max(1);
                             data.extend_from_slice(&part[o * block..(o + 1) * block]);
                         }
@@ -572,8 +607,11 @@ impl Program {
                 }
                 Recipe::Slice { of, start, len } => {
                     let row = *self.weight(*of).and_then(|w| w.shape.last()).unwrap_or(&1);
-                    all[of]
-                        .chunks(row)
+                    if start.checked_add(*len).is_none_or(|end| end > row) {
+                        return Err((e.id, format!("slices {len} columns from {start} of rows of {row}")));
+                    }
+                    let of = get(of)?;
+                    of.chunks(row.max(1))
                         .flat_map(|r| r[*start..start + len].iter().copied())
                         .collect()
                 }
@@ -585,13 +623,29 @@ impl Program {
                     format!("has {} elements, its shape {:?} needs {n}", data.len(), e.shape),
                 ));
             }
-            all.insert(e.id, data);
+            if e.resident {
+                sink(e, &data).map_err(|m| (e.id, m))?;
+            }
+            // Inputs read for the last time are freed; this weight is kept only if read later.
+            for d in recipe_inputs(&e.recipe) {
+                if last_read.get(&d) == Some(&i) {
+                    live.remove(&d);
+                }
+            }
+            if last_read.get(&e.id).is_some_and(|&j| j > i) {
+                live.insert(e.id, data);
+            }
         }
-        Ok(self
-            .weights
-            .iter()
-            .filter(|w| w.resident)
-            .map(|w| (w.id, all.remove(&w.id).expect("built above")))
-            .collect())
+        Ok(())
+    }
+}
+
+/// The weights a recipe reads.
+fn recipe_inputs(r: &Recipe) -> Vec<u32> {
+    match r {
+        Recipe::Checkpoint { .. } => vec![],
+        Recipe::ScaleCols { w, s } => vec![*w, *s],
+        Recipe::Concat { parts, .. } => parts.clone(),
+        Recipe::Slice { of, .. } => vec![*of],
     }
 }

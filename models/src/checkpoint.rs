@@ -202,7 +202,7 @@ impl Checkpoint {
         let (info, bytes) = self.stored(name)?;
         // Decoded from byte chunks, never by casting pointers: safetensors data may sit at any
         // alignment in the map.
-        Ok(match info.dtype {
+        let values = match info.dtype {
             StorageDtype::BF16 => bytes
                 .as_chunks::<2>()
                 .0
@@ -221,7 +221,50 @@ impl Checkpoint {
                 .iter()
                 .map(|b| f32::from_le_bytes(*b))
                 .collect(),
-        })
+        };
+        self.release(name);
+        Ok(values)
+    }
+
+    /// What identifies this checkpoint's contents cheaply, for caches keyed by it: config.json's
+    /// bytes and each weight file's name, size and modification time. A file rewritten in place
+    /// with the same size and time is not noticed (as with make or ccache's default).
+    pub fn identity(&self) -> String {
+        let mut id = std::fs::read_to_string(self.dir.join("config.json")).unwrap_or_default();
+        for f in &self.files {
+            let meta = std::fs::metadata(&f.path).ok();
+            let mtime = meta
+                .as_ref()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            let name = f
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            id.push_str(&format!("\n{name} {} {mtime}", f.mmap.len()));
+        }
+        id
+    }
+
+    /// Drops the mapped pages of tensor `name` from this process's resident memory: each tensor
+    /// is read once while weights are prepared, so keeping the whole file resident beside its
+    /// encoding would double the memory a model needs. The pages stay in the page cache, and a
+    /// later read maps them back.
+    fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(s) = self.tensors.get(name)
+            && let Some(f) = self.files.get(s.file)
+        {
+            // SAFETY: the map is a read-only shared file mapping: MADV_DONTNEED only drops
+            // this process's page table entries, and any later access reads the same bytes from
+            // the file again. Best effort: a failure only leaves the pages resident.
+            let _ = unsafe {
+                f.mmap
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, s.begin, s.end - s.begin)
+            };
+        }
     }
 
     fn stored(&self, name: &str) -> Result<(&TensorInfo, &[u8]), ModelError> {

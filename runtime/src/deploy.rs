@@ -197,14 +197,19 @@ pub fn fingerprint(program: &Program, weights: &ResidentWeights, index: &[Weight
     for (_, bytes) in weights.entries() {
         content.update(bytes);
     }
-    let mut layout = Hasher::default();
-    layout.update(serde_json::to_string(program).map_err(|e| e.to_string())?.as_bytes());
-    layout.update(serde_json::to_string(index).map_err(|e| e.to_string())?.as_bytes());
     Ok(Fingerprint {
         checkpoint: content.hex(),
         ouroc: VERSION.to_string(),
-        layout: layout.hex(),
+        layout: layout_hash(program, index)?,
     })
+}
+
+/// The hash of `program` with its weights laid out as `index`.
+pub fn layout_hash(program: &Program, index: &[WeightIndex]) -> Result<String, String> {
+    let mut layout = Hasher::default();
+    layout.update(serde_json::to_string(program).map_err(|e| e.to_string())?.as_bytes());
+    layout.update(serde_json::to_string(index).map_err(|e| e.to_string())?.as_bytes());
+    Ok(layout.hex())
 }
 
 /// The head of a weights image: magic, header length, header, padding.
@@ -247,13 +252,9 @@ pub type WeightSlice<'a> = ((u32, DType), &'a [u8]);
 /// Bytes before a weights image's header: the magic and the header length.
 const PREFIX: usize = WEIGHTS_MAGIC.len() + 8;
 
-/// Check a weights image against the fingerprint `want` and return its
-/// entries. `what` names it in errors (a path, or "the embedded weights").
-///
-/// Every length and offset the image holds is untrusted: each is checked
-/// (checked arithmetic, bounds) before it is used, and a bad one is an
-/// error naming it, never a panic.
-pub fn read_weights<'a>(image: &'a [u8], want: &Fingerprint, what: &str) -> Result<Vec<WeightSlice<'a>>, String> {
+/// The header of a weights image, before any check of its fingerprint or data (whose
+/// length and offsets [`read_weights`] checks).
+pub fn read_header(image: &[u8], what: &str) -> Result<WeightsHeader, String> {
     if image.len() < PREFIX || image[..8] != WEIGHTS_MAGIC {
         return Err(format!(
             "{what} is not an ouroc weights file (no `OUROCWT1` header; {} bytes)",
@@ -272,8 +273,23 @@ pub fn read_weights<'a>(image: &'a [u8], want: &Fingerprint, what: &str) -> Resu
                 image.len()
             )
         })?;
-    let header: WeightsHeader = serde_json::from_slice(&image[PREFIX..json_end])
-        .map_err(|e| format!("{what}: unreadable weights header: {e}"))?;
+    serde_json::from_slice(&image[PREFIX..json_end]).map_err(|e| format!("{what}: unreadable weights header: {e}"))
+}
+
+/// The header length field of an image [`read_header`] accepted (so it fits the image).
+fn header_len(image: &[u8]) -> usize {
+    u64::from_le_bytes(image[8..PREFIX].try_into().expect("8 bytes")) as usize
+}
+
+/// Check a weights image against the fingerprint `want` and return its
+/// entries. `what` names it in errors (a path, or "the embedded weights").
+///
+/// Every length and offset the image holds is untrusted: each is checked
+/// (checked arithmetic, bounds) before it is used, and a bad one is an
+/// error naming it, never a panic.
+pub fn read_weights<'a>(image: &'a [u8], want: &Fingerprint, what: &str) -> Result<Vec<WeightSlice<'a>>, String> {
+    let header = read_header(image, what)?;
+    let json_end = PREFIX + header_len(image);
     if let Some(diff) = header.fingerprint.mismatch(want) {
         return Err(format!(
             "{what} does not belong to this executable: {diff}; use the weights file written with it \
@@ -282,7 +298,7 @@ pub fn read_weights<'a>(image: &'a [u8], want: &Fingerprint, what: &str) -> Resu
     }
     let start = json_end
         .checked_next_multiple_of(DATA_ALIGN)
-        .ok_or_else(|| format!("{what} is corrupt: its header length ({hlen} bytes) overflows"))?;
+        .ok_or_else(|| format!("{what} is corrupt: its header length ({json_end} bytes) overflows"))?;
     let want_len = (start as u64).checked_add(header.data_bytes).ok_or_else(|| {
         format!(
             "{what} is corrupt: its header's data length ({} bytes) overflows",

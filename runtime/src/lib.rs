@@ -31,6 +31,7 @@ pub mod memory;
 pub mod sampling;
 pub mod threads;
 pub mod tokenizer;
+pub mod weights_cache;
 
 pub use generate::{Forward, GenStats, Step, StopReason, generate};
 pub use ouroc_driver::Trace;

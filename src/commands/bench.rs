@@ -10,7 +10,6 @@ use super::{build, open};
 use crate::cli::{BenchArgs, ModelFlags, Precision};
 use anyhow::{Result, bail};
 use ouroc_models::StorageDtype;
-use ouroc_runtime::cpu::CpuForward;
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -72,7 +71,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let program = ouroc_compile::compile_graph(graph, false)?.program;
         let (outside, per_step) = program.weight_bytes_read();
         eprintln!("[{name}] loading weights and JIT-compiling kernels...");
-        let mut model = CpuForward::with_options(program, &ckpt, &opts).map_err(anyhow::Error::msg)?;
+        let mut model = super::prepare::cpu_forward(program, &ckpt, &opts, &args.cpu.cache)?;
         let setup_s = t0.elapsed().as_secs_f64();
         let (mut prefill, mut decode, mut steps) = (vec![], vec![], vec![]);
         for run in 0..args.runs {

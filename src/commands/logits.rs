@@ -3,7 +3,7 @@ use crate::cli::{LogitsArgs, LogitsBackend, Mode};
 use anyhow::{Context, Result, bail};
 use ouroc_ir::{Interpreter, LoopTrace, Options, Tensor};
 use ouroc_runtime::Trace;
-use ouroc_runtime::cpu::{CpuForward, CpuOptions};
+use ouroc_runtime::cpu::CpuOptions;
 use ouroc_runtime::gpu::{GpuForward, GpuOptions};
 use safetensors::{Dtype, tensor::TensorView};
 use std::collections::BTreeMap;
@@ -81,14 +81,14 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
                         threads: args.threads.map_or(0, usize::from),
                         ..CpuOptions::new(max)
                     };
-                    let mut m = CpuForward::with_options(program, &ckpt, &opts).map_err(anyhow::Error::msg)?;
+                    let mut m = super::prepare::cpu_forward(program, &ckpt, &opts, &args.cache)?;
                     Box::new(move |ids| Ok(m.run_traced(ids).map_err(anyhow::Error::msg)?.1))
                 }
                 LogitsBackend::PtxEmu => {
                     let mut m = GpuForward::emulated(program, &ckpt, GpuOptions::new(max))?;
                     Box::new(move |ids| Ok(m.run_traced(ids)?.1))
                 }
-                _ => cuda_model(program, &ckpt, GpuOptions::new(max))?,
+                _ => cuda_model(program, &ckpt, GpuOptions::new(max), &args.cache)?,
             };
             for chunk in &chunks {
                 c.add(&model(chunk)?, steps)?;
@@ -211,14 +211,25 @@ impl Collected {
 type TraceFn = Box<dyn FnMut(&[u32]) -> Result<Trace>>;
 
 #[cfg(feature = "cuda")]
-fn cuda_model(program: ouroc_kernels::Program, ckpt: &ouroc_models::Checkpoint, opts: GpuOptions) -> Result<TraceFn> {
+fn cuda_model(
+    program: ouroc_kernels::Program,
+    ckpt: &ouroc_models::Checkpoint,
+    opts: GpuOptions,
+    cache: &crate::cli::CacheFlags,
+) -> Result<TraceFn> {
     let dev = ouroc_runtime::gpu::cuda::CudaDevice::new()?;
-    let mut m = GpuForward::new(program, ckpt, dev, opts)?;
+    let weights = super::prepare::weights(&program, ckpt, cache)?;
+    let mut m = GpuForward::from_encoded(program, weights, dev, opts)?;
     Ok(Box::new(move |ids| Ok(m.run_traced(ids)?.1)))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_model(_: ouroc_kernels::Program, _: &ouroc_models::Checkpoint, _: GpuOptions) -> Result<TraceFn> {
+fn cuda_model(
+    _: ouroc_kernels::Program,
+    _: &ouroc_models::Checkpoint,
+    _: GpuOptions,
+    _: &crate::cli::CacheFlags,
+) -> Result<TraceFn> {
     bail!("{}", super::run::NO_CUDA)
 }
 

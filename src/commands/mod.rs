@@ -7,6 +7,7 @@ mod emit;
 mod inspect;
 mod logits;
 mod output;
+mod prepare;
 mod run;
 
 use crate::cli::{Cli, Command, Emit, ModelFlags, Precision, SourceArgs};

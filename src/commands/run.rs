@@ -1,7 +1,6 @@
 use super::{build, open};
 use crate::cli::{Backend, Device, RunArgs};
 use anyhow::{Context, Result, bail};
-use ouroc_runtime::cpu::CpuForward;
 use ouroc_runtime::generate::Forward;
 use ouroc_runtime::generate::GenLimits;
 use ouroc_runtime::interp::InterpForward;
@@ -80,9 +79,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
             if args.device == Device::Cuda {
                 let mut g = ouroc_runtime::gpu::GpuOptions::new(max_positions);
                 (g.early_exit, g.kv) = (early_exit, opts.kv);
-                cuda_forward(program, &ckpt, g)?
+                cuda_forward(program, &ckpt, g, &args.cpu.cache)?
             } else {
-                Box::new(CpuForward::with_options(program, &ckpt, &opts).map_err(anyhow::Error::msg)?)
+                Box::new(super::prepare::cpu_forward(program, &ckpt, &opts, &args.cpu.cache)?)
             }
         }
     };
@@ -136,9 +135,13 @@ fn cuda_forward<'a>(
     program: ouroc_kernels::Program,
     ckpt: &ouroc_models::Checkpoint,
     opts: ouroc_runtime::gpu::GpuOptions,
+    cache: &crate::cli::CacheFlags,
 ) -> Result<Box<dyn Forward + 'a>> {
     let dev = ouroc_runtime::gpu::cuda::CudaDevice::new()?;
-    Ok(Box::new(ouroc_runtime::gpu::GpuForward::new(program, ckpt, dev, opts)?))
+    let weights = super::prepare::weights(&program, ckpt, cache)?;
+    Ok(Box::new(ouroc_runtime::gpu::GpuForward::from_encoded(
+        program, weights, dev, opts,
+    )?))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -146,6 +149,7 @@ fn cuda_forward<'a>(
     _: ouroc_kernels::Program,
     _: &ouroc_models::Checkpoint,
     _: ouroc_runtime::gpu::GpuOptions,
+    _: &crate::cli::CacheFlags,
 ) -> Result<Box<dyn Forward + 'a>> {
     bail!("{NO_CUDA}")
 }
