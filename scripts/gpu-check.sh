@@ -32,7 +32,7 @@
 #       BENCHMARKS.md.
 set -euo pipefail
 
-usage() { sed -n '2,31p' "$0"; }
+usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; }
 [ $# -ge 1 ] || { usage; exit 2; }
 # Paths given relative to the caller's directory.
 abspath() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
@@ -112,6 +112,7 @@ dry_run() {
     if unshare -rm true 2>/dev/null; then
         # The source tree hidden: nothing of the build machine's tree is read.
         echo "   (the source tree $ROOT hidden by an empty tmpfs: unshare -rm)"
+        # shellcheck disable=SC2016 # expanded by the inner bash
         unshare -rm bash -c 'mount -t tmpfs none "$1" && cd "$2" && shift 2 && exec "$@"' _ \
             "$ROOT" "$tmp/empty" "${run[@]}" || rc=$?
     else
