@@ -274,7 +274,9 @@ run_step() {
         esac
         if [ "$status" != ok ]; then
             tail -n 40 "$REPORT/logs/$name.log"
-            [ -s "$NOTE" ] || echo "exit status $rc; see logs/$name.log" >"$NOTE"
+            # The summary: how it ended and the log's last line (the error, usually).
+            echo "exit status $rc; logs/$name.log ends: $(grep -v '^[[:space:]]*$' "$REPORT/logs/$name.log" |
+                tail -n 1 | cut -c1-160 | tr '|' '/')" >"$NOTE"
         fi
         # Logs stay small enough to bring back.
         if [ "$(wc -c <"$REPORT/logs/$name.log")" -gt 262144 ]; then
