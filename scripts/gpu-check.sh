@@ -1,149 +1,174 @@
 #!/usr/bin/env bash
 # scripts/gpu-check.sh: check and time the generated PTX on an NVIDIA GPU.
 #
-# For a machine with an NVIDIA GPU, its CUDA driver, a Rust toolchain and
-# python3 with torch; no network needed (the crates must already be in
-# cargo's cache, or vendored). At most 8 minutes. Steps:
-#   1. build with `--features cuda` (release);
-#   2. every fixture through the CUDA backend against the golden outputs
-#      (`cargo test -p ouroc-runtime --features cuda --test cuda` with
-#      OUROC_REQUIRE_CUDA=1: prefill and decode, f32 and bf16, every exit
-#      policy, early exit, the tensor-core GEMM path), and, when the CLI
-#      has it, `ouroc logits --backend cuda` on every fixture;
-#   3. the kernels' own checks against the CPU reference (every kernel
-#      family on the PTX emulator, codegen/tests/ptx_kernels.rs, and the
-#      whole-model emulator tests, runtime/tests/gpu_emu.rs);
-#   4. the device ceilings, measured with torch: a device-to-device copy
-#      (GB/s) and a large bf16 matmul (TFLOP/s);
-#   5. prefill (128 tokens) and decode (64 tokens) on the Ouro-1.4B shape
-#      with random bf16 weights, end to end and per kernel, with GB/s or
-#      TFLOP/s and the fraction of the ceiling
-#      (runtime/examples/gpu_bench.rs), written to
-#      target/gpu-check/report.md (`--record`: also appended to
-#      BENCHMARKS.md).
+# The GPU machines have an NVIDIA driver, python3 with torch and the CUDA
+# tools, but no Rust toolchain, no crate registry and no network. So the
+# check comes in two halves:
 #
-# Without a GPU (no nvidia-smi, or `--dry-run`) only the CPU parts run:
-# the build, the CUDA tests' missing-driver check, step 3; it says so.
+#   scripts/gpu-check.sh --package DIR
+#       On a machine with Rust (no GPU needed): builds in release with
+#       `--features cuda` the `ouroc` binary, the CUDA and PTX-emulator test
+#       executables (runtime/tests/cuda.rs, gpu_emu.rs) and the GPU benchmark
+#       (runtime/examples/gpu_bench.rs), and copies them, stripped, with the
+#       fixtures and golden files they read and the runner (run.sh, from
+#       scripts/gpu-runner.sh, and compare.py) into DIR: at most 60 MiB.
 #
-# Usage: scripts/gpu-check.sh [--dry-run] [--record]
+#   scripts/gpu-check.sh --from DIR [--report R]
+#       On the GPU machine, with no cargo: runs DIR/run.sh (bash, python3,
+#       torch for the ceilings, compute-sanitizer): every fixture through
+#       CUDA against the golden outputs, `ouroc logits --backend cuda`, one
+#       fixture under compute-sanitizer memcheck, the device ceilings, and
+#       prefill / decode on the Ouro-1.4B shape per kernel. At most 8
+#       minutes; the report lands in R (default DIR/report). Without a GPU
+#       each step runs its CPU part or says "no GPU".
+#
+#   scripts/gpu-check.sh --dry-run [DIR]
+#       --package DIR (default target/gpu-package), then the package's run
+#       from an empty directory with `env -i PATH=/usr/bin:/bin` (no cargo),
+#       the source tree hidden where `unshare` allows: what CI runs.
+#
+#   scripts/gpu-check.sh --record R
+#       Appends the benchmark of a report folder R (R/bench.md) to
+#       BENCHMARKS.md.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
-DRY=0
-RECORD=0
-for arg in "$@"; do
-    case "$arg" in
-        --dry-run) DRY=1 ;;
-        --record) RECORD=1 ;;
-        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
-        *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
-    esac
-done
+usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; }
+[ $# -ge 1 ] || { usage; exit 2; }
+# Paths given relative to the caller's directory.
+abspath() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+MAX_BYTES=$((60 * 1024 * 1024))
 
-START=$(date +%s)
-OUT=target/gpu-check
-mkdir -p "$OUT"
-step() { echo; echo "== [$(( $(date +%s) - START ))s] $*"; }
-# Each step gets a share of the 8 minutes; a step that overruns fails the script.
-limit() { local s=$1; shift; timeout --foreground "$s" "$@"; }
-
-if [ "$DRY" = 0 ] && ! command -v nvidia-smi >/dev/null 2>&1; then
-    echo "gpu-check: nvidia-smi not found: no NVIDIA GPU here, so this is a dry run of the CPU parts"
-    DRY=1
-fi
-if [ "$DRY" = 0 ] && ! nvidia-smi -L >/dev/null 2>&1; then
-    echo "gpu-check: nvidia-smi sees no GPU: dry run of the CPU parts"
-    DRY=1
-fi
-export CARGO_NET_OFFLINE=true
-# Release on the GPU machine (fast emulator tests, honest timings); a dry
-# run uses the test profile, so it reuses the builds a developer has.
-if [ "$DRY" = 0 ]; then P=(--release); BIN=target/release; else P=(); BIN=target/debug; fi
-
-if [ "$DRY" = 0 ]; then
-    step "device"
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
-fi
-
-step "1. build with --features cuda ${P[*]:-(test profile)}"
-limit 240 cargo build "${P[@]}" -p ouroc-runtime --features cuda --all-targets
-CLI_CUDA=0
-if grep -q '^cuda *=' Cargo.toml 2>/dev/null; then
-    limit 180 cargo build "${P[@]}" --features cuda --bin ouroc
-    if "$BIN/ouroc" logits --help 2>/dev/null | grep -q cuda; then CLI_CUDA=1; fi
-fi
-
-if [ "$DRY" = 0 ]; then
-    step "2. every fixture through the CUDA backend against golden"
-    OUROC_REQUIRE_CUDA=1 limit 120 cargo test "${P[@]}" -p ouroc-runtime --features cuda --test cuda -- --nocapture
-    if [ "$CLI_CUDA" = 1 ]; then
-        for f in mha-r4 gqa-hd tied r1 sharded f16; do
-            ids=$(python3 -c "
-import json, struct
-b = open('tests/fixtures/golden/$f.safetensors', 'rb').read()
-n = struct.unpack('<Q', b[:8])[0]; h = json.loads(b[8:8 + n]); t = h['prompt_ids']
-s, e = t['data_offsets']; d = b[8 + n + s:8 + n + e]
-print(','.join(str(x) for x in struct.unpack('<%di' % (len(d) // 4), d)))")
-            limit 30 "$BIN/ouroc" logits "tests/fixtures/$f" --ids "$ids" --backend cuda \
-                --out "$OUT/$f.safetensors" >"$OUT/$f.txt"
-            echo "ouroc logits --backend cuda $f: ok ($(tail -1 "$OUT/$f.txt"))"
-        done
-    else
-        echo "(the CLI has no \`logits --backend cuda\` yet: the fixtures ran through the cuda test above)"
-    fi
-else
-    step "2. (dry run) the CUDA tests without a GPU: the missing-driver error, no panic"
-    limit 120 cargo test "${P[@]}" -p ouroc-runtime --features cuda --test cuda
-fi
-
-step "3. the kernels' checks against the CPU reference (PTX emulator)"
-limit 150 cargo test "${P[@]}" -p ouroc-codegen --test ptx_kernels
-limit 150 cargo test "${P[@]}" -p ouroc-runtime --features cuda --test gpu_emu
-
-if [ "$DRY" = 1 ]; then
-    step "4-5. (dry run) skipped: ceilings and the 1.4B timing need a GPU"
-    echo "gpu-check: dry run done in $(( $(date +%s) - START ))s (GPU numbers pending)"
-    exit 0
-fi
-
-step "4. device ceilings (torch)"
-CEIL=$(limit 90 python3 - <<'EOF'
-import torch
-assert torch.cuda.is_available(), "torch sees no CUDA device"
-dev = torch.device("cuda")
-def timed(fn, reps):
-    fn(); torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(3):
-        a.record()
-        for _ in range(reps):
-            fn()
-        b.record(); torch.cuda.synchronize()
-        best = min(best, a.elapsed_time(b) / 1e3 / reps)
-    return best
-n = 1 << 30  # 1 GiB copied: read + write
-x = torch.empty(n, dtype=torch.uint8, device=dev); y = torch.empty_like(x)
-t = timed(lambda: y.copy_(x), 20)
-gbs = 2 * n / t / 1e9
-m = 8192
-a = torch.randn(m, m, device=dev, dtype=torch.bfloat16); b = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
-t = timed(lambda: a @ b, 20)
-tfs = 2 * m ** 3 / t / 1e12
-print(f"{gbs:.1f} {tfs:.1f}")
+package() {
+    local dir=$1 json exe
+    cd "$ROOT"
+    command -v cargo >/dev/null || { echo "gpu-check: --package needs cargo (Rust 1.95)" >&2; exit 1; }
+    command -v strip >/dev/null || { echo "gpu-check: --package needs strip (binutils)" >&2; exit 1; }
+    local t0=$SECONDS
+    echo "== build (release, --features cuda): ouroc, gpu_bench, the cuda and gpu_emu tests"
+    # One cargo invocation: one feature resolution, so nothing builds twice.
+    json=$(mktemp)
+    cargo build --release --locked -p ouroc -p ouroc-runtime --features ouroc/cuda,ouroc-runtime/cuda \
+        --bin ouroc --example gpu_bench --test cuda --test gpu_emu \
+        --message-format=json-render-diagnostics >"$json"
+    echo "   built in $((SECONDS - t0)) s"
+    rm -rf "$dir"
+    mkdir -p "$dir/bin"
+    # The executables cargo reports, by target name: bin/NAME (tests: NAME-tests).
+    python3 - "$json" <<'EOF' >"$json.list"
+import json, sys
+want = {("bin", "ouroc"): "ouroc", ("example", "gpu_bench"): "gpu_bench",
+        ("test", "cuda"): "cuda-tests", ("test", "gpu_emu"): "gpu_emu-tests"}
+found = {}
+for line in open(sys.argv[1]):
+    m = json.loads(line)
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    key = (m["target"]["kind"][0], m["target"]["name"])
+    if key in want:
+        found[want[key]] = m["executable"]
+missing = set(want.values()) - set(found)
+if missing:
+    sys.exit("gpu-check: cargo reported no executable for " + ", ".join(sorted(missing)))
+for name, path in sorted(found.items()):
+    print(name, path)
 EOF
-)
-read -r COPY_GBS MM_TFLOPS <<<"$CEIL"
-echo "device copy: $COPY_GBS GB/s (read + write); bf16 matmul 8192^3: $MM_TFLOPS TFLOP/s"
+    while read -r name exe; do
+        strip -o "$dir/bin/$name" "$exe"
+    done <"$json.list"
+    rm -f "$json" "$json.list"
+    cp -r tests/fixtures "$dir/fixtures"
+    cp scripts/gpu-runner.sh "$dir/run.sh"
+    cp scripts/gpu-compare.py "$dir/compare.py"
+    chmod +x "$dir/run.sh" "$dir/compare.py" "$dir"/bin/*
+    {
+        echo "ouroc GPU package, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(
+            git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')"
+        echo "built $(date -u '+%Y-%m-%d %H:%M UTC') with $(rustc --version), release, --features cuda"
+        echo "PTX: generated at run time by bin/ouroc (sm_80), JIT-compiled by the driver"
+        (cd "$dir" && find . -type f ! -name MANIFEST | sort | xargs du -b | awk '{printf "%10d %s\n", $1, $2}')
+    } >"$dir/MANIFEST"
+    local bytes
+    bytes=$(du -sb "$dir" | cut -f1)
+    echo "== package $dir: $((bytes / 1024)) KiB ($(find "$dir" -type f | wc -l) files; limit 60 MiB); built in $((SECONDS - t0)) s"
+    ls -l "$dir/bin"
+    if [ "$bytes" -gt "$MAX_BYTES" ]; then
+        echo "gpu-check: the package is $((bytes / 1024 / 1024)) MiB, over the 60 MiB limit" >&2
+        exit 1
+    fi
+}
 
-step "5. Ouro-1.4B shape, bf16 random weights: prefill 128, decode 64"
-REMAIN=$(( 480 - ($(date +%s) - START) ))
-[ "$REMAIN" -gt 30 ] || { echo "gpu-check: no time left for the benchmark" >&2; exit 1; }
-limit "$REMAIN" "$BIN/examples/gpu_bench" --shape 1.4b --prefill 128 --decode 64 --runs 3 \
-    --copy-gbs "$COPY_GBS" --mm-tflops "$MM_TFLOPS" --markdown "$OUT/report.md"
-if [ "$RECORD" = 1 ]; then
-    { echo; echo "<!-- scripts/gpu-check.sh, $(date -u +%Y-%m-%d) -->"; cat "$OUT/report.md"; } >>BENCHMARKS.md
-    echo "appended $OUT/report.md to BENCHMARKS.md"
-fi
-echo
-echo "gpu-check: done in $(( $(date +%s) - START ))s; report in $OUT/report.md"
+dry_run() {
+    local dir=$1 tmp rc=0
+    tmp=$(mktemp -d)
+    cp -a "$dir" "$tmp/pkg"
+    mkdir "$tmp/empty"
+    echo
+    echo "== the package's run without cargo or a GPU: env -i PATH=/usr/bin:/bin, from an empty directory"
+    if env -i PATH=/usr/bin:/bin bash -c 'command -v cargo || command -v rustc' >/dev/null; then
+        echo "gpu-check: warning: /usr/bin or /bin has cargo or rustc here; the run still calls neither" >&2
+    fi
+    local run=(env -i PATH=/usr/bin:/bin bash "$tmp/pkg/run.sh" --report "$tmp/report")
+    if unshare -rm true 2>/dev/null; then
+        # The source tree hidden: nothing of the build machine's tree is read.
+        echo "   (the source tree $ROOT hidden by an empty tmpfs: unshare -rm)"
+        # shellcheck disable=SC2016 # expanded by the inner bash
+        unshare -rm bash -c 'mount -t tmpfs none "$1" && cd "$2" && shift 2 && exec "$@"' _ \
+            "$ROOT" "$tmp/empty" "${run[@]}" || rc=$?
+    else
+        echo "   (unshare not permitted here: the source tree stays visible)"
+        (cd "$tmp/empty" && "${run[@]}") || rc=$?
+    fi
+    local bytes
+    bytes=$(du -sb "$tmp/report" 2>/dev/null | cut -f1)
+    echo
+    cat "$tmp/report/report.md" 2>/dev/null || true
+    echo
+    echo "report: $(find "$tmp/report" -type f | wc -l) files, $((${bytes:-0} / 1024)) KiB"
+    if [ "$rc" != 0 ] || [ ! -s "$tmp/report/report.md" ]; then
+        echo "gpu-check: the dry run failed (exit status $rc); report in $tmp/report" >&2
+        exit 1
+    fi
+    if [ "$bytes" -gt $((16 * 1024 * 1024)) ]; then
+        echo "gpu-check: the report is over 16 MiB" >&2
+        exit 1
+    fi
+    rm -rf "$tmp"
+    echo "gpu-check: dry run passed"
+}
+
+case "$1" in
+    --package)
+        [ $# = 2 ] || { usage; exit 2; }
+        package "$(abspath "$2")"
+        ;;
+    --from)
+        [ $# -ge 2 ] || { usage; exit 2; }
+        dir=$(abspath "$2")
+        shift 2
+        [ -f "$dir/run.sh" ] || { echo "gpu-check: $dir/run.sh not found (build it with --package)" >&2; exit 2; }
+        exec bash "$dir/run.sh" "$@"
+        ;;
+    --dry-run)
+        [ $# -le 2 ] || { usage; exit 2; }
+        dir=$(abspath "${2:-$ROOT/target/gpu-package}")
+        package "$dir"
+        dry_run "$dir"
+        ;;
+    --record)
+        [ $# = 2 ] || { usage; exit 2; }
+        report=$(abspath "$2")
+        bench=$report/bench.md
+        [ -s "$bench" ] || { echo "gpu-check: $bench not found (the report of a GPU run)" >&2; exit 2; }
+        {
+            echo
+            echo "<!-- scripts/gpu-check.sh --from, $(date -u +%Y-%m-%d) -->"
+            cat "$bench"
+            echo
+            awk -F'\t' '$1 == "device" || $1 == "ptx" || $1 == "ceilings" {print "- " $1 ": " $4}' "$report/steps.tsv"
+        } >>"$ROOT/BENCHMARKS.md"
+        echo "appended $bench to BENCHMARKS.md"
+        ;;
+    -h|--help) usage ;;
+    *) echo "gpu-check: unknown argument $1" >&2; usage; exit 2 ;;
+esac

@@ -157,3 +157,44 @@ fn every_policy_early_exit_and_gemm_on_cuda() {
     };
     assert_eq!(m.greedy_next().unwrap(), host);
 }
+
+/// Every KV mode of the driver (`full`, `last`, `mean`) on the GPU, with
+/// early exit, against the CPU device token for token: both decode the
+/// CPU's greedy tokens; the same logits within f32 rounding, exit depths,
+/// loop steps run and KV bytes (gpu_emu.rs checks the same on the emulator).
+#[test]
+fn every_kv_mode_on_cuda_matches_the_cpu_device() {
+    use ouroc_runtime::cpu::{CpuForward, CpuOptions, KvMode};
+    let Some(_) = device() else { return };
+    let ckpt = open("mha-r4");
+    let prompt = Golden::load("mha-r4").prompt();
+    for kv in KvMode::ALL {
+        for policy in ["last", "threshold:0.5"] {
+            let p = program(&ckpt, DType::F32, policy);
+            let mut g = GpuOptions::new(64);
+            (g.early_exit, g.kv) = (true, kv);
+            let mut gpu = GpuForward::new(p.clone(), &ckpt, device().unwrap(), g).expect("load on the GPU");
+            let c = CpuOptions {
+                early_exit: true,
+                kv,
+                threads: 1,
+                ..CpuOptions::new(64)
+            };
+            let mut cpu = CpuForward::with_options(p, &ckpt, &c).unwrap();
+            let (mut a, mut b) = (gpu.run(&prompt).unwrap(), cpu.run(&prompt).unwrap());
+            for i in 0..8 {
+                let ctx = format!("cuda kv {kv} {policy} token {i}");
+                let e = rel_err(&a.logits, &b.logits);
+                assert!(e <= 1e-4, "{ctx}: logits relative error {e}");
+                assert_eq!((a.depth, a.steps_run), (b.depth, b.steps_run), "{ctx}: depth, steps");
+                let next = argmax(&b.logits);
+                (a, b) = (gpu.run(&[next]).unwrap(), cpu.run(&[next]).unwrap());
+            }
+            assert_eq!(gpu.kv_bytes(), cpu.kv_bytes(), "cuda kv {kv} {policy}: KV bytes");
+        }
+    }
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b }) as u32
+}

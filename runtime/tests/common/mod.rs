@@ -4,10 +4,17 @@
 use safetensors::SafeTensors;
 use std::path::PathBuf;
 
+/// A fixture directory (`golden` for the golden files): under
+/// `$OUROC_FIXTURES` when set (the test executables of the GPU package,
+/// run on a machine without this source tree: scripts/gpu-check.sh),
+/// else the source tree's tests/fixtures.
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
+    match std::env::var_os("OUROC_FIXTURES") {
+        Some(dir) => PathBuf::from(dir).join(name),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(name),
+    }
 }
 
 /// An i32 tensor of a fixture's golden file, as token ids.

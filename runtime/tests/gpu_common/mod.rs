@@ -13,10 +13,17 @@ use std::path::PathBuf;
 /// Every fixture with a golden file.
 pub const FIXTURES: [&str; 6] = ["mha-r4", "gqa-hd", "tied", "r1", "sharded", "f16"];
 
+/// A fixture directory (`golden` for the golden files): under
+/// `$OUROC_FIXTURES` when set (the test executables of the GPU package,
+/// run on a machine without this source tree: scripts/gpu-check.sh),
+/// else the source tree's tests/fixtures.
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
+    match std::env::var_os("OUROC_FIXTURES") {
+        Some(dir) => PathBuf::from(dir).join(name),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(name),
+    }
 }
 
 pub fn open(name: &str) -> Checkpoint {
