@@ -40,6 +40,23 @@ pub fn encode(v: &[f32], d: DType) -> Vec<u8> {
     out
 }
 
+/// [`encode`] into `out` (exactly `v.len() * d.size_bytes()` bytes).
+pub fn encode_into(v: &[f32], d: DType, out: &mut [u8]) {
+    let size = d.size_bytes();
+    assert_eq!(out.len(), v.len() * size, "encode_into: wrong output length");
+    match d {
+        DType::F32 => out
+            .chunks_exact_mut(4)
+            .zip(v)
+            .for_each(|(c, x)| c.copy_from_slice(&x.to_le_bytes())),
+        DType::BF16 => out
+            .chunks_exact_mut(2)
+            .zip(v)
+            .for_each(|(c, &x)| c.copy_from_slice(&bf16_bits(x).to_le_bytes())),
+        _ => out.chunks_exact_mut(size).zip(v).for_each(|(c, &x)| put(c, d, x)),
+    }
+}
+
 /// Every element of `b` (a whole number of `d` elements) as f32.
 pub fn decode(b: &[u8], d: DType) -> Vec<f32> {
     b.chunks_exact(d.size_bytes()).map(|c| get(c, d)).collect()

@@ -10,6 +10,10 @@ use ouroc_kernels::spec::operand_dtypes;
 use ouroc_kernels::{Operand, Program};
 use std::collections::HashMap;
 
+/// Alignment of each encoded weight in [`ResidentWeights::encode`]'s buffer (a cache line, an
+/// AVX-512 vector).
+const ALIGN: usize = 64;
+
 /// (weight id, dtype) -> bytes, owned or borrowed.
 pub struct ResidentWeights {
     entries: HashMap<(u32, DType), (*const u8, usize)>,
@@ -44,38 +48,59 @@ impl ResidentWeights {
                 return Err(format!("weight %{w}: kernels cannot read weights of dtype {d}"));
             }
         }
-        let total: u64 = required
-            .iter()
-            .filter_map(|&(w, d)| {
-                let n: usize = program.weight(w)?.shape.iter().product();
-                Some((n * stored(d).size_bytes()) as u64)
-            })
-            .sum();
-        let mut owned: Vec<((u32, DType), Vec<u8>)> = Vec::with_capacity(required.len());
+        // One allocation for every encoded weight, each at a 64-byte aligned offset: encodings
+        // made one by one would interleave with the recipes' f32 temporaries on the heap, and the
+        // holes those leave made preparing a model take 1.7x its encoding.
+        let mut keys: Vec<(u32, DType)> = required.iter().map(|&(w, d)| (w, stored(d))).collect();
+        keys.dedup();
+        let mut at = 0usize;
+        let mut place: HashMap<(u32, DType), (usize, usize)> = HashMap::new();
+        for &(w, d) in &keys {
+            let e = program
+                .weight(w)
+                .ok_or_else(|| format!("a kernel reads weight %{w}, which is not in the table"))?;
+            if !e.resident {
+                return Err(format!("a kernel reads weight %{w}, which is not resident"));
+            }
+            let len = e
+                .shape
+                .iter()
+                .try_fold(d.size_bytes(), |a, &n| a.checked_mul(n))
+                .ok_or_else(|| format!("weight %{w}: its size overflows"))?;
+            at = at.next_multiple_of(ALIGN);
+            place.insert((w, d), (at, len));
+            at += len;
+        }
+        let total = at as u64;
+        let mut buf: Vec<u8> = Vec::new();
+        buf.try_reserve_exact(at)
+            .map_err(|_| format!("cannot allocate {at} bytes for the encoded weights"))?;
+        buf.resize(at, 0);
         let mut done = 0u64;
         program
             .stream_weights(src, round, &mut |e, data| {
-                for &(w, d) in required.iter().filter(|(w, _)| *w == e.id) {
-                    if owned.iter().any(|(k, _)| *k == (w, stored(d))) {
-                        continue; // f32 for two kernel dtypes when not rounded
+                for &(w, d) in keys.iter().filter(|(w, _)| *w == e.id) {
+                    let (off, len) = place[&(w, d)];
+                    if data.len() * d.size_bytes() != len {
+                        return Err(format!("has {} values, its table entry {len} bytes", data.len()));
                     }
-                    let bytes = codec::encode(data, stored(d));
-                    done += bytes.len() as u64;
-                    owned.push(((w, stored(d)), bytes));
+                    codec::encode_into(data, d, &mut buf[off..off + len]);
+                    done += len as u64;
                 }
                 progress(done, total);
                 Ok(())
             })
             .map_err(|(id, msg)| format!("weight %{id}: {msg}"))?;
-        for &(w, d) in &required {
-            if !owned.iter().any(|(k, _)| *k == (w, stored(d))) {
-                return Err(format!("a kernel reads weight %{w}, which is not resident"));
-            }
-        }
-        let entries = owned.iter().map(|(k, v)| (*k, (v.as_ptr(), v.len()))).collect();
+        let base = buf.as_ptr();
+        // SAFETY (of later reads through `get`): every (offset, len) lies in `buf`, which is
+        // moved into `_owner` (moving a Vec does not move its heap buffer) and never modified.
+        let entries = place
+            .into_iter()
+            .map(|(k, (off, len))| (k, (base.wrapping_add(off), len)))
+            .collect();
         Ok(ResidentWeights {
             entries,
-            _owner: Box::new(owned),
+            _owner: Box::new(buf),
         })
     }
 

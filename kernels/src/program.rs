@@ -550,93 +550,145 @@ impl Program {
         Ok(out)
     }
 
-    /// Builds every weight by its recipe, in table order, and hands each
-    /// resident one to `sink` as soon as it is built (rounded to its dtype,
-    /// or f32 when `round` is false). A value is kept only while a later
-    /// recipe still reads it, so the f32 held at once is a few tensors (a
-    /// layer's projections while they are merged), not the model: a sink that
-    /// encodes and drops each weight prepares a model in the memory of its
-    /// encoding. Errors name the weight id.
+    /// Builds the resident weights by their recipes and hands each to
+    /// `sink` as soon as it is built (rounded to its dtype, or f32 when
+    /// `round` is false), in table order. A weight that only feeds recipes
+    /// is built when its first reader needs it and dropped after its last,
+    /// so the f32 held at once is a few tensors (a layer's projections while
+    /// they are merged), not the model: a sink that encodes each weight
+    /// prepares a model in the memory of its encoding. Errors name the
+    /// weight id.
     pub fn stream_weights(
         &self,
         src: &dyn WeightSource,
         round: bool,
-        sink: &mut dyn FnMut(&WeightEntry, &[f32]) -> Result<(), String>,
+        sink: &mut WeightSink,
     ) -> Result<(), (u32, String)> {
-        // The index of the last recipe that reads each weight.
-        let mut last_read: HashMap<u32, usize> = HashMap::new();
-        for (i, e) in self.weights.iter().enumerate() {
+        let mut b = WeightBuilder {
+            program: self,
+            src,
+            round,
+            index: self.weights.iter().enumerate().map(|(i, e)| (e.id, i)).collect(),
+            readers: HashMap::new(),
+            live: HashMap::new(),
+        };
+        for e in &self.weights {
             for d in recipe_inputs(&e.recipe) {
-                last_read.insert(d, i);
+                *b.readers.entry(d).or_default() += 1;
             }
         }
-        let mut live: HashMap<u32, Vec<f32>> = HashMap::new();
         for (i, e) in self.weights.iter().enumerate() {
-            let get = |id: &u32| {
-                live.get(id)
-                    .ok_or((e.id, format!("its recipe reads %{id}, which is not an earlier weight")))
-            };
-            let dtype = if round { e.dtype } else { DType::F32 };
-            let data: Vec<f32> = match &e.recipe {
-                Recipe::Checkpoint { tensor } => {
-                    let mut v = src.read_f32(tensor).map_err(|m| (e.id, format!("\"{tensor}\": {m}")))?;
-                    v.iter_mut().for_each(|x| *x = dtype.round(*x));
-                    v
-                }
-                Recipe::ScaleCols { w, s } => {
-                    let (w, s) = (get(w)?, get(s)?);
-                    if s.is_empty() {
-                        return Err((e.id, "scales a weight by an empty vector".into()));
-                    }
-                    w.iter()
-                        .enumerate()
-                        .map(|(i, x)| dtype.round(x * s[i % s.len()]))
-                        .collect()
-                }
-                Recipe::Concat { axis, parts } => {
-                    let outer: usize = e.shape[..*axis].iter().product();
-                    let mut data = Vec::new();
-                    for o in 0..outer {
-                        for part in parts {
-                            let part = get(part)?;
-                            let block = part.len() / outer.max(1);
-                            data.extend_from_slice(&part[o * block..(o + 1) * block]);
-                        }
-                    }
-                    data
-                }
-                Recipe::Slice { of, start, len } => {
-                    let row = *self.weight(*of).and_then(|w| w.shape.last()).unwrap_or(&1);
-                    if start.checked_add(*len).is_none_or(|end| end > row) {
-                        return Err((e.id, format!("slices {len} columns from {start} of rows of {row}")));
-                    }
-                    let of = get(of)?;
-                    of.chunks(row.max(1))
-                        .flat_map(|r| r[*start..start + len].iter().copied())
-                        .collect()
-                }
-            };
-            let n: usize = e.shape.iter().product();
-            if data.len() != n {
-                return Err((
-                    e.id,
-                    format!("has {} elements, its shape {:?} needs {n}", data.len(), e.shape),
-                ));
+            if !e.resident {
+                continue; // built when a reader needs it (or never, when none does)
             }
-            if e.resident {
-                sink(e, &data).map_err(|m| (e.id, m))?;
-            }
-            // Inputs read for the last time are freed; this weight is kept only if read later.
-            for d in recipe_inputs(&e.recipe) {
-                if last_read.get(&d) == Some(&i) {
-                    live.remove(&d);
-                }
-            }
-            if last_read.get(&e.id).is_some_and(|&j| j > i) {
-                live.insert(e.id, data);
+            let data = b.build(i)?;
+            sink(e, &data).map_err(|m| (e.id, m))?;
+            if b.readers.get(&e.id).is_some_and(|&n| n > 0) {
+                b.live.insert(e.id, data);
             }
         }
         Ok(())
+    }
+}
+
+/// Where [`Program::stream_weights`] hands each resident weight.
+pub type WeightSink<'a> = dyn FnMut(&WeightEntry, &[f32]) -> Result<(), String> + 'a;
+
+/// The state of [`Program::stream_weights`]: the weights built and still to
+/// be read, and how many reads each has left.
+struct WeightBuilder<'a> {
+    program: &'a Program,
+    src: &'a dyn WeightSource,
+    round: bool,
+    /// Weight id -> its position in the table.
+    index: HashMap<u32, usize>,
+    /// Reads by recipes not yet built.
+    readers: HashMap<u32, usize>,
+    /// Built values some recipe still reads.
+    live: HashMap<u32, Vec<f32>>,
+}
+
+impl WeightBuilder<'_> {
+    /// The value of table entry `i`, its inputs built first when needed and
+    /// dropped after their last read.
+    fn build(&mut self, i: usize) -> Result<Vec<f32>, (u32, String)> {
+        let e = &self.program.weights[i];
+        let inputs = recipe_inputs(&e.recipe);
+        for &d in &inputs {
+            match self.index.get(&d) {
+                // Recipes read earlier weights only, so this recursion ends.
+                Some(&j) if j < i => {
+                    if !self.live.contains_key(&d) {
+                        let v = self.build(j)?;
+                        self.live.insert(d, v);
+                    }
+                }
+                _ => return Err((e.id, format!("its recipe reads %{d}, not an earlier weight"))),
+            }
+        }
+        let dtype = if self.round { e.dtype } else { DType::F32 };
+        let live = &self.live;
+        let get = |id: &u32| {
+            live.get(id)
+                .ok_or((e.id, format!("%{id} was dropped before its last read")))
+        };
+        let data: Vec<f32> = match &e.recipe {
+            Recipe::Checkpoint { tensor } => {
+                let mut v = self
+                    .src
+                    .read_f32(tensor)
+                    .map_err(|m| (e.id, format!("\"{tensor}\": {m}")))?;
+                v.iter_mut().for_each(|x| *x = dtype.round(*x));
+                v
+            }
+            Recipe::ScaleCols { w, s } => {
+                let (w, s) = (get(w)?, get(s)?);
+                if s.is_empty() {
+                    return Err((e.id, "scales a weight by an empty vector".into()));
+                }
+                w.iter()
+                    .enumerate()
+                    .map(|(i, x)| dtype.round(x * s[i % s.len()]))
+                    .collect()
+            }
+            Recipe::Concat { axis, parts } => {
+                let outer: usize = e.shape[..*axis].iter().product();
+                let mut data = Vec::new();
+                for o in 0..outer {
+                    for part in parts {
+                        let part = get(part)?;
+                        let block = part.len() / outer.max(1);
+                        data.extend_from_slice(&part[o * block..(o + 1) * block]);
+                    }
+                }
+                data
+            }
+            Recipe::Slice { of, start, len } => {
+                let row = *self.program.weight(*of).and_then(|w| w.shape.last()).unwrap_or(&1);
+                if start.checked_add(*len).is_none_or(|end| end > row) {
+                    return Err((e.id, format!("slices {len} columns from {start} of rows of {row}")));
+                }
+                get(of)?
+                    .chunks(row.max(1))
+                    .flat_map(|r| r[*start..start + len].iter().copied())
+                    .collect()
+            }
+        };
+        let n: usize = e.shape.iter().product();
+        if data.len() != n {
+            return Err((
+                e.id,
+                format!("has {} elements, its shape {:?} needs {n}", data.len(), e.shape),
+            ));
+        }
+        for d in inputs {
+            let left = self.readers.entry(d).or_default();
+            *left = left.saturating_sub(1);
+            if *left == 0 {
+                self.live.remove(&d);
+            }
+        }
+        Ok(data)
     }
 }
 

@@ -125,7 +125,10 @@ impl WeightsCache {
             data_bytes,
         };
         let path = self.path(key);
-        let tmp = self.dir.join(format!(".{key}.weights.tmp-{}", std::process::id()));
+        // Unique per writer: processes (pid) and threads of one process (a counter).
+        static WRITERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self.dir.join(format!(".{key}.weights.tmp-{}-{n}", std::process::id()));
         let written = (|| {
             let file = std::fs::File::create(&tmp)?;
             let mut w = std::io::BufWriter::with_capacity(1 << 20, file);

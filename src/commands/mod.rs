@@ -76,9 +76,10 @@ pub fn open(dir: &Path) -> Result<Checkpoint> {
 }
 
 /// Refuses, naming the numbers, a command whose weights and KV cache cannot fit in this
-/// machine's memory, before anything large is allocated. Weights count twice over while they are
-/// prepared (the recipes' f32 values and their encoding live together); the KV cache is one slot
-/// per loop step and layer for `positions` tokens.
+/// machine's memory, before anything large is allocated. Weights are their encoding plus, while
+/// they are prepared, the f32 values of the few tensors a recipe combines (three of the largest:
+/// a merged projection and its parts); the KV cache is one slot per loop step and layer for
+/// `positions` tokens.
 pub fn check_memory(
     command: &str,
     ckpt: &Checkpoint,
@@ -91,6 +92,7 @@ pub fn check_memory(
         Precision::Bf16 => 2,
     };
     let params = ckpt.parameter_count();
+    let largest = ckpt.tensors().map(|t| t.numel() as u64).max().unwrap_or(0);
     // The loop count of the graph (`--loops` may differ from the config's).
     let steps = graph
         .exit_control()
@@ -101,14 +103,12 @@ pub fn check_memory(
     };
     let kv = config.kv_bytes_per_token(encoded as usize);
     let mut need = ouroc_runtime::memory::Footprint::default();
-    need.add(
-        "weights (f32 while prepared + encoded)",
-        params.checked_mul(4 + encoded),
-    )
-    .add(
-        format!("KV cache for {positions} positions"),
-        kv.checked_mul(positions as u64),
-    );
+    need.add("weights", params.checked_mul(encoded))
+        .add("f32 tensors while preparing", largest.checked_mul(3 * 4))
+        .add(
+            format!("KV cache for {positions} positions"),
+            kv.checked_mul(positions as u64),
+        );
     need.check(command).map_err(anyhow::Error::msg)
 }
 
