@@ -69,3 +69,26 @@ fn ir_text_integers_are_bounded() {
     let e = e.to_string();
     assert!(e.contains("above the limit"), "{e}");
 }
+
+/// An attention spec with `heads` near `usize::MAX` overflowed `heads * head_dim` when
+/// `Program::check` computed the kernel's result width.
+#[test]
+fn program_check_refuses_kernel_specs_whose_widths_overflow() {
+    let meta = seed("app_meta", "r1.json").replacen(r#""heads":4,"#, r#""heads":18446744073709551615,"#, 1);
+    targets::app_meta(meta.as_bytes());
+    let v: serde_json::Value = serde_json::from_str(&meta).unwrap();
+    let p: ouroc_kernels::Program = serde_json::from_value(v["program"].clone()).unwrap();
+    let e = p.check().unwrap_err();
+    assert!(e.contains("18446744073709551615"), "{e}");
+}
+
+/// `theta = 10000.1e308` parsed as infinity and printed as `inf`, which does not parse back.
+#[test]
+fn ir_text_floats_must_be_finite() {
+    let text = seed("ir_text", "r1-imported.ir").replace("theta = 10000.0", "theta = 10000.1e308");
+    let Err(e) = ouroc_ir::parse::parse(&text) else {
+        panic!("accepted")
+    };
+    assert!(e.to_string().contains("out of the range"), "{e}");
+    targets::ir_text(text.as_bytes());
+}

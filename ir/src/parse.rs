@@ -543,6 +543,14 @@ impl Parser {
                         msg: format!("attribute `{key}` = {n} is above the limit of {MAX_INT}"),
                     });
                 }
+                // A float that overflows to infinity would print as `inf`, which is not a number
+                // of this syntax: refused here rather than printed unreadable.
+                if n.parse::<f64>().is_ok_and(|x| !x.is_finite()) {
+                    return Err(ParseError {
+                        line,
+                        msg: format!("attribute `{key}` = {n} is out of the range of f64"),
+                    });
+                }
                 n.parse().map_err(|_| ParseError {
                     line,
                     msg: format!("invalid value `{n}` for attribute `{key}`"),

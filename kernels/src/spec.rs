@@ -329,8 +329,9 @@ impl Family {
                 }
                 w
             }
-            Family::Rope(r) => vec![r.heads * r.head_dim],
-            Family::Attention(a) => vec![a.heads * a.head_dim],
+            // Saturating: a corrupt spec then matches no buffer, and `Program::check` says so.
+            Family::Rope(r) => vec![r.heads.saturating_mul(r.head_dim)],
+            Family::Attention(a) => vec![a.heads.saturating_mul(a.head_dim)],
             Family::Elementwise(e) => vec![e.width],
         }
     }
