@@ -646,10 +646,13 @@ impl WeightBuilder<'_> {
                 if s.is_empty() {
                     return Err((e.id, "scales a weight by an empty vector".into()));
                 }
-                w.iter()
-                    .enumerate()
-                    .map(|(i, x)| dtype.round(x * s[i % s.len()]))
-                    .collect()
+                // Row by row: `w[i] * s[i % cols]` without a division per element (most of a
+                // model's weights are folded here).
+                let mut out = Vec::with_capacity(w.len());
+                for row in w.chunks(s.len()) {
+                    out.extend(row.iter().zip(s).map(|(x, c)| dtype.round(x * c)));
+                }
+                out
             }
             Recipe::Concat { axis, parts } => {
                 let outer: usize = e.shape[..*axis].iter().product();
