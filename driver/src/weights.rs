@@ -72,10 +72,7 @@ impl ResidentWeights {
             at += len;
         }
         let total = at as u64;
-        let mut buf: Vec<u8> = Vec::new();
-        buf.try_reserve_exact(at)
-            .map_err(|_| format!("cannot allocate {at} bytes for the encoded weights"))?;
-        buf.resize(at, 0);
+        let mut buf = zeroed(at).ok_or_else(|| format!("cannot allocate {at} bytes for the encoded weights"))?;
         let mut done = 0u64;
         program
             .stream_weights(src, round, &mut |e, data| {
@@ -154,5 +151,20 @@ impl ResidentWeights {
     /// Bytes over every entry.
     pub fn bytes(&self) -> usize {
         self.entries.values().map(|e| e.1).sum()
+    }
+}
+
+/// `n` zero bytes from the allocator's zeroed memory (fresh pages the kernel zeroes as they are
+/// first written, not a memset of the whole model up front); `None` when it cannot allocate.
+fn zeroed(n: usize) -> Option<Vec<u8>> {
+    if n == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<u8>(n).ok()?;
+    // SAFETY: a non-zero size; the pointer, if not null, is n zeroed bytes from the global
+    // allocator with the layout of a [u8; n], which is what Vec::from_raw_parts requires.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout);
+        (!p.is_null()).then(|| Vec::from_raw_parts(p, n, n))
     }
 }
