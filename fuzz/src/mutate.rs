@@ -6,6 +6,8 @@
 //! the maximum, bytes flipped, ranges deleted, duplicated or spliced in from another seed, and
 //! truncation.
 
+use ouroc_models::random::SplitMix;
+
 /// Numbers that sit on a boundary somewhere: zero, one off a power of two, overflowing u32/u64,
 /// negative, fractional, exponents, not-a-number spellings.
 const NUMBERS: [&str; 16] = [
@@ -31,7 +33,7 @@ const NUMBERS: [&str; 16] = [
 const BYTES: [u8; 12] = [0, 0xff, 0x7f, 0x80, b'"', b'{', b'}', b'[', b',', b':', b'\\', b'\n'];
 
 /// A splitmix64 stream seeded by the fuzzer's bytes (deterministic for an input).
-struct Choices(u64);
+struct Choices(SplitMix);
 
 impl Choices {
     fn new(data: &[u8]) -> Choices {
@@ -39,20 +41,12 @@ impl Choices {
         for &b in data {
             h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
         }
-        Choices(h)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        Choices(SplitMix(h))
     }
 
     /// Uniform in 0..n (n > 0).
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        (self.0.next_u64() % n as u64) as usize
     }
 }
 

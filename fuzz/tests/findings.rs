@@ -3,6 +3,14 @@
 
 use ouroc_fuzz::{corpus_dir, targets};
 
+/// Runs the app_meta target on `meta` (it must not panic), then `Program::check` on its Program.
+fn check_meta(meta: &str) -> Result<(), String> {
+    targets::app_meta(meta.as_bytes());
+    let v: serde_json::Value = serde_json::from_str(meta).unwrap();
+    let p: ouroc_kernels::Program = serde_json::from_value(v["program"].clone()).unwrap();
+    p.check()
+}
+
 fn seed(target: &str, file: &str) -> String {
     std::fs::read_to_string(corpus_dir(target).join(file)).expect("a text seed")
 }
@@ -32,10 +40,7 @@ fn ptx_register_counts_are_bounded() {
 fn program_check_refuses_column_ranges_that_overflow() {
     let meta =
         seed("app_meta", "r1.json").replacen(r#""col":0,"len":288"#, r#""col":18446744073709551615,"len":288"#, 1);
-    targets::app_meta(meta.as_bytes());
-    let v: serde_json::Value = serde_json::from_str(&meta).unwrap();
-    let p: ouroc_kernels::Program = serde_json::from_value(v["program"].clone()).unwrap();
-    let e = p.check().unwrap_err();
+    let e = check_meta(&meta).unwrap_err();
     assert!(e.contains("18446744073709551615"), "{e}");
 }
 
@@ -45,10 +50,7 @@ fn program_check_refuses_rows_outside_the_arena() {
     let wide = seed("app_meta", "r1.json").replacen(r#""width":288,"offset":0"#, r#""width":288,"offset":1664"#, 1);
     let zero = seed("app_meta", "r1.json").replacen(r#""align":64"#, r#""align":0"#, 1);
     for (meta, needle) in [(wide, "outside the arena"), (zero, "alignment is 0")] {
-        targets::app_meta(meta.as_bytes());
-        let v: serde_json::Value = serde_json::from_str(&meta).unwrap();
-        let p: ouroc_kernels::Program = serde_json::from_value(v["program"].clone()).unwrap();
-        let e = p.check().unwrap_err();
+        let e = check_meta(&meta).unwrap_err();
         assert!(e.contains(needle), "{e}");
     }
 }
@@ -75,10 +77,7 @@ fn ir_text_integers_are_bounded() {
 #[test]
 fn program_check_refuses_kernel_specs_whose_widths_overflow() {
     let meta = seed("app_meta", "r1.json").replacen(r#""heads":4,"#, r#""heads":18446744073709551615,"#, 1);
-    targets::app_meta(meta.as_bytes());
-    let v: serde_json::Value = serde_json::from_str(&meta).unwrap();
-    let p: ouroc_kernels::Program = serde_json::from_value(v["program"].clone()).unwrap();
-    let e = p.check().unwrap_err();
+    let e = check_meta(&meta).unwrap_err();
     assert!(e.contains("18446744073709551615"), "{e}");
 }
 
