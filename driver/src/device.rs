@@ -127,6 +127,17 @@ pub trait Device {
     /// attention, nothing for the other families.
     fn launch(&mut self, k: &Self::Bound, shape: CallShape, kv: &[KvArg]) -> Result<(), DeviceError>;
 
+    /// Launch a bound kernel of a per-token family (any but attention) on
+    /// rows `rows` of the call's `shape.tokens` only; the other rows of its
+    /// results are left undefined. The driver uses it for the kernels after
+    /// the loop when only each sequence's last position is read (the
+    /// `lm_head` of a prompt's earlier positions is never looked at). The
+    /// default launches on every row: the same values, more work.
+    fn launch_rows(&mut self, k: &Self::Bound, shape: CallShape, rows: Range<usize>) -> Result<(), DeviceError> {
+        let _ = rows;
+        self.launch(k, shape, &[])
+    }
+
     /// The rows of `at`, row after row, as f32.
     fn read(&mut self, at: Span) -> Result<Vec<f32>, DeviceError>;
 

@@ -442,8 +442,19 @@ impl<D: Device> Driver<D> {
             self.program.loop_ = Some(l);
             r?;
         }
+        // Only each sequence's last row is read: the kernels after the loop
+        // (final norm, lm_head: per token) run on those rows alone.
+        let last_rows = !want.all_positions && self.after.iter().all(|l| l.layer.is_none());
         for i in 0..self.after.len() {
-            self.launch(Which::After, i, 0, shape)?;
+            if last_rows && seq > 1 {
+                for b in 0..batch.len() {
+                    let last = (b + 1) * seq - 1;
+                    self.dev.launch_rows(&self.after[i].bound, shape, last..last + 1)?;
+                }
+                self.launches += 1;
+            } else {
+                self.launch(Which::After, i, 0, shape)?;
+            }
         }
         self.past += seq;
         self.last_tokens = tokens;

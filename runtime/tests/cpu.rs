@@ -201,6 +201,43 @@ fn calls(vocab: usize, prefill: usize, decode: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// A prompt whose logits are read only at its last position runs the
+/// kernels after the loop (final norm, lm_head) on that row alone, with
+/// the same last-position logits, bit for bit, as a call that computes and
+/// reads every position; decode and traced calls run them on every row.
+#[test]
+fn prompt_runs_the_head_on_its_last_row_only() {
+    for name in FIXTURES {
+        let ckpt = Checkpoint::open(&fixture(name)).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            for policy in POLICIES {
+                let p = program(&graph_in(&ckpt, policy, dtype));
+                let after = p.after.len();
+                for (threads, micro) in [(1, true), (2, true), (2, false)] {
+                    let what = format!("{name} {dtype} {policy} threads {threads} microkernels {micro}");
+                    let ids = prompt(ckpt.config.vocab_size, 23);
+                    let mut m = cpu_linear(&p, &ckpt, false, threads, KvMode::Full, micro);
+                    let (full, trace) = m.run_traced(&ids).unwrap();
+                    assert_eq!(m.row_launches(), 0, "{what}: a traced call reads every row");
+                    let vocab = ckpt.config.vocab_size;
+                    assert_eq!(trace.logits.len(), ids.len() * vocab, "{what}");
+                    m.reset();
+                    let last = m.run(&ids).unwrap();
+                    assert_eq!(
+                        m.row_launches(),
+                        after,
+                        "{what}: one row launch per kernel after the loop"
+                    );
+                    assert_eq!(outcome(&last), outcome(&full), "{what}: last-position logits");
+                    let next = m.run(&[ids[0]]).unwrap();
+                    assert_eq!(m.row_launches(), after, "{what}: a decode call has one row");
+                    assert!(next.logits.iter().all(|x| x.is_finite()), "{what}");
+                }
+            }
+        }
+    }
+}
+
 /// Threads 1, 2 and 3 give bit-identical logits, exit depths and steps (and
 /// the same kernel count) in f32 and bf16, for every KV mode, with Linear on
 /// the microkernels and on the Cranelift kernels; with more than one thread,

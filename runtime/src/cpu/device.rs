@@ -41,6 +41,8 @@ pub struct CpuDevice {
     pub(super) x_copy: Vec<u64>,
     /// Launches split over the threads by tokens (prompts).
     pub token_split_launches: usize,
+    /// Launches on a subset of a call's rows (`Device::launch_rows`).
+    pub row_launches: usize,
     /// Bound kernels run by the microkernels / split over threads by rows.
     pub(super) microkernel_kernels: usize,
     pub(super) split_kernels: usize,
@@ -62,6 +64,7 @@ impl CpuDevice {
             scratch: Vec::new(),
             x_copy: Vec::new(),
             token_split_launches: 0,
+            row_launches: 0,
             microkernel_kernels: 0,
             split_kernels: 0,
             pool: Pool::new(resolve_threads(opts.threads)?)?,
@@ -146,7 +149,12 @@ impl Device for CpuDevice {
     }
 
     fn launch(&mut self, l: &Launch, shape: CallShape, kv: &[KvArg]) -> Result<(), DeviceError> {
-        self.run_launch(l, shape, kv)
+        self.run_launch(l, shape, kv, 0..shape.tokens)
+    }
+
+    fn launch_rows(&mut self, l: &Launch, shape: CallShape, rows: Range<usize>) -> Result<(), DeviceError> {
+        self.row_launches += 1;
+        self.run_launch(l, shape, &[], rows)
     }
 
     fn read(&mut self, at: Span) -> Result<Vec<f32>, DeviceError> {

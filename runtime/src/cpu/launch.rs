@@ -11,6 +11,7 @@ use ouroc_kernels::abi::{KvSeq, RawKernel, extra_args};
 use ouroc_kernels::spec::{Family, LinearSpec, operand_dtypes};
 use ouroc_kernels::{ActValue, Kernel, Operand};
 use std::collections::HashMap;
+use std::ops::Range;
 
 /// Where one kernel argument lives.
 #[derive(Clone, Copy, Debug)]
@@ -166,9 +167,27 @@ impl CpuDevice {
             token_rows,
         })
     }
-    /// Run one pre-bound launch.
-    pub(super) fn run_launch(&mut self, l: &Launch, shape: CallShape, kv: &[KvArg]) -> Result<(), DeviceError> {
-        let (tokens, seq) = (shape.tokens, shape.seq);
+    /// Run one pre-bound launch on rows `rows` of the call's `shape.tokens`
+    /// (all of them but for [`ouroc_driver::Device::launch_rows`]).
+    pub(super) fn run_launch(
+        &mut self,
+        l: &Launch,
+        shape: CallShape,
+        kv: &[KvArg],
+        rows: Range<usize>,
+    ) -> Result<(), DeviceError> {
+        if rows.end > shape.tokens || rows.is_empty() {
+            return Err(DeviceError::Failed(format!(
+                "rows {rows:?} of a call of {} tokens",
+                shape.tokens
+            )));
+        }
+        if l.attention && rows.len() != shape.tokens {
+            return Err(DeviceError::Program(
+                "an attention kernel runs on every row of a call".into(),
+            ));
+        }
+        let (tokens, seq) = (rows.len(), shape.seq);
         let base = self.arena.as_mut_ptr() as *mut u8;
         let mut args: Vec<*mut u8> = Vec::with_capacity(l.args.len() + 2);
         let mut strides: Vec<usize> = Vec::with_capacity(l.args.len() + 2);
@@ -178,10 +197,11 @@ impl CpuDevice {
                     offset,
                     col_bytes,
                     stride,
-                    ..
+                    elem,
                 } => {
-                    // SAFETY: inside the arena sized for `tokens`.
-                    args.push(unsafe { base.add(offset * tokens + col_bytes) });
+                    // SAFETY: inside the arena sized for `shape.tokens`
+                    // (value at `offset * shape.tokens`), from row rows.start.
+                    args.push(unsafe { base.add(offset * shape.tokens + col_bytes + rows.start * stride * elem) });
                     strides.push(stride);
                 }
                 Arg::Weight(p) => {

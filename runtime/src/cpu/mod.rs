@@ -207,6 +207,12 @@ impl CpuForward {
         self.device().token_split_launches
     }
 
+    /// Launches run on a subset of a call's rows: the kernels after the
+    /// loop on each sequence's last row when only it is read.
+    pub fn row_launches(&self) -> usize {
+        self.device().row_launches
+    }
+
     /// The K and V rows (`past_len()` rows of `kv_heads * head_dim`
     /// elements of the activation dtype, row p = position p, bf16 as its 16
     /// bits) that step `step`'s attention of layer `layer` reads for past
