@@ -4,7 +4,6 @@
 
 use super::rope::rope_head;
 use super::{Emit, mf, vbits};
-use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::{ConstantData, InstBuilder, StackSlotData, StackSlotKind, Value, types};
 use ouroc_ir::DType;
 use ouroc_kernels::spec::AttentionSpec;
@@ -298,9 +297,9 @@ fn score_rows(e: &mut Emit, h: &Head, j: Value, groups: usize, m: Value) -> Valu
     let sc = e.b.ins().splat(types::F32X4, sc);
     let mut m = m;
     for (g, &a) in acc.iter().enumerate() {
-        let dot = round_v(e, act, a);
+        let dot = e.round_v(act, a);
         let s = e.b.ins().fmul(dot, sc);
-        let s = round_v(e, act, s);
+        let s = e.round_v(act, s);
         let r = e.b.ins().iadd_imm_u(j, 4 * g as i64);
         let sp = e.elem_addr(h.scratch, r, DType::F32);
         e.b.ins().store(mf(), s, sp, 0);
@@ -333,26 +332,4 @@ fn transpose4(e: &mut Emit, r: &[Value]) -> [Value; 4] {
         shuf(t2, t3, &LO64),
         shuf(t2, t3, &HI64),
     ]
-}
-
-/// [`Emit::round_s`] on each lane of an f32x4.
-fn round_v(e: &mut Emit, act: DType, v: Value) -> Value {
-    if act != DType::BF16 {
-        return v;
-    }
-    let mut k = |x: i64| {
-        let c = e.b.ins().iconst(types::I32, x);
-        e.b.ins().splat(types::I32X4, c)
-    };
-    let (one, half, quiet_bit, hi) = (k(1), k(0x7fff), k(0x0040_0000), k(0xffff_0000));
-    let bits = e.b.ins().bitcast(types::I32X4, vbits(), v);
-    let lsb = e.b.ins().ushr_imm_u(bits, 16);
-    let lsb = e.b.ins().band(lsb, one);
-    let r = e.b.ins().iadd(bits, half);
-    let r = e.b.ins().iadd(r, lsb);
-    let quiet = e.b.ins().bor(bits, quiet_bit);
-    let nan = e.b.ins().fcmp(FloatCC::Unordered, v, v);
-    let r = e.b.ins().bitselect(nan, quiet, r);
-    let r = e.b.ins().band(r, hi);
-    e.b.ins().bitcast(types::F32X4, vbits(), r)
 }

@@ -67,12 +67,16 @@
 //!   k, one more chunk of 4 when `k % 8 >= 4`, a horizontal sum, a scalar
 //!   tail for `k % 4`; then the `(row1 - row0) % 4` remaining rows one at a
 //!   time (a row's arithmetic does not depend on its block).
-//! - `Elementwise`: scalar loop over the row, the expression tree inline,
-//!   each node rounded; `exp` is a call to `f32::exp` registered in the JIT
-//!   (`ouroc_expf`), so the result equals the reference bit for bit.
-//! - `RowReduce`: scalar passes over the row (add + sum of squares, norm +
-//!   gate dot + next's sum of squares, next norm), `sqrt` native, the gate's
-//!   sigmoid via `ouroc_expf`; sums sequential as in the reference.
+//! - `Elementwise`: four elements of the row per f32x4 (a scalar tail for
+//!   `width % 4`), the expression tree inline, each node rounded (bf16: on
+//!   the lanes' bits, then packed to 8 bytes); `exp` is a call to `f32::exp`
+//!   registered in the JIT (`ouroc_expf`), once per lane, so the result
+//!   equals the reference bit for bit.
+//! - `RowReduce`: passes over the row (add + sum of squares, norm + gate
+//!   dot + next's sum of squares, next norm), four elements per f32x4 and a
+//!   scalar tail; the sums add the four lanes one at a time, so they stay
+//!   sequential as in the reference (bit for bit); `sqrt` native, the
+//!   gate's sigmoid via `ouroc_expf`.
 //!
 //! - `Gather`: the id as an unsigned row index (the caller checks
 //!   `id < rows`, as the reference does), a 16-bytes-at-a-time row copy
@@ -372,6 +376,67 @@ impl Emit<'_> {
         let r = self.b.ins().select(nan, quiet, r);
         let r = self.b.ins().band_imm_u(r, 0xffff_0000i64);
         self.b.ins().bitcast(types::F32, MemFlagsData::new(), r)
+    }
+
+    /// [`Emit::round_s`] on each lane of an f32x4.
+    pub fn round_v(&mut self, dtype: DType, v: Value) -> Value {
+        if dtype != DType::BF16 {
+            return v;
+        }
+        let (one, half, quiet_bit, hi) = (
+            self.splat_i32(1),
+            self.splat_i32(0x7fff),
+            self.splat_i32(0x0040_0000),
+            self.splat_i32(0xffff_0000),
+        );
+        let bits = self.b.ins().bitcast(types::I32X4, vbits(), v);
+        let lsb = self.b.ins().ushr_imm_u(bits, 16);
+        let lsb = self.b.ins().band(lsb, one);
+        let r = self.b.ins().iadd(bits, half);
+        let r = self.b.ins().iadd(r, lsb);
+        let quiet = self.b.ins().bor(bits, quiet_bit);
+        let nan = self.b.ins().fcmp(FloatCC::Unordered, v, v);
+        let r = self.b.ins().bitselect(nan, quiet, r);
+        let r = self.b.ins().band(r, hi);
+        self.b.ins().bitcast(types::F32X4, vbits(), r)
+    }
+
+    /// An i32x4 of `x` in every lane.
+    fn splat_i32(&mut self, x: i64) -> Value {
+        let c = self.b.ins().iconst(types::I32, x);
+        self.b.ins().splat(types::I32X4, c)
+    }
+
+    /// Round the four lanes of `v` to `dtype` and store them at `p + off`
+    /// bytes (bf16: the top 16 bits of each, packed to 8 bytes).
+    pub fn store_v(&mut self, dtype: DType, v: Value, p: Value, off: i32) {
+        match dtype {
+            DType::BF16 => {
+                let r = self.round_v(dtype, v);
+                let bits = self.b.ins().bitcast(types::I32X4, vbits(), r);
+                let hi = self.b.ins().ushr_imm_u(bits, 16);
+                // Lanes are 0..=0xffff: the saturating narrow keeps them.
+                let packed = self.b.ins().unarrow(hi, hi);
+                let q = self.b.ins().bitcast(types::I64X2, vbits(), packed);
+                let lo = self.b.ins().extractlane(q, 0);
+                self.b.ins().store(mf(), lo, p, off);
+            }
+            _ => {
+                self.b.ins().store(mf(), v, p, off);
+            }
+        }
+    }
+
+    /// `exp` of each lane of an f32x4: four calls of `ouroc_expf`, so each
+    /// lane is the scalar result bit for bit.
+    pub fn exp_v(&mut self, v: Value) -> Value {
+        let mut out = v;
+        for l in 0..4u8 {
+            let x = self.b.ins().extractlane(v, l);
+            let y = self.exp(x);
+            out = self.b.ins().insertlane(out, y, l);
+        }
+        out
     }
 
     /// Round `v` to `dtype` and store it at `p + off` bytes.
