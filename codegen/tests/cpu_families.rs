@@ -410,6 +410,76 @@ fn attention_prefill_equals_prefill_then_decode() {
     assert_bits("K caches", &k2, &k1);
 }
 
+/// A prompt appended in one launch (`AttentionPhase::Append`) and then
+/// attended in blocks of query tokens (`AttentionPhase::Attend`, row
+/// pointers at the block's first token, `past` advanced to it), as the CPU
+/// runtime splits attention over threads, gives the outputs and caches of
+/// one whole launch bit for bit; an attend-only launch writes no cache row
+/// and an append-only launch no output.
+#[test]
+fn attention_phases_in_blocks_equal_one_launch() {
+    let mut jit = Jit::new().expect("host ISA");
+    for act in [DType::F32, DType::BF16] {
+        let a = attn_spec(4, 2, 16, true);
+        let s = attention(4, 2, 16, true, act);
+        let id = jit.compile(&s).unwrap();
+        let (qw, kvw, past, n) = (64, 32, 3, 9);
+        let mut rng = Rng(12);
+        let round = |v: Vec<f32>| rounded(&v, act);
+        let (q, k, v) = (
+            round(rng.vec(n * qw, 1.0)),
+            round(rng.vec(n * kvw, 1.0)),
+            round(rng.vec(n * kvw, 1.0)),
+        );
+        let positions: Vec<usize> = (past..past + n).collect();
+        let (c, sn) = tables(&positions, a.head_dim, act);
+        let (q, k, v, c, sn) = (
+            encode(&q, act),
+            encode(&k, act),
+            encode(&v, act),
+            encode(&c, act),
+            encode(&sn, act),
+        );
+        let size = act.size_bytes();
+        // The first `past` cache rows: earlier positions.
+        let cache0 = encode(&round(rng.vec((past + n) * kvw, 1.0)), act);
+        // Tokens t0 .. t0 + len of the prompt in `phase` (0, 1 or 2).
+        let call = |t0: usize, len: usize, phase: usize, kc: &mut Vec<u8>, vc: &mut Vec<u8>, out: &mut Vec<u8>| {
+            let mut scratch = vec![0f32; past + n];
+            let mut seqs = [KvSeq {
+                k: kc.as_mut_ptr(),
+                v: vc.as_mut_ptr(),
+                past: past + t0,
+            }];
+            let row = |x: &[u8], w: usize| x[t0 * w * size..].as_ptr() as *mut u8;
+            let ptrs = [
+                row(&q, qw),
+                row(&k, kvw),
+                row(&v, kvw),
+                row(&c, 16),
+                row(&sn, 16),
+                out[t0 * qw * size..].as_mut_ptr(),
+                seqs.as_mut_ptr().cast(),
+                scratch.as_mut_ptr().cast(),
+            ];
+            // SAFETY: operands are read only; every buffer is large enough.
+            unsafe { jit.kernel(id).call(&ptrs, &[qw, kvw, kvw, 16, 16, qw, len, phase], len) };
+        };
+        let (mut k1, mut v1, mut o1) = (cache0.clone(), cache0.clone(), vec![0u8; n * qw * size]);
+        call(0, n, 0, &mut k1, &mut v1, &mut o1);
+        let (mut k2, mut v2, mut o2) = (cache0.clone(), cache0.clone(), vec![0u8; n * qw * size]);
+        call(0, n, 1, &mut k2, &mut v2, &mut o2);
+        assert!(o2.iter().all(|&b| b == 0), "{act}: an append-only launch wrote output");
+        assert_eq!((&k2, &v2), (&k1, &v1), "{act}: appended caches");
+        for (t0, len) in [(0, 2), (2, 4), (6, 3)] {
+            call(t0, len, 2, &mut k2, &mut v2, &mut o2);
+        }
+        assert_eq!((&k2, &v2), (&k1, &v1), "{act}: attend-only launches changed a cache");
+        assert_eq!(o2, o1, "{act}: outputs of attention in blocks");
+        assert!(o1.iter().any(|&b| b != 0));
+    }
+}
+
 #[test]
 fn clif_snapshots_of_the_new_families() {
     let snap = |name: &str, s: &KernelSpec| {

@@ -4,8 +4,10 @@
 
 use super::rope::rope_head;
 use super::{Emit, mf, vbits};
+use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{ConstantData, InstBuilder, StackSlotData, StackSlotKind, Value, types};
 use ouroc_ir::DType;
+use ouroc_kernels::abi::AttentionPhase;
 use ouroc_kernels::spec::AttentionSpec;
 
 pub(super) fn emit(e: &mut Emit, act: DType, a: &AttentionSpec) {
@@ -31,6 +33,15 @@ pub(super) fn emit(e: &mut Emit, act: DType, a: &AttentionSpec) {
     let pb = e.ptr.bytes() as i32;
     // strides[seqs] is the number of tokens per sequence (not a row stride).
     let seq = e.b.ins().load(e.ptr, mf(), e.strides, pb * seqs_i as i32);
+    // strides[scratch] is the phase (`AttentionPhase`): append unless only
+    // attending, attend unless only appending.
+    let phase = e.b.ins().load(e.ptr, mf(), e.strides, pb * scratch_i as i32);
+    let append =
+        e.b.ins()
+            .icmp_imm_u(IntCC::NotEqual, phase, AttentionPhase::Attend as i64);
+    let attend =
+        e.b.ins()
+            .icmp_imm_u(IntCC::NotEqual, phase, AttentionPhase::Append as i64);
     let batch = e.b.ins().udiv(e.tokens, seq);
     let row_bytes = (kvw * size) as i64;
     let head_bytes = (hd * size) as i64;
@@ -51,7 +62,8 @@ pub(super) fn emit(e: &mut Emit, act: DType, a: &AttentionSpec) {
 
         // 1. Append: cache row past + t gets k (rotated) and v of token t.
         let zero = e.iconst(0);
-        e.for_loop(zero, seq, 1, &[], |e, t, _| {
+        let end = e.b.ins().select(append, seq, zero);
+        e.for_loop(zero, end, 1, &[], |e, t, _| {
             let tok = e.b.ins().iadd(first, t);
             let p = e.b.ins().iadd(past, t);
             let off = e.b.ins().imul_imm_u(p, row_bytes);
@@ -75,7 +87,8 @@ pub(super) fn emit(e: &mut Emit, act: DType, a: &AttentionSpec) {
 
         // 2. Attend: token t (absolute position past + t) over 0..=past + t.
         let zero = e.iconst(0);
-        e.for_loop(zero, seq, 1, &[], |e, t, _| {
+        let end = e.b.ins().select(attend, seq, zero);
+        e.for_loop(zero, end, 1, &[], |e, t, _| {
             let tok = e.b.ins().iadd(first, t);
             let n = e.b.ins().iadd(past, t);
             let n = e.b.ins().iadd_imm_u(n, 1);

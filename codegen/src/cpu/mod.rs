@@ -46,7 +46,10 @@
 //!   `tokens / seq` sequences, sequence b owning rows `b * seq ..
 //!   (b + 1) * seq` of every activation.
 //! - `args[n + 2]`: an f32 scratch of at least `max(past) + seq` elements
-//!   (the scores of one query head); `strides[n + 2]` is ignored.
+//!   (the scores of one query head); `strides[n + 2]` is the
+//!   [`ouroc_kernels::abi::AttentionPhase`]: 0 appends then attends, 1 only
+//!   appends, 2 only attends (so a caller can append a prompt's rows on one
+//!   thread, then attend blocks of its tokens on several).
 //!
 //! (`n` is the number of operands: 3, or 5 with `rope`.) The kernel first
 //! writes each new token's K (rotated by the cos/sin rows of that token

@@ -32,10 +32,28 @@ pub struct KvSeq {
     pub past: usize,
 }
 
+/// What an `Attention` launch runs (`strides` of its scratch argument): a
+/// caller splitting a prompt's attention over threads first appends every
+/// new token's K and V on one thread ([`AttentionPhase::Append`]), then
+/// runs [`AttentionPhase::Attend`] on blocks of query tokens at once (each
+/// with row pointers offset to its first token and `past` advanced by as
+/// many positions), which only read the stores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum AttentionPhase {
+    /// Append the new tokens' K and V, then attend (one whole launch).
+    Both = 0,
+    /// Only append the new tokens' K (rotated) and V rows.
+    Append = 1,
+    /// Only attend, over rows already appended.
+    Attend = 2,
+}
+
 /// Arguments a kernel takes after its operands and results:
 ///
 /// - `Attention`: 2, the [`KvSeq`] array (`strides`: `seq`, the new tokens
-///   per sequence) and the f32 score scratch (`strides` ignored);
+///   per sequence) and the f32 score scratch (`strides`: the
+///   [`AttentionPhase`] to run, as its `usize`);
 /// - `Linear`: 2, the output rows computed, `row0 .. row1` as
 ///   `strides[n]` and `strides[n + 1]` (`args` ignored), so one kernel
 ///   serves every row chunk of a Linear split over threads (`0 .. n` for

@@ -11,4 +11,4 @@
 pub mod cpu;
 pub mod ptx;
 
-pub use cpu::{KvSeq, RawKernel, extra_args};
+pub use cpu::{AttentionPhase, KvSeq, RawKernel, extra_args};

@@ -7,7 +7,7 @@ use super::device::CpuDevice;
 use crate::gemm;
 use ouroc_driver::{CallShape, DeviceError, KvArg};
 use ouroc_ir::DType;
-use ouroc_kernels::abi::{KvSeq, RawKernel, extra_args};
+use ouroc_kernels::abi::{AttentionPhase, KvSeq, RawKernel, extra_args};
 use ouroc_kernels::spec::{Family, LinearSpec, operand_dtypes};
 use ouroc_kernels::{ActValue, Kernel, Operand};
 use std::collections::HashMap;
@@ -329,13 +329,60 @@ impl CpuDevice {
                 });
                 need = need.max(a.past + seq);
             }
-            if self.scratch.len() < need {
-                self.scratch.resize(need.next_power_of_two(), 0.0);
+            let blocks = match seqs.as_slice() {
+                [one] if seq == tokens => attention_blocks(one.past, seq, self.pool.threads()),
+                _ => Vec::new(),
+            };
+            let scratch = need * blocks.len().max(1);
+            if self.scratch.len() < scratch {
+                self.scratch.resize(scratch.next_power_of_two(), 0.0);
+            }
+            if blocks.len() > 1 {
+                // One sequence's prompt: append its K/V rows here, then
+                // attend blocks of its tokens on every thread (each block
+                // reads the stores only and writes its own output rows).
+                self.token_split_launches += 1;
+                let (kv_k, kv_v, past) = (seqs[0].k as usize, seqs[0].v as usize, seqs[0].past);
+                let mut append = seqs.clone();
+                args.push(append.as_mut_ptr() as *mut u8);
+                strides.push(seq);
+                args.push(self.scratch.as_mut_ptr() as *mut u8);
+                strides.push(AttentionPhase::Append as usize);
+                // SAFETY: as the whole launch below; this phase writes the
+                // cache rows past .. past + seq only.
+                unsafe { f(args.as_ptr(), strides.as_ptr(), tokens) };
+                let (na, row_bytes) = (l.args.len(), l.args.iter().map(Arg::row_bytes).collect::<Vec<_>>());
+                let base: Vec<usize> = args[..na].iter().map(|&p| p as usize).collect();
+                let scratch = self.scratch.as_mut_ptr() as usize;
+                let strides = &strides[..na];
+                self.pool.run(blocks.len(), &|c| {
+                    let (t0, len) = blocks[c];
+                    let mut seqs = [KvSeq {
+                        k: kv_k as *mut u8,
+                        v: kv_v as *mut u8,
+                        past: past + t0,
+                    }];
+                    let mut a: Vec<*mut u8> = base
+                        .iter()
+                        .zip(&row_bytes)
+                        .map(|(&p, &rb)| (p + t0 * rb) as *mut u8)
+                        .collect();
+                    a.push(seqs.as_mut_ptr() as *mut u8);
+                    a.push((scratch + c * need * 4) as *mut u8);
+                    let mut st = strides.to_vec();
+                    st.extend([len, AttentionPhase::Attend as usize]);
+                    // SAFETY: tokens t0 .. t0 + len of every activation, the
+                    // store rows appended above (read only), this block's
+                    // own `need` f32 of the scratch; blocks write disjoint
+                    // output rows.
+                    unsafe { f(a.as_ptr(), st.as_ptr(), len) };
+                });
+                return Ok(());
             }
             args.push(seqs.as_mut_ptr() as *mut u8);
             strides.push(seq);
             args.push(self.scratch.as_mut_ptr() as *mut u8);
-            strides.push(0);
+            strides.push(AttentionPhase::Both as usize);
         }
         // SAFETY: the arguments follow the kernel ABI of ouroc_codegen::cpu:
         // one pointer per operand and result (arena rows for `tokens`
@@ -386,6 +433,34 @@ const MIN_TOKENS_PER_TASK: usize = 8;
 /// into on `threads` threads: one in decode and for short prompts.
 fn token_chunks(tokens: usize, threads: usize) -> usize {
     threads.min(tokens / MIN_TOKENS_PER_TASK).max(1)
+}
+
+/// Fewest tokens a block of a split attention gets.
+const MIN_ATTENTION_BLOCK: usize = 4;
+
+/// The blocks `(first token, tokens)` a prompt of `seq` tokens after `past`
+/// positions is attended in on `threads` threads: about equal work each
+/// (token t reads `past + t + 1` positions), several per thread so that
+/// the threads claiming them finish together; none (one launch) on one
+/// thread or under [`MIN_TOKENS_PER_TASK`] tokens per thread.
+fn attention_blocks(past: usize, seq: usize, threads: usize) -> Vec<(usize, usize)> {
+    if threads <= 1 || seq < 2 * MIN_TOKENS_PER_TASK {
+        return Vec::new();
+    }
+    let count = (4 * threads).min(seq / MIN_ATTENTION_BLOCK);
+    let work = |t: usize| past + t + 1;
+    let total: usize = (0..seq).map(work).sum();
+    let mut blocks = Vec::with_capacity(count);
+    let (mut t0, mut done) = (0, 0);
+    for t in 0..seq {
+        done += work(t);
+        let ends_block = done * count >= total * (blocks.len() + 1) && t + 1 - t0 >= MIN_ATTENTION_BLOCK;
+        if ends_block || t + 1 == seq {
+            blocks.push((t0, t + 1 - t0));
+            t0 = t + 1;
+        }
+    }
+    blocks
 }
 
 /// Whether the per-token byte ranges of two arena values overlap.

@@ -38,8 +38,18 @@
 //! prompt of at least 16 tokens it is split by tokens instead: one task
 //! per thread, each the same kernel on a consecutive block of at least 8
 //! tokens (row pointers offset, token count reduced), again bit for bit
-//! the result of one launch. Attention runs on the calling thread. With
+//! the result of one launch. Attention over a prompt of one sequence
+//! (at least 16 tokens) appends every token's K and V on the calling
+//! thread (`AttentionPhase::Append`), then attends blocks of its tokens of
+//! about equal work (token t reads `past + t + 1` positions; four blocks
+//! per thread) as tasks (`AttentionPhase::Attend`, each with its own score
+//! scratch): each token's arithmetic is that of the whole launch, so bit
+//! for bit the same; decode attention runs on the calling thread. With
 //! `threads == 1` nothing is split and no worker exists.
+//!
+//! Only the last position of a prompt is read unless a caller asks for
+//! every position, so the kernels after the loop (final norm, `lm_head`)
+//! run on that row alone (`Device::launch_rows`).
 //!
 //! | file | holds |
 //! |---|---|
