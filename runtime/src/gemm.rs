@@ -33,7 +33,10 @@ use std::ops::Range;
 use std::sync::OnceLock;
 
 #[cfg(target_arch = "x86_64")]
-mod x86;
+pub(crate) mod x86;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::has_avx512;
 
 /// One implementation of the kernel, chosen by CPU features.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -20,6 +20,7 @@
 //!   cudarc (feature `cuda`); per-kernel timing; [`gpu::GpuForward`] is the
 //!   driver on it.
 
+pub mod attention;
 pub mod chat;
 pub mod cpu;
 pub mod deploy;

@@ -4,6 +4,7 @@
 //! of [`crate::cpu`]).
 
 use super::device::CpuDevice;
+use crate::attention::{self, AttendArgs};
 use crate::gemm;
 use ouroc_driver::{CallShape, DeviceError, KvArg};
 use ouroc_ir::DType;
@@ -60,6 +61,16 @@ struct Gemm {
     tile: usize,
 }
 
+/// The shape of an `Attention` attended by [`crate::attention`].
+#[derive(Clone, Copy)]
+struct Attend {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    rope: bool,
+    act: DType,
+}
+
 /// One pre-bound kernel launch (the CPU device's bound kernel).
 pub struct Launch {
     f: RawKernel,
@@ -68,6 +79,8 @@ pub struct Launch {
     args: Vec<Arg>,
     /// An `Attention` (takes the KV arguments).
     attention: bool,
+    /// An `Attention` whose attend phase runs on [`crate::attention`].
+    attend: Option<Attend>,
     /// `Linear`: its output rows `n` (the row-range arguments `0 .. n`).
     rows: Option<usize>,
     split: Option<Split>,
@@ -152,6 +165,16 @@ impl CpuDevice {
             });
         }
         let attention = matches!(&k.spec.family, Family::Attention(_));
+        let attend = match &k.spec.family {
+            Family::Attention(a) if self.microkernels && attention::microkernel(k.spec.act) => Some(Attend {
+                heads: a.heads,
+                kv_heads: a.kv_heads,
+                head_dim: a.head_dim,
+                rope: a.rope,
+                act: k.spec.act,
+            }),
+            _ => None,
+        };
         debug_assert_eq!(extra_args(&k.spec), if attention || rows.is_some() { 2 } else { 0 });
         let token_rows = match &k.spec.family {
             Family::Attention(_) | Family::Linear(_) => None,
@@ -162,6 +185,7 @@ impl CpuDevice {
             gemm,
             args,
             attention,
+            attend,
             rows,
             split,
             token_rows,
@@ -329,6 +353,64 @@ impl CpuDevice {
                 });
                 need = need.max(a.past + seq);
             }
+            if let Some(at) = l.attend {
+                // K/V appended by the kernel here, then the microkernel attends.
+                let mut append = seqs.clone();
+                args.push(append.as_mut_ptr() as *mut u8);
+                strides.push(seq);
+                args.push(self.scratch.as_mut_ptr() as *mut u8);
+                strides.push(AttentionPhase::Append as usize);
+                // SAFETY: as the whole launch below; this phase writes the
+                // cache rows past .. past + seq of each sequence only.
+                unsafe { f(args.as_ptr(), strides.as_ptr(), tokens) };
+                let n_ops = 3 + 2 * at.rope as usize;
+                let row = |i: usize| (args[i] as usize, strides[i]);
+                let ((q, qs), (o, os)) = (row(0), row(n_ops));
+                let ((c, cs), (sn, ss)) = if at.rope { (row(3), row(4)) } else { ((0, 0), (0, 0)) };
+                let elem = at.act.size_bytes();
+                for (b, kv) in seqs.iter().enumerate() {
+                    let whole = AttendArgs {
+                        heads: at.heads,
+                        kv_heads: at.kv_heads,
+                        head_dim: at.head_dim,
+                        act: at.act,
+                        tokens: seq,
+                        past: kv.past,
+                        q: (q + b * seq * qs * elem) as *const u8,
+                        q_stride: qs,
+                        cos: if at.rope {
+                            (c + b * seq * cs * elem) as *const u8
+                        } else {
+                            std::ptr::null()
+                        },
+                        cos_stride: cs,
+                        sin: if at.rope {
+                            (sn + b * seq * ss * elem) as *const u8
+                        } else {
+                            std::ptr::null()
+                        },
+                        sin_stride: ss,
+                        out: (o + b * seq * os * elem) as *mut u8,
+                        out_stride: os,
+                        k: kv.k,
+                        v: kv.v,
+                    };
+                    let blocks = attention_blocks(kv.past, seq, self.pool.threads());
+                    if blocks.len() > 1 {
+                        self.token_split_launches += 1;
+                    }
+                    let blocks = if blocks.is_empty() { vec![(0, seq)] } else { blocks };
+                    self.pool.run(blocks.len(), &|i| {
+                        let (t0, len) = blocks[i];
+                        // SAFETY: tokens t0 .. t0 + len of this sequence's
+                        // rows (the launch's arena rows), its store filled
+                        // to past + seq above; blocks write disjoint output
+                        // rows and only read the store.
+                        unsafe { attention::attend(&whole.block(t0, len)) };
+                    });
+                }
+                return Ok(());
+            }
             let blocks = match seqs.as_slice() {
                 [one] if seq == tokens => attention_blocks(one.past, seq, self.pool.threads()),
                 _ => Vec::new(),
@@ -427,7 +509,7 @@ fn row_chunks(n: usize, threads: usize) -> Vec<(usize, usize)> {
 
 /// Fewest tokens a task of a token-split launch gets: below that the
 /// fork/join of the pool costs more than the kernel saves.
-const MIN_TOKENS_PER_TASK: usize = 8;
+const MIN_TOKENS_PER_TASK: usize = 4;
 
 /// Chunks of tokens a per-token kernel (`Launch::token_rows`) is split
 /// into on `threads` threads: one in decode and for short prompts.

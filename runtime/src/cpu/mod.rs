@@ -47,6 +47,12 @@
 //! for bit the same; decode attention runs on the calling thread. With
 //! `threads == 1` nothing is split and no worker exists.
 //!
+//! Where [`crate::attention`] has a vector variant (AVX-512) and
+//! [`CpuOptions::microkernels`] is on, an attention launch runs its
+//! kernel only to append K and V, and the microkernel attends (prompt
+//! blocks over the threads as above; a decode token on the calling
+//! thread); elsewhere the Cranelift kernel does both.
+//!
 //! Only the last position of a prompt is read unless a caller asks for
 //! every position, so the kernels after the loop (final norm, `lm_head`)
 //! run on that row alone (`Device::launch_rows`).
@@ -92,7 +98,8 @@ pub struct CpuOptions {
     pub kv: KvMode,
     /// Run `Linear` launches on the std::arch microkernels of
     /// [`crate::gemm`] (AVX-512 BF16 / AVX-512F / AVX2+FMA, chosen once by
-    /// CPU features) when this CPU has one for the dtypes; false: always the
+    /// CPU features) when this CPU has one for the dtypes, and attention's
+    /// attend phase on [`crate::attention`] (AVX-512); false: always the
     /// Cranelift kernels.
     pub microkernels: bool,
 }

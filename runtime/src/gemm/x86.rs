@@ -21,7 +21,7 @@ use super::{MAX_R, MAX_TILE, Micro, Tile, TileFn, Variant};
 use std::arch::x86_64::*;
 
 /// AVX-512 F, BW and VL: what the AVX-512 kernels need besides BF16.
-pub(super) fn has_avx512() -> bool {
+pub(crate) fn has_avx512() -> bool {
     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl")
 }
 
@@ -105,7 +105,7 @@ by_tokens!(fma256_tile, fma256, R256, [1, 2, 3], XB, WB);
 /// 16 elements from `p + i` (f32, or bf16 widened), lanes past `m` zero.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline]
-unsafe fn load16<const B: bool>(p: *const u8, i: usize, m: __mmask16) -> __m512 {
+pub(crate) unsafe fn load16<const B: bool>(p: *const u8, i: usize, m: __mmask16) -> __m512 {
     unsafe {
         if B {
             let h = _mm256_maskz_loadu_epi16(m, p.add(2 * i) as *const i16);
@@ -141,7 +141,7 @@ fn mask32(n: usize) -> u32 {
 /// The horizontal sums of four vectors, `[sum a, sum b, sum c, sum d]`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline]
-fn hsum4(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
+pub(crate) fn hsum4(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
     // 128-bit lanes: ab = [a0+a2, a1+a3, b0+b2, b1+b3], cd likewise.
     let ab = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xee>(a, b));
     let cd = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(c, d), _mm512_shuffle_f32x4::<0xee>(c, d));
