@@ -138,9 +138,23 @@ impl AttendArgs {
     }
 }
 
+/// A thread's buffers: the query head as loaded and rotated (f32), and
+/// the scores of one query head.
+struct Scratch {
+    head: Vec<f32>,
+    q: Vec<f32>,
+    scores: Vec<f32>,
+}
+
 thread_local! {
-    /// This thread's query head (rotated, f32) and scores.
-    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// This thread's buffers.
+    static SCRATCH: RefCell<Scratch> = const {
+        RefCell::new(Scratch {
+            head: Vec::new(),
+            q: Vec::new(),
+            scores: Vec::new(),
+        })
+    };
 }
 
 /// Attend every token of `p` with the fastest variant.
@@ -175,7 +189,8 @@ pub unsafe fn attend_with(v: Variant, p: &AttendArgs) {
     let scale = (hd as f64).powf(-0.5) as f32;
     let rd = |x: f32| if bf16 { DType::BF16.round(x) } else { x };
     let size = p.act.size_bytes();
-    SCRATCH.with_borrow_mut(|(q, scores)| {
+    SCRATCH.with_borrow_mut(|Scratch { head: x, q, scores }| {
+        x.resize(hd, 0.0);
         q.resize(hd, 0.0);
         scores.resize(p.past + p.tokens, 0.0);
         for t in 0..p.tokens {
@@ -185,13 +200,14 @@ pub unsafe fn attend_with(v: Variant, p: &AttendArgs) {
             for h in 0..p.heads {
                 // SAFETY: head h of row t.
                 let qh = unsafe { qr.add(h * hd * size) };
-                for (j, x) in q.iter_mut().enumerate() {
+                for (j, x) in x.iter_mut().enumerate() {
                     *x = unsafe { get(qh, j, bf16) };
                 }
-                if !p.cos.is_null() {
+                if p.cos.is_null() {
+                    q.copy_from_slice(x);
+                } else {
                     // SAFETY: row t of the tables, hd elements each.
                     let (c, s) = unsafe { (p.cos.add(t * p.cos_stride * size), p.sin.add(t * p.sin_stride * size)) };
-                    let x: Vec<f32> = q.clone();
                     let half = hd / 2;
                     for (j, out) in q.iter_mut().enumerate() {
                         let rot = if j < half { -x[j + half] } else { x[j - half] };

@@ -35,11 +35,11 @@
 //! blocking of 4 does not change a row's arithmetic), so results are bit
 //! for bit the same for every thread count. Every other family but
 //! Attention computes each token from that token's rows only, so on a
-//! prompt of at least 16 tokens it is split by tokens instead: one task
-//! per thread, each the same kernel on a consecutive block of at least 8
+//! prompt of at least 8 tokens it is split by tokens instead: one task
+//! per thread, each the same kernel on a consecutive block of at least 4
 //! tokens (row pointers offset, token count reduced), again bit for bit
 //! the result of one launch. Attention over a prompt of one sequence
-//! (at least 16 tokens) appends every token's K and V on the calling
+//! (at least 8 tokens) appends every token's K and V on the calling
 //! thread (`AttentionPhase::Append`), then attends blocks of its tokens of
 //! about equal work (token t reads `past + t + 1` positions; four blocks
 //! per thread) as tasks (`AttentionPhase::Attend`, each with its own score
