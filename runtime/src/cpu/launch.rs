@@ -354,15 +354,8 @@ impl CpuDevice {
                 need = need.max(a.past + seq);
             }
             if let Some(at) = l.attend {
-                // K/V appended by the kernel here, then the microkernel attends.
-                let mut append = seqs.clone();
-                args.push(append.as_mut_ptr() as *mut u8);
-                strides.push(seq);
-                args.push(self.scratch.as_mut_ptr() as *mut u8);
-                strides.push(AttentionPhase::Append as usize);
-                // SAFETY: as the whole launch below; this phase writes the
-                // cache rows past .. past + seq of each sequence only.
-                unsafe { f(args.as_ptr(), strides.as_ptr(), tokens) };
+                // K/V appended by the kernel, then the microkernel attends.
+                self.append_kv(l, &args, &strides, &seqs, seq);
                 let n_ops = 3 + 2 * at.rope as usize;
                 let row = |i: usize| (args[i] as usize, strides[i]);
                 let ((q, qs), (o, os)) = (row(0), row(n_ops));
@@ -425,14 +418,7 @@ impl CpuDevice {
                 // reads the stores only and writes its own output rows).
                 self.token_split_launches += 1;
                 let (kv_k, kv_v, past) = (seqs[0].k as usize, seqs[0].v as usize, seqs[0].past);
-                let mut append = seqs.clone();
-                args.push(append.as_mut_ptr() as *mut u8);
-                strides.push(seq);
-                args.push(self.scratch.as_mut_ptr() as *mut u8);
-                strides.push(AttentionPhase::Append as usize);
-                // SAFETY: as the whole launch below; this phase writes the
-                // cache rows past .. past + seq only.
-                unsafe { f(args.as_ptr(), strides.as_ptr(), tokens) };
+                self.append_kv(l, &args, &strides, &seqs, seq);
                 let (na, row_bytes) = (l.args.len(), l.args.iter().map(Arg::row_bytes).collect::<Vec<_>>());
                 let base: Vec<usize> = args[..na].iter().map(|&p| p as usize).collect();
                 let scratch = self.scratch.as_mut_ptr() as usize;
@@ -473,6 +459,57 @@ impl CpuDevice {
         // of at least past + seq f32.
         unsafe { f(args.as_ptr(), strides.as_ptr(), tokens) };
         Ok(())
+    }
+}
+
+impl CpuDevice {
+    /// An attention launch's append phase (`AttentionPhase::Append`): each
+    /// new token's K (rotated) and V rows into its sequence's store. `args`
+    /// and `strides` are the operands' and results'. One sequence's prompt
+    /// is appended in blocks of tokens over the threads (a block's rows go
+    /// to positions `past + t0 ..`, nothing else is written), as the
+    /// per-token kernels are split.
+    fn append_kv(&mut self, l: &Launch, args: &[*mut u8], strides: &[usize], seqs: &[KvSeq], seq: usize) {
+        let tokens = seq * seqs.len();
+        let chunks = if seqs.len() == 1 {
+            token_chunks(seq, self.pool.threads())
+        } else {
+            1
+        };
+        let per = tokens.div_ceil(chunks);
+        let base: Vec<usize> = args.iter().map(|&p| p as usize).collect();
+        let descs: Vec<(usize, usize, usize)> = seqs.iter().map(|s| (s.k as usize, s.v as usize, s.past)).collect();
+        let row_bytes: Vec<usize> = l.args.iter().map(Arg::row_bytes).collect();
+        let f = l.f;
+        self.pool.run(tokens.div_ceil(per), &|c| {
+            let (t0, n) = if chunks == 1 {
+                (0, tokens)
+            } else {
+                (c * per, per.min(tokens - c * per))
+            };
+            let mut kv: Vec<KvSeq> = descs
+                .iter()
+                .map(|&(k, v, past)| KvSeq {
+                    k: k as *mut u8,
+                    v: v as *mut u8,
+                    past: past + t0,
+                })
+                .collect();
+            let mut a: Vec<*mut u8> = base
+                .iter()
+                .zip(&row_bytes)
+                .map(|(&p, &rb)| (p + t0 * rb) as *mut u8)
+                .collect();
+            a.extend([kv.as_mut_ptr() as *mut u8, std::ptr::null_mut()]);
+            let mut st = strides.to_vec();
+            st.extend([if chunks == 1 { seq } else { n }, AttentionPhase::Append as usize]);
+            // SAFETY: the kernel ABI on tokens t0 .. t0 + n of every
+            // activation (all of them but for one sequence's prompt in
+            // blocks); the append phase reads no scratch and writes store
+            // rows past + t0 .. past + t0 + n of each sequence only, disjoint
+            // between blocks.
+            unsafe { f(a.as_ptr(), st.as_ptr(), n) };
+        });
     }
 }
 
