@@ -17,8 +17,8 @@
 //! [`Variant::tile`] output rows x tokens keeps one f32 vector accumulator
 //! per (row, token) pair along k (dot-product form: W is read where it
 //! lies, one horizontal sum per pair at the end of a block of k). The
-//! driver copies a block of up to 256 tokens' x rows to an aligned private
-//! buffer, cuts k into blocks whose x slice fits in L2 (partial sums kept
+//! driver takes blocks of up to 256 tokens' x rows (read where they lie,
+//! or copied to a private buffer first when y overwrites x), cuts k into blocks whose x slice fits in L2 (partial sums kept
 //! in f32), and passes every tile of W rows (a few KiB to a few tens of
 //! KiB, in L1/L2) over all the block's tokens: W streams from memory once
 //! per token block instead of once per token.
@@ -285,9 +285,9 @@ thread_local! {
 
 /// The loops around the micro-kernel, outermost first:
 /// - token blocks of up to `MAX_BLOCK_TOKENS` tokens, whose x rows are
+///   read where they lie, except in an in-place launch, where they are
 ///   first copied to a thread-private buffer (rows a whole number of cache
-///   lines apart, placed so that x and W are read at aligned addresses
-///   together; an in-place launch thereby reads x before y is written);
+///   lines apart), so x is read before y is written;
 /// - blocks of k, sized so that the block's x slice fits `X_BLOCK_BYTES`;
 /// - tiles of W rows, each passing over all the block's tokens while it is
 ///   in L1/L2;
@@ -331,16 +331,24 @@ unsafe fn drive(p: &LinearArgs, rows: Range<usize>, m: &Micro) {
             // SAFETY: LINE + x_phase + mc * stride fits in the buffer.
             let xb = unsafe { base.add(base.align_offset(LINE) + x_phase) };
             let mut sums = [0f32; MAX_TILE];
+            // x is read where it lies unless y overwrites it (in place):
+            // the copy costs more than unaligned loads of rows in cache.
+            let direct = !p.aliased();
             let mut t0 = 0;
             while t0 < p.tokens {
                 let tb = mc.min(p.tokens - t0);
-                for t in 0..tb {
-                    // SAFETY: row t0 + t of x (k elements) into row t of the copy.
-                    unsafe {
-                        let src = p.x.add((t0 + t) * p.x_stride * xsz);
-                        std::ptr::copy_nonoverlapping(src, xb.add(t * stride), row_bytes);
+                let (xb, stride) = if direct {
+                    (p.x.wrapping_add(t0 * p.x_stride * xsz) as *mut u8, p.x_stride * xsz)
+                } else {
+                    for t in 0..tb {
+                        // SAFETY: row t0 + t of x (k elements) into row t of the copy.
+                        unsafe {
+                            let src = p.x.add((t0 + t) * p.x_stride * xsz);
+                            std::ptr::copy_nonoverlapping(src, xb.add(t * stride), row_bytes);
+                        }
                     }
-                }
+                    (xb, stride)
+                };
                 for kb in 0..kblocks {
                     let k0 = kb * kc;
                     let kl = kc.min(p.k - k0);
