@@ -221,7 +221,15 @@ pub unsafe fn linear_with(v: Variant, p: &LinearArgs, rows: Range<usize>) {
         return;
     }
     // SAFETY: the caller's contract; `m` runs on this CPU.
-    unsafe { drive(p, rows, &m) }
+    unsafe {
+        match v {
+            #[cfg(target_arch = "x86_64")]
+            Variant::Avx512Bf16 | Variant::Avx512F => drive_avx512(p, rows, &m),
+            #[cfg(target_arch = "x86_64")]
+            Variant::Avx2Fma => drive_avx2(p, rows, &m),
+            _ => drive(p, rows, &m),
+        }
+    }
 }
 
 /// One register tile for a micro-kernel: W rows `w + r * ws` (bytes) for
@@ -293,6 +301,7 @@ thread_local! {
 ///   in L1/L2;
 /// - token tiles: the micro-kernel, then its sums added to the partial sums
 ///   (f32) or, in the last block of k, finished: bias, rounding, store.
+#[inline(always)]
 unsafe fn drive(p: &LinearArgs, rows: Range<usize>, m: &Micro) {
     let (xsz, wsz) = (p.act.size_bytes(), p.weight.size_bytes());
     let row_bytes = p.k * xsz;
@@ -396,6 +405,27 @@ unsafe fn drive(p: &LinearArgs, rows: Range<usize>, m: &Micro) {
             }
         })
     });
+}
+
+/// [`drive`] compiled for AVX-512, so that its own loops (bias, rounding,
+/// stores of each tile) use the same vector width as the micro-kernel.
+///
+/// # Safety
+/// As [`drive`], on a CPU with AVX-512 F/BW/VL.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn drive_avx512(p: &LinearArgs, rows: Range<usize>, m: &Micro) {
+    unsafe { drive(p, rows, m) }
+}
+
+/// [`drive`] compiled for AVX2 + FMA.
+///
+/// # Safety
+/// As [`drive`], on a CPU with AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn drive_avx2(p: &LinearArgs, rows: Range<usize>, m: &Micro) {
+    unsafe { drive(p, rows, m) }
 }
 
 /// Bias of outputs `o .. o + nr` (zero where there is none).
