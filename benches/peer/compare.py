@@ -1,9 +1,11 @@
 """Run `ouroc bench` and the PyTorch peer on the same checkpoint, alternating in this script,
-and print the ratios ouroc / PyTorch for prefill and decode.
+and print the ratios ouroc / PyTorch for prefill and decode (and ouroc / llama.cpp with --llama).
 
     python benches/peer/compare.py --shape 1.4b            # random bf16 weights of a named shape
     python benches/peer/compare.py CKPT --threads 2 --runs 3 --rounds 3
     python benches/peer/compare.py --shape 1.4b --baseline OLD/ouroc   # before / after a change
+    python benches/peer/compare.py CKPT --llama --llama-weights bf16,q8_0   # + llama.cpp peers
+    python benches/peer/compare.py CKPT --llama --no-torch                  # llama.cpp only
 
 A round is one `ouroc bench` (--runs runs) followed by one PyTorch run (--runs runs). On a
 shared machine the memory bandwidth drifts by tens of percent from minute to minute, so the
@@ -15,9 +17,19 @@ The ouroc binary is target/release/ouroc (build it first: `cargo build --release
 and number of runs, and run every loop step of every token (`--exit last`). With --baseline
 OLD_OUROC, each round also runs that binary (first), and the ratios new / old are reported the
 same way (per round, then the median).
+
+With --llama, each round also runs benches/peer/llama_peer.py (after PyTorch) once per weight
+type in --llama-weights (bf16, q8_0, q4_0; default bf16): llama.cpp on the checkpoint unrolled
+into a plain llama GGUF of L*R blocks (same matrix shapes, same work per token less Ouro's
+extra norms and exit gate: see llama_peer.py), with the same threads, lengths and runs; the
+ratios ouroc / llama.cpp are reported per round and as the median, as for PyTorch. llama_peer.py
+runs under --llama-python (default /work/venv-llama/bin/python where it exists, else this
+interpreter), the PyTorch peer under this interpreter. --no-torch skips the PyTorch peer.
+Quantised llama.cpp weights read fewer bytes per token than the bf16 floor line assumes.
 """
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -25,6 +37,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_LLAMA_PYTHON = "/work/venv-llama/bin/python"
 KEYS = [("prefill_tokens_per_s", "prefill tokens/s"), ("decode_tokens_per_s", "decode tokens/s")]
 
 
@@ -46,6 +59,13 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of both engines")
     ap.add_argument("--ouroc", default=str(ROOT / "target" / "release" / "ouroc"))
     ap.add_argument("--baseline", help="another ouroc binary (before a change), run in every round too")
+    ap.add_argument("--no-torch", action="store_true", help="do not run the PyTorch peer")
+    ap.add_argument("--llama", action="store_true", help="also run the llama.cpp peer (llama_peer.py)")
+    ap.add_argument("--llama-weights", default="bf16",
+                    help="comma-separated llama.cpp weight types, one engine each: bf16,q8_0,q4_0")
+    ap.add_argument("--llama-python", default=DEFAULT_LLAMA_PYTHON if os.path.exists(DEFAULT_LLAMA_PYTHON)
+                    else sys.executable, help="the Python with llama_cpp and gguf (default: %(default)s)")
+    ap.add_argument("--gguf-dir", help="llama_peer.py's cache of converted GGUFs")
     a = ap.parse_args()
     if (a.ckpt is None) == (a.shape is None):
         sys.exit("give a checkpoint directory or --shape NAME (one of them)")
@@ -55,11 +75,21 @@ def main():
         sys.exit(f"{a.ouroc} does not exist: run `cargo build --release` first")
     if a.baseline and not Path(a.baseline).exists():
         sys.exit(f"--baseline {a.baseline} does not exist")
+    llama_weights = [w.strip() for w in a.llama_weights.split(",") if w.strip()] if a.llama else []
+    for w in llama_weights:
+        if w not in ("bf16", "q8_0", "q4_0"):
+            sys.exit(f"--llama-weights: unknown type {w} (bf16, q8_0, q4_0)")
+    if a.llama and not llama_weights:
+        sys.exit("--llama-weights lists no type")
+    if a.no_torch and not a.llama:
+        sys.exit("--no-torch without --llama leaves nothing to compare with")
+    # (label, key) of every peer engine, in the order they run in a round
+    peers = ([] if a.no_torch else [("PyTorch", "torch")]) + [(f"llama.cpp {w}", w) for w in llama_weights]
     common = ["--prefill-tokens", str(a.prefill_tokens), "--decode-tokens", str(a.decode_tokens),
               "--runs", str(a.runs), "--threads", str(a.threads)]
     rounds, base = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        ours_json, peer_json = Path(tmp) / "ouroc.json", Path(tmp) / "torch.json"
+        ours_json, peer_json = Path(tmp) / "ouroc.json", Path(tmp) / "peer.json"
         src = [a.ckpt] if a.ckpt else ["--shape", a.shape]
         for r in range(a.rounds):
             print(f"== round {r + 1}/{a.rounds}", flush=True)
@@ -70,26 +100,43 @@ def main():
             ours = run_json([a.ouroc, "bench", *src, "--precision", a.precision, "--exit", "last",
                              "--json", str(ours_json), *common], ours_json)
             ckpt = ours["checkpoint"]
-            peer = run_json([sys.executable, str(ROOT / "benches" / "peer" / "torch_ouro.py"), ckpt,
-                             "--precision", a.precision, "--json", str(peer_json), *common], peer_json)
+            peer = {}
+            for _, key in peers:
+                if key == "torch":
+                    cmd = [sys.executable, str(ROOT / "benches" / "peer" / "torch_ouro.py"), ckpt,
+                           "--precision", a.precision]
+                else:
+                    cmd = [a.llama_python, str(ROOT / "benches" / "peer" / "llama_peer.py"), ckpt,
+                           "--weights", key, *(["--gguf-dir", a.gguf_dir] if a.gguf_dir else [])]
+                peer[key] = run_json([*cmd, "--json", str(peer_json), *common], peer_json)
             rounds.append((ours["results"][0], ours["read_bandwidth_gb_s"], peer))
     print()
     print(f"checkpoint {ckpt}, {a.precision}, {a.threads} threads, {a.prefill_tokens} prefill + "
           f"{a.decode_tokens} decode tokens, {a.rounds} alternating rounds of {a.runs} runs per engine")
-    print("| round | ouroc prefill/s | PyTorch prefill/s | ratio | ouroc decode/s | PyTorch decode/s | ratio "
-          "| read GB/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    head = ["round"]
+    for kind in ("prefill", "decode"):
+        head += [f"ouroc {kind}/s"] + [c for label, _ in peers for c in (f"{label} {kind}/s", "ratio")]
+    head.append("read GB/s")
+    print(f"| {' | '.join(head)} |")
+    print("|" + "---|" * len(head))
     for i, (mine, bw, peer) in enumerate(rounds):
-        cells = [f"{mine[k]:.2f} | {peer[k]:.2f} | {mine[k] / peer[k]:.2f}x" for k, _ in KEYS]
+        cells = [f"{mine[k]:.2f} | " + " | ".join(f"{peer[p][k]:.2f} | {mine[k] / peer[p][k]:.2f}x"
+                                                   for _, p in peers) for k, _ in KEYS]
         print(f"| {i + 1} | {' | '.join(cells)} | {bw:.1f} |")
     print()
-    print(f"| median over rounds | ouroc | PyTorch ({rounds[0][2]['engine']}) | ouroc / PyTorch |")
-    print("|---|---|---|---|")
+    head = ["median over rounds", "ouroc"]
+    for label, p in peers:
+        head += [f"{label} ({rounds[0][2][p]['engine']})", f"ouroc / {label}"]
+    print(f"| {' | '.join(head)} |")
+    print("|" + "---|" * len(head))
     for key, name in KEYS:
         ours = statistics.median(m[key] for m, _, _ in rounds)
-        peer = statistics.median(p[key] for _, _, p in rounds)
-        ratio = statistics.median(m[key] / p[key] for m, _, p in rounds)
-        print(f"| {name} | {ours:.2f} | {peer:.2f} | {ratio:.2f}x |")
+        cells = []
+        for _, p in peers:
+            peer = statistics.median(q[p][key] for _, _, q in rounds)
+            ratio = statistics.median(m[key] / q[p][key] for m, _, q in rounds)
+            cells.append(f"{peer:.2f} | {ratio:.2f}x")
+        print(f"| {name} | {ours:.2f} | {' | '.join(cells)} |")
     if base:
         print()
         print(f"| new / baseline ({a.baseline}) | per round | median |")
@@ -101,10 +148,11 @@ def main():
     bw = statistics.median(b for _, b, _ in rounds)
     floor = bw * 1e9 / bytes_per_token
     ours = statistics.median(m["decode_tokens_per_s"] for m, _, _ in rounds)
-    peer = statistics.median(p["decode_tokens_per_s"] for _, _, p in rounds)
+    shares = [f"{label} {statistics.median(q[p]['decode_tokens_per_s'] for _, _, q in rounds) / floor:.0%}"
+              for label, p in peers]
     print(f"decode reads {bytes_per_token / 1e9:.3f} GB of weights per token; at the median "
           f"{bw:.1f} GB/s read bandwidth measured by ouroc bench the floor is {floor:.2f} tokens/s: "
-          f"ouroc reaches {ours / floor:.0%} of it, PyTorch {peer / floor:.0%}")
+          f"ouroc reaches {ours / floor:.0%} of it, {', '.join(shares)}")
 
 
 if __name__ == "__main__":
