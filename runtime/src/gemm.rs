@@ -23,6 +23,14 @@
 //! KiB, in L1/L2) over all the block's tokens: W streams from memory once
 //! per token block instead of once per token.
 //!
+//! bf16 x bf16 on a CPU without `vdpbf16ps` (AVX-512F, AVX2): with at
+//! least 16 tokens, x rows and each W tile are widened to f32 once per
+//! token block (exact) and the f32 micro-kernel runs, with no conversions
+//! in its inner loop; fewer tokens (decode) use the pair kernels, which
+//! widen in registers. The driver loop is compiled per vector ISA
+//! (`drive_avx512`, `drive_avx2`) and keeps no closures, so its own work
+//! (widening, bias, rounding, stores) uses the same instructions.
+//!
 //! Dispatch: [`Variant::best`] is chosen once by run-time CPU feature
 //! detection; [`linear`] uses it and [`linear_with`] forces one (tests).
 //! Work can be split across threads by output rows (`rows`).
@@ -220,17 +228,34 @@ pub unsafe fn linear_with(v: Variant, p: &LinearArgs, rows: Range<usize>) {
     if rows.is_empty() || p.tokens == 0 {
         return;
     }
+    // bf16 x bf16 without a bf16 dot-product instruction: widen both to f32
+    // once per block (x rows, W tiles) and run the f32 kernel, whose inner
+    // loop has no conversions, when enough tokens share each W tile.
+    let widen = matches!(v, Variant::Avx512F | Variant::Avx2Fma)
+        && p.act == DType::BF16
+        && p.weight == DType::BF16
+        && p.tokens >= WIDEN_MIN_TOKENS;
+    let m = if widen {
+        v.micro(DType::F32, DType::F32).expect("every vector variant has f32")
+    } else {
+        m
+    };
     // SAFETY: the caller's contract; `m` runs on this CPU.
     unsafe {
         match v {
             #[cfg(target_arch = "x86_64")]
-            Variant::Avx512Bf16 | Variant::Avx512F => drive_avx512(p, rows, &m),
+            Variant::Avx512Bf16 | Variant::Avx512F => drive_avx512(p, rows, &m, widen),
             #[cfg(target_arch = "x86_64")]
-            Variant::Avx2Fma => drive_avx2(p, rows, &m),
-            _ => drive(p, rows, &m),
+            Variant::Avx2Fma => drive_avx2(p, rows, &m, widen),
+            _ => drive(p, rows, &m, widen),
         }
     }
 }
+
+/// Fewest tokens for which bf16 x bf16 is widened to f32 (see
+/// [`linear_with`]): below that, converting a W tile costs more than its
+/// few token tiles save.
+const WIDEN_MIN_TOKENS: usize = 16;
 
 /// One register tile for a micro-kernel: W rows `w + r * ws` (bytes) for
 /// `r < nr`, x rows `x + t * xs` for `t < nt`, `k` elements from each.
@@ -289,6 +314,8 @@ thread_local! {
     static XCOPY: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     /// This thread's f32 partial sums over the blocks of k, `[token][row]`.
     static PARTIAL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// This thread's W tile widened to f32 (bf16 x bf16 on f32 FMA).
+    static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The loops around the micro-kernel, outermost first:
@@ -302,14 +329,16 @@ thread_local! {
 /// - token tiles: the micro-kernel, then its sums added to the partial sums
 ///   (f32) or, in the last block of k, finished: bias, rounding, store.
 #[inline(always)]
-unsafe fn drive(p: &LinearArgs, rows: Range<usize>, m: &Micro) {
+unsafe fn drive(p: &LinearArgs, rows: Range<usize>, m: &Micro, widen: bool) {
     let (xsz, wsz) = (p.act.size_bytes(), p.weight.size_bytes());
-    let row_bytes = p.k * xsz;
+    // Bytes of an x element as the micro-kernel reads it (f32 when widened).
+    let csz = if widen { 4 } else { xsz };
+    let row_bytes = p.k * csz;
     let stride = row_bytes.next_multiple_of(LINE);
     let mc = p.tokens.min(MAX_BLOCK_TOKENS);
     // Blocks of k: a multiple of 32 elements (whole lines in f32 and bf16),
     // balanced so that the last is not a sliver.
-    let kc = (X_BLOCK_BYTES / (mc * xsz)).max(256) / 32 * 32;
+    let kc = (X_BLOCK_BYTES / (mc * csz)).max(256) / 32 * 32;
     let kblocks = p.k.div_ceil(kc).max(1);
     let kc = p.k.div_ceil(kblocks).next_multiple_of(32).min(p.k);
     let w_at = |o: usize, k0: usize| p.w.wrapping_add((o * p.k + k0) * wsz);
@@ -328,83 +357,123 @@ unsafe fn drive(p: &LinearArgs, rows: Range<usize>, m: &Micro) {
     };
     // x rows start where x[head] is aligned when W[head] is (for every tile
     // and block of k when k * size(W) is a multiple of 64, as in real models).
-    let x_phase = (LINE - head(rows.start, 0) * xsz % LINE) % LINE;
+    let x_phase = (LINE - head(rows.start, 0) * csz % LINE) % LINE;
     let nrows = rows.len();
-    XCOPY.with_borrow_mut(|copy| {
-        PARTIAL.with_borrow_mut(|partial| {
-            copy.resize(mc * stride + 2 * LINE, 0);
-            if kblocks > 1 {
-                partial.resize(mc * nrows, 0.0);
-            }
-            let base = copy.as_mut_ptr();
-            // SAFETY: LINE + x_phase + mc * stride fits in the buffer.
-            let xb = unsafe { base.add(base.align_offset(LINE) + x_phase) };
-            let mut sums = [0f32; MAX_TILE];
-            // x is read where it lies unless y overwrites it (in place):
-            // the copy costs more than unaligned loads of rows in cache.
-            let direct = !p.aliased();
-            let mut t0 = 0;
-            while t0 < p.tokens {
-                let tb = mc.min(p.tokens - t0);
-                let (xb, stride) = if direct {
-                    (p.x.wrapping_add(t0 * p.x_stride * xsz) as *mut u8, p.x_stride * xsz)
-                } else {
-                    for t in 0..tb {
-                        // SAFETY: row t0 + t of x (k elements) into row t of the copy.
-                        unsafe {
-                            let src = p.x.add((t0 + t) * p.x_stride * xsz);
+    // The thread's buffers, taken out of their thread-locals for the call
+    // (a closure would not inherit the caller's target features).
+    let (mut copy, mut partial, mut wide) = (XCOPY.take(), PARTIAL.take(), WIDE.take());
+    {
+        let (copy, partial, wide) = (&mut copy, &mut partial, &mut wide);
+        copy.resize(mc * stride + 2 * LINE, 0);
+        if kblocks > 1 {
+            partial.resize(mc * nrows, 0.0);
+        }
+        let base = copy.as_mut_ptr();
+        // SAFETY: LINE + x_phase + mc * stride fits in the buffer.
+        let xb = unsafe { base.add(base.align_offset(LINE) + x_phase) };
+        let mut sums = [0f32; MAX_TILE];
+        // x is read where it lies unless y overwrites it (in place):
+        // the copy costs more than unaligned loads of rows in cache.
+        let direct = !p.aliased() && !widen;
+        let mut t0 = 0;
+        while t0 < p.tokens {
+            let tb = mc.min(p.tokens - t0);
+            let (xb, stride) = if direct {
+                (p.x.wrapping_add(t0 * p.x_stride * xsz) as *mut u8, p.x_stride * xsz)
+            } else {
+                for t in 0..tb {
+                    // SAFETY: row t0 + t of x (k elements) into row t of the copy.
+                    unsafe {
+                        let src = p.x.add((t0 + t) * p.x_stride * xsz);
+                        if widen {
+                            widen_bf16(src, xb.add(t * stride) as *mut f32, p.k);
+                        } else {
                             std::ptr::copy_nonoverlapping(src, xb.add(t * stride), row_bytes);
                         }
                     }
-                    (xb, stride)
-                };
-                for kb in 0..kblocks {
-                    let k0 = kb * kc;
-                    let kl = kc.min(p.k - k0);
-                    let (first, last) = (kb == 0, kb + 1 == kblocks);
-                    let mut o = rows.start;
-                    while o < rows.end {
-                        let nr = m.rows.min(rows.end - o);
-                        let h = head(o, k0).min(kl);
-                        let bias = if last { bias_of(p, o, nr) } else { [0.0; MAX_R] };
-                        let mut t = 0;
-                        while t < tb {
-                            let nt = m.tokens.min(tb - t);
-                            // SAFETY: rows o .. o + nr of W and t .. t + nt
-                            // of the copy, elements k0 .. k0 + kl.
-                            let tile = Tile {
-                                w: w_at(o, k0),
-                                ws: p.k * wsz,
-                                nr,
-                                x: unsafe { xb.add(t * stride + k0 * xsz) },
-                                xs: stride,
-                                nt,
-                                k: kl,
-                                head: h,
-                            };
-                            unsafe { (m.tile)(&tile, &mut sums) };
-                            for j in (0..nt).filter(|_| kblocks > 1) {
-                                let part = &mut partial[(t + j) * nrows + o - rows.start..][..nr];
-                                let s = &mut sums[j * MAX_R..][..nr];
-                                match (first, last) {
-                                    (true, _) => part.copy_from_slice(s),
-                                    (false, false) => part.iter_mut().zip(s).for_each(|(p, s)| *p += *s),
-                                    (false, true) => s.iter_mut().zip(part).for_each(|(s, p)| *s += *p),
-                                }
-                            }
-                            if last {
-                                // SAFETY: outputs o .. o + nr of tokens t0 + t ..
-                                unsafe { store_tile(p, &sums, &bias, o, nr, t0 + t, nt) };
-                            }
-                            t += nt;
-                        }
-                        o += nr;
-                    }
                 }
-                t0 += tb;
+                (xb, stride)
+            };
+            for kb in 0..kblocks {
+                let k0 = kb * kc;
+                let kl = kc.min(p.k - k0);
+                let (first, last) = (kb == 0, kb + 1 == kblocks);
+                let mut o = rows.start;
+                while o < rows.end {
+                    let nr = m.rows.min(rows.end - o);
+                    let h = head(o, k0).min(kl);
+                    let bias = if last { bias_of(p, o, nr) } else { [0.0; MAX_R] };
+                    // The tile's W rows: where they lie, or widened to
+                    // f32 rows of `kl` here (once for all the block's tokens).
+                    let (w, ws) = if widen {
+                        let ws = kl.next_multiple_of(16);
+                        wide.resize(nr * ws + LINE / 4, 0.0);
+                        let base = wide.as_mut_ptr();
+                        // SAFETY: aligned inside the buffer, nr rows of ws.
+                        let wb = unsafe { base.add(base.align_offset(LINE)) };
+                        for r in 0..nr {
+                            // SAFETY: row o + r of W, elements k0 .. k0 + kl.
+                            unsafe { widen_bf16(w_at(o + r, k0), wb.add(r * ws), kl) };
+                        }
+                        (wb as *const u8, ws * 4)
+                    } else {
+                        (w_at(o, k0), p.k * wsz)
+                    };
+                    let mut t = 0;
+                    while t < tb {
+                        let nt = m.tokens.min(tb - t);
+                        // SAFETY: rows o .. o + nr of W and t .. t + nt
+                        // of the copy, elements k0 .. k0 + kl.
+                        let tile = Tile {
+                            w,
+                            ws,
+                            nr,
+                            x: unsafe { xb.add(t * stride + k0 * csz) },
+                            xs: stride,
+                            nt,
+                            k: kl,
+                            head: h,
+                        };
+                        unsafe { (m.tile)(&tile, &mut sums) };
+                        for j in (0..nt).filter(|_| kblocks > 1) {
+                            let part = &mut partial[(t + j) * nrows + o - rows.start..][..nr];
+                            let s = &mut sums[j * MAX_R..][..nr];
+                            match (first, last) {
+                                (true, _) => part.copy_from_slice(s),
+                                (false, false) => part.iter_mut().zip(s).for_each(|(p, s)| *p += *s),
+                                (false, true) => s.iter_mut().zip(part).for_each(|(s, p)| *s += *p),
+                            }
+                        }
+                        if last {
+                            // SAFETY: outputs o .. o + nr of tokens t0 + t ..
+                            unsafe { store_tile(p, &sums, &bias, o, nr, t0 + t, nt) };
+                        }
+                        t += nt;
+                    }
+                    o += nr;
+                }
             }
-        })
-    });
+            t0 += tb;
+        }
+    }
+    XCOPY.set(copy);
+    PARTIAL.set(partial);
+    WIDE.set(wide);
+}
+
+/// `n` bf16 values at `src` (u16 bits) as f32 at `dst` (exact).
+///
+/// # Safety
+/// `src` holds `n` bf16, `dst` room for `n` f32; they do not overlap.
+#[inline(always)]
+unsafe fn widen_bf16(src: *const u8, dst: *mut f32, n: usize) {
+    for i in 0..n {
+        // SAFETY: i < n in both.
+        unsafe {
+            let h = (src as *const u16).add(i).read_unaligned();
+            dst.add(i).write(f32::from_bits((h as u32) << 16));
+        }
+    }
 }
 
 /// [`drive`] compiled for AVX-512, so that its own loops (bias, rounding,
@@ -414,8 +483,8 @@ unsafe fn drive(p: &LinearArgs, rows: Range<usize>, m: &Micro) {
 /// As [`drive`], on a CPU with AVX-512 F/BW/VL.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn drive_avx512(p: &LinearArgs, rows: Range<usize>, m: &Micro) {
-    unsafe { drive(p, rows, m) }
+unsafe fn drive_avx512(p: &LinearArgs, rows: Range<usize>, m: &Micro, widen: bool) {
+    unsafe { drive(p, rows, m, widen) }
 }
 
 /// [`drive`] compiled for AVX2 + FMA.
@@ -424,11 +493,12 @@ unsafe fn drive_avx512(p: &LinearArgs, rows: Range<usize>, m: &Micro) {
 /// As [`drive`], on a CPU with AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn drive_avx2(p: &LinearArgs, rows: Range<usize>, m: &Micro) {
-    unsafe { drive(p, rows, m) }
+unsafe fn drive_avx2(p: &LinearArgs, rows: Range<usize>, m: &Micro, widen: bool) {
+    unsafe { drive(p, rows, m, widen) }
 }
 
 /// Bias of outputs `o .. o + nr` (zero where there is none).
+#[inline(always)]
 fn bias_of(p: &LinearArgs, o: usize, nr: usize) -> [f32; MAX_R] {
     let mut bias = [0f32; MAX_R];
     if !p.bias.is_null() {
@@ -442,7 +512,7 @@ fn bias_of(p: &LinearArgs, o: usize, nr: usize) -> [f32; MAX_R] {
 
 /// Add the bias, round, and store a tile of sums (whole `MAX_R` rows
 /// computed, branch-free, so that it vectorises; `nr` stored).
-#[inline]
+#[inline(always)]
 unsafe fn store_tile(
     p: &LinearArgs,
     sums: &[f32; MAX_TILE],
@@ -460,15 +530,41 @@ unsafe fn store_tile(
         }
         // SAFETY: row t + j of y, outputs o .. o + nr.
         let yr = unsafe { p.y.add(((t + j) * p.y_stride + o) * ysz) };
-        if p.act == DType::BF16 {
-            let h = v.map(bf16_bits);
-            for (r, &h) in h[..nr].iter().enumerate() {
-                unsafe { (yr as *mut u16).add(r).write_unaligned(h) };
+        // SAFETY: nr outputs of row t + j.
+        unsafe {
+            if p.act == DType::BF16 {
+                store_first(&v.map(bf16_bits), yr as *mut u16, nr);
+            } else {
+                store_first(&v, yr as *mut f32, nr);
             }
-        } else {
-            for (r, &v) in v[..nr].iter().enumerate() {
-                unsafe { (yr as *mut f32).add(r).write_unaligned(v) };
-            }
+        }
+    }
+}
+
+/// The first `n` (at most `MAX_R`) of `v` to `dst` (unaligned), as moves
+/// of a constant size: a copy of a run-time length of a few elements
+/// compiles to a call of `memcpy`, which cost 7% of a prefill.
+///
+/// # Safety
+/// `dst` has room for `n` elements.
+#[inline(always)]
+unsafe fn store_first<T: Copy>(v: &[T; MAX_R], dst: *mut T, n: usize) {
+    #[inline(always)]
+    unsafe fn first<T: Copy, const N: usize>(v: &[T; MAX_R], dst: *mut T) {
+        // SAFETY: N <= MAX_R elements of v; the caller's room at dst.
+        unsafe { (dst as *mut [T; N]).write_unaligned(*(v.as_ptr() as *const [T; N])) }
+    }
+    unsafe {
+        match n {
+            0 => {}
+            1 => first::<T, 1>(v, dst),
+            2 => first::<T, 2>(v, dst),
+            3 => first::<T, 3>(v, dst),
+            4 => first::<T, 4>(v, dst),
+            5 => first::<T, 5>(v, dst),
+            6 => first::<T, 6>(v, dst),
+            7 => first::<T, 7>(v, dst),
+            _ => first::<T, MAX_R>(v, dst),
         }
     }
 }
