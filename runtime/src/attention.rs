@@ -85,6 +85,9 @@ pub fn microkernel(act: DType) -> bool {
 #[derive(Clone, Copy, Debug)]
 pub struct AttendArgs {
     pub heads: usize,
+    /// The query heads computed: `head_from .. head_to` (of `heads`).
+    pub head_from: usize,
+    pub head_to: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
     pub act: DType,
@@ -115,6 +118,15 @@ unsafe impl Send for AttendArgs {}
 unsafe impl Sync for AttendArgs {}
 
 impl AttendArgs {
+    /// Query heads `from .. to` of these.
+    pub fn heads(&self, from: usize, to: usize) -> AttendArgs {
+        AttendArgs {
+            head_from: from,
+            head_to: to,
+            ..*self
+        }
+    }
+
     /// Tokens `t0 .. t0 + tokens` of these: row pointers advanced, `past`
     /// advanced by `t0`.
     pub fn block(&self, t0: usize, tokens: usize) -> AttendArgs {
@@ -184,6 +196,13 @@ pub unsafe fn attend_with(v: Variant, p: &AttendArgs) {
         DType::F32 => false,
         d => panic!("attention microkernel: activation dtype {d}"),
     };
+    assert!(
+        p.head_from <= p.head_to && p.head_to <= p.heads,
+        "heads {}..{} of {}",
+        p.head_from,
+        p.head_to,
+        p.heads
+    );
     let (hd, kvw) = (p.head_dim, p.kv_heads * p.head_dim);
     let group = p.heads / p.kv_heads;
     let scale = (hd as f64).powf(-0.5) as f32;
@@ -197,7 +216,7 @@ pub unsafe fn attend_with(v: Variant, p: &AttendArgs) {
             let n = p.past + t + 1;
             // SAFETY: row t of q, cos, sin and out (the caller's shapes).
             let (qr, outr) = unsafe { (p.q.add(t * p.q_stride * size), p.out.add(t * p.out_stride * size)) };
-            for h in 0..p.heads {
+            for h in p.head_from..p.head_to {
                 // SAFETY: head h of row t.
                 let qh = unsafe { qr.add(h * hd * size) };
                 for (j, x) in x.iter_mut().enumerate() {

@@ -108,11 +108,18 @@ impl Case {
 
     /// The microkernel's output for tokens `t0 .. t0 + len` called as blocks.
     fn run(&self, var: Variant, blocks: &[(usize, usize)]) -> Vec<f32> {
+        self.run_split(var, blocks, &[(0, self.a.heads)])
+    }
+
+    /// As `run`, each block computed as calls on the given query head ranges.
+    fn run_split(&self, var: Variant, blocks: &[(usize, usize)], heads: &[(usize, usize)]) -> Vec<f32> {
         let qw = self.a.heads * self.a.head_dim;
         let hd = self.a.head_dim;
         let mut out = vec![0u8; self.seq * qw * self.act.size_bytes()];
         let whole = AttendArgs {
             heads: self.a.heads,
+            head_from: 0,
+            head_to: self.a.heads,
             kv_heads: self.a.kv_heads,
             head_dim: hd,
             act: self.act,
@@ -138,8 +145,10 @@ impl Case {
             v: self.v.as_ptr(),
         };
         for &(t0, len) in blocks {
-            // SAFETY: the buffers hold `seq` rows and `past + seq` store rows.
-            unsafe { attention::attend_with(var, &whole.block(t0, len)) };
+            for &(h0, h1) in heads {
+                // SAFETY: the buffers hold `seq` rows and `past + seq` store rows.
+                unsafe { attention::attend_with(var, &whole.block(t0, len).heads(h0, h1)) };
+            }
         }
         decode(&out, self.act)
     }
@@ -193,7 +202,7 @@ fn every_variant_matches_the_reference() {
 }
 
 #[test]
-fn blocks_of_tokens_give_the_whole_call_bit_for_bit() {
+fn blocks_of_tokens_and_ranges_of_heads_give_the_whole_call_bit_for_bit() {
     for var in Variant::ALL.into_iter().filter(|v| v.supported()) {
         for act in [DType::F32, DType::BF16] {
             let c = Case::new(4, 2, 24, true, act, 6, 13);
@@ -201,6 +210,10 @@ fn blocks_of_tokens_give_the_whole_call_bit_for_bit() {
             let blocks = c.run(var, &[(0, 1), (1, 5), (6, 4), (10, 3)]);
             let same = whole.iter().zip(&blocks).all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "{} {act}: blocks differ from one call", var.name());
+            // Query heads in ranges, as a decode token's heads are split.
+            let heads = c.run_split(var, &[(0, 13)], &[(0, 1), (1, 3), (3, 4)]);
+            let same = whole.iter().zip(&heads).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{} {act}: head ranges differ from one call", var.name());
         }
     }
 }

@@ -201,6 +201,34 @@ fn calls(vocab: usize, prefill: usize, decode: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// Past 128 positions a decode token's attention is split over the
+/// threads by query heads: decode after a 140-token prompt gives the same
+/// logits, bit for bit, on one thread and on two, in f32 and bf16.
+#[test]
+fn long_context_decode_is_bit_identical_across_threads() {
+    for name in FIXTURES {
+        let ckpt = Checkpoint::open(&fixture(name)).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let p = program(&graph_in(&ckpt, "last", dtype));
+            let ids = prompt(ckpt.config.vocab_size, 144);
+            let runs: Vec<Vec<Outcome>> = [1, 2]
+                .iter()
+                .map(|&threads| {
+                    let opts = CpuOptions {
+                        threads,
+                        ..CpuOptions::new(160)
+                    };
+                    let mut m = CpuForward::with_options(p.clone(), &ckpt, &opts).expect("cpu forward");
+                    let mut outs = vec![outcome(&m.run(&ids[..140]).unwrap())];
+                    outs.extend(ids[140..].iter().map(|&t| outcome(&m.run(&[t]).unwrap())));
+                    outs
+                })
+                .collect();
+            assert!(runs[0] == runs[1], "{name} {dtype}: two threads differ from one");
+        }
+    }
+}
+
 /// A prompt whose logits are read only at its last position runs the
 /// kernels after the loop (final norm, lm_head) on that row alone, with
 /// the same last-position logits, bit for bit, as a call that computes and

@@ -364,6 +364,8 @@ impl CpuDevice {
                 for (b, kv) in seqs.iter().enumerate() {
                     let whole = AttendArgs {
                         heads: at.heads,
+                        head_from: 0,
+                        head_to: at.heads,
                         kv_heads: at.kv_heads,
                         head_dim: at.head_dim,
                         act: at.act,
@@ -392,7 +394,23 @@ impl CpuDevice {
                     if blocks.len() > 1 {
                         self.token_split_launches += 1;
                     }
-                    let blocks = if blocks.is_empty() { vec![(0, seq)] } else { blocks };
+                    if blocks.is_empty() {
+                        // A short call (decode): its query heads split over
+                        // the threads once the context makes it worth a job.
+                        let parts = if kv.past + seq >= MIN_HEAD_SPLIT_POSITIONS {
+                            self.pool.threads().min(at.heads)
+                        } else {
+                            1
+                        };
+                        let per = at.heads.div_ceil(parts);
+                        self.pool.run(at.heads.div_ceil(per), &|i| {
+                            let (h0, h1) = (i * per, ((i + 1) * per).min(at.heads));
+                            // SAFETY: as below; tasks write disjoint heads
+                            // of the output rows.
+                            unsafe { attention::attend(&whole.heads(h0, h1)) };
+                        });
+                        continue;
+                    }
                     self.pool.run(blocks.len(), &|i| {
                         let (t0, len) = blocks[i];
                         // SAFETY: tokens t0 .. t0 + len of this sequence's
@@ -553,6 +571,10 @@ const MIN_TOKENS_PER_TASK: usize = 4;
 fn token_chunks(tokens: usize, threads: usize) -> usize {
     threads.min(tokens / MIN_TOKENS_PER_TASK).max(1)
 }
+
+/// Fewest positions (past + new tokens) at which a short call's attention
+/// is split over the threads by query heads.
+const MIN_HEAD_SPLIT_POSITIONS: usize = 128;
 
 /// Fewest tokens a block of a split attention gets.
 const MIN_ATTENTION_BLOCK: usize = 4;
