@@ -186,9 +186,9 @@ pub struct CpuFlags {
     /// the decode KV memory. Prefill always fills every step's cache
     #[arg(long, value_name = "MODE", default_value = "full")]
     pub kv: String,
-    /// Matrix products (Linear): auto runs them on the runtime's AVX-512 / AVX2 microkernels
-    /// where this CPU has them (much faster for prompts), cranelift always on the generated
-    /// Cranelift kernels
+    /// Matrix products (Linear) and attention: auto runs them on the runtime's AVX-512 / AVX2
+    /// microkernels where this CPU has them (much faster for prompts and long contexts),
+    /// cranelift always on the generated Cranelift kernels
     #[arg(long, value_enum, default_value_t = LinearImpl::Auto)]
     pub linear: LinearImpl,
     #[command(flatten)]
