@@ -152,6 +152,7 @@ impl AttendArgs {
 
 /// A thread's buffers: the query head as loaded and rotated (f32), and
 /// the scores of one query head.
+#[derive(Default)]
 struct Scratch {
     head: Vec<f32>,
     q: Vec<f32>,
@@ -203,12 +204,45 @@ pub unsafe fn attend_with(v: Variant, p: &AttendArgs) {
         p.head_to,
         p.heads
     );
+    // The buffers taken out of the thread-local for the call: the body
+    // runs in this function (compiled for the variant's ISA), not in a
+    // closure, which would not inherit the target features.
+    let mut scratch = SCRATCH.take();
+    // SAFETY: the caller's contract; the variant runs on this CPU.
+    unsafe {
+        match v {
+            #[cfg(target_arch = "x86_64")]
+            Variant::Avx512 => attend_avx512(p, bf16, &mut scratch),
+            _ => attend_body(v, p, bf16, &mut scratch),
+        }
+    }
+    SCRATCH.set(scratch);
+}
+
+/// [`attend_body`] compiled for AVX-512 (its own loops: RoPE, rounding,
+/// the softmax's scaling).
+///
+/// # Safety
+/// As [`attend`], on a CPU with AVX-512 F/BW/VL.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn attend_avx512(p: &AttendArgs, bf16: bool, scratch: &mut Scratch) {
+    unsafe { attend_body(Variant::Avx512, p, bf16, scratch) }
+}
+
+/// Every token and query head of `p` (see [`attend`]).
+///
+/// # Safety
+/// As [`attend`]; `v` runs on this CPU.
+#[inline(always)]
+unsafe fn attend_body(v: Variant, p: &AttendArgs, bf16: bool, scratch: &mut Scratch) {
     let (hd, kvw) = (p.head_dim, p.kv_heads * p.head_dim);
     let group = p.heads / p.kv_heads;
     let scale = (hd as f64).powf(-0.5) as f32;
     let rd = |x: f32| if bf16 { DType::BF16.round(x) } else { x };
     let size = p.act.size_bytes();
-    SCRATCH.with_borrow_mut(|Scratch { head: x, q, scores }| {
+    {
+        let Scratch { head: x, q, scores } = scratch;
         x.resize(hd, 0.0);
         q.resize(hd, 0.0);
         scores.resize(p.past + p.tokens, 0.0);
@@ -257,7 +291,7 @@ pub unsafe fn attend_with(v: Variant, p: &AttendArgs) {
                 unsafe { weighted_sum(v, sc, vb, row, hd, bf16, oh) };
             }
         }
-    });
+    }
 }
 
 /// `scores[j] = q . k_j` for the `scores.len()` positions (K row j at
