@@ -23,6 +23,7 @@
 //! reference). The portable variant is the scalar reference of the same
 //! arithmetic, tested beside it.
 
+use crate::gemm::load_elem;
 use ouroc_ir::DType;
 use std::cell::RefCell;
 use std::sync::OnceLock;
@@ -254,7 +255,7 @@ unsafe fn attend_body(v: Variant, p: &AttendArgs, bf16: bool, scratch: &mut Scra
                 // SAFETY: head h of row t.
                 let qh = unsafe { qr.add(h * hd * size) };
                 for (j, x) in x.iter_mut().enumerate() {
-                    *x = unsafe { get(qh, j, bf16) };
+                    *x = unsafe { load_elem(qh, j, bf16) };
                 }
                 if p.cos.is_null() {
                     q.copy_from_slice(x);
@@ -264,7 +265,7 @@ unsafe fn attend_body(v: Variant, p: &AttendArgs, bf16: bool, scratch: &mut Scra
                     let half = hd / 2;
                     for (j, out) in q.iter_mut().enumerate() {
                         let rot = if j < half { -x[j + half] } else { x[j - half] };
-                        let (cj, sj) = unsafe { (get(c, j, bf16), get(s, j, bf16)) };
+                        let (cj, sj) = unsafe { (load_elem(c, j, bf16), load_elem(s, j, bf16)) };
                         *out = rd(rd(x[j] * cj) + rd(rot * sj));
                     }
                 }
@@ -306,7 +307,7 @@ unsafe fn dots(v: Variant, q: &[f32], k: *const u8, row: usize, bf16: bool, scor
                 let mut acc = [0f32; LANES];
                 for (i, &x) in q.iter().enumerate() {
                     // SAFETY: element i < head_dim of row j.
-                    acc[i % LANES] = x.mul_add(unsafe { get(kj, i, bf16) }, acc[i % LANES]);
+                    acc[i % LANES] = x.mul_add(unsafe { load_elem(kj, i, bf16) }, acc[i % LANES]);
                 }
                 *s = acc.iter().sum();
             }
@@ -328,23 +329,11 @@ unsafe fn weighted_sum(var: Variant, p: &[f32], v: *const u8, row: usize, hd: us
                 let mut o = 0f32;
                 for (j, &pj) in p.iter().enumerate() {
                     // SAFETY: element d < hd of row j.
-                    o = pj.mul_add(unsafe { get(v.wrapping_add(j * row), d, bf16) }, o);
+                    o = pj.mul_add(unsafe { load_elem(v.wrapping_add(j * row), d, bf16) }, o);
                 }
                 // SAFETY: column d of the output head.
                 unsafe { put(out, d, bf16, o) };
             }
-        }
-    }
-}
-
-/// Element `i` of an f32 or bf16 row, as f32.
-#[inline(always)]
-unsafe fn get(p: *const u8, i: usize, bf16: bool) -> f32 {
-    unsafe {
-        if bf16 {
-            f32::from_bits(((p as *const u16).add(i).read_unaligned() as u32) << 16)
-        } else {
-            (p as *const f32).add(i).read_unaligned()
         }
     }
 }

@@ -571,7 +571,7 @@ unsafe fn store_first<T: Copy>(v: &[T; MAX_R], dst: *mut T, n: usize) {
 
 /// Element `i` of an f32 or bf16 array, as f32.
 #[inline(always)]
-unsafe fn load_elem(p: *const u8, i: usize, bf16: bool) -> f32 {
+pub(crate) unsafe fn load_elem(p: *const u8, i: usize, bf16: bool) -> f32 {
     unsafe {
         if bf16 {
             f32::from_bits(((p as *const u16).add(i).read_unaligned() as u32) << 16)

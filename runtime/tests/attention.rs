@@ -18,27 +18,18 @@
 //! (2^-8): 2e-2 of `max |v|` bounds that, and at least 90% of the outputs
 //! must be exact.
 
+mod common;
+
+use common::Lcg;
 use ouroc_driver::codec::{decode, encode};
 use ouroc_ir::DType;
 use ouroc_kernels::exec;
 use ouroc_kernels::spec::AttentionSpec;
 use ouroc_runtime::attention::{self, AttendArgs, Variant};
 
-/// Deterministic values in [-scale, scale).
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-
-    fn vec(&mut self, n: usize, scale: f32, act: DType) -> Vec<f32> {
-        (0..n).map(|_| act.round(self.next() * scale)).collect()
-    }
+/// `n` values in [-scale, scale), rounded to `act`.
+fn values(g: &mut Lcg, n: usize, scale: f32, act: DType) -> Vec<f32> {
+    (0..n).map(|_| act.round(g.next() * scale)).collect()
 }
 
 /// RoPE tables of positions `pos` (as the model's: cos/sin of pos * inv_freq, twice).
@@ -81,12 +72,12 @@ impl Case {
         };
         let (qw, kvw) = (heads * hd, kv_heads * hd);
         let mut g = Lcg((heads * 131 + hd * 7 + past * 3 + seq) as u64 ^ (act == DType::BF16) as u64);
-        let q = g.vec(seq * qw, 2.0, act);
-        let k = g.vec(seq * kvw, 2.0, act);
-        let v = g.vec(seq * kvw, 1.5, act);
+        let q = values(&mut g, seq * qw, 2.0, act);
+        let k = values(&mut g, seq * kvw, 2.0, act);
+        let v = values(&mut g, seq * kvw, 1.5, act);
         let (c, s) = tables(&(past..past + seq).collect::<Vec<_>>(), hd, act);
-        let mut ck = g.vec(past * kvw, 2.0, act);
-        let mut cv = g.vec(past * kvw, 1.5, act);
+        let mut ck = values(&mut g, past * kvw, 2.0, act);
+        let mut cv = values(&mut g, past * kvw, 1.5, act);
         let rd = |x: f32| act.round(x);
         let ins: Vec<&[f32]> = vec![&q, &k, &v, &c, &s];
         let want = exec::attention_seq(&a, &ins[..if rope { 5 } else { 3 }], &mut ck, &mut cv, seq, &rd);

@@ -13,6 +13,9 @@
 //! is that f32 sum rounded once: within one bf16 ulp of the exact value
 //! plus the f32 bound.
 
+mod common;
+
+use common::Lcg;
 use ouroc_ir::DType;
 use ouroc_runtime::gemm::{self, LinearArgs, Variant};
 
@@ -37,19 +40,6 @@ const SHAPES: [(usize, usize); 8] = [
 ];
 
 const TOKENS: [usize; 4] = [1, 3, 17, 64];
-
-/// Deterministic values in [-1, 1).
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-}
 
 /// A matrix stored in a dtype: its values (already rounded) and bytes.
 struct Buf {

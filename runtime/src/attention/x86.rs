@@ -98,11 +98,11 @@ unsafe fn weighted_sum_t<const B: bool>(p: &[f32], v: *const u8, row: usize, hd:
                 acc[c] = _mm512_fmadd_ps(pv, x, acc[c]);
             }
         }
-        for c in 0..nc {
+        for (c, a) in acc.iter().enumerate().take(nc) {
             let start = 16 * (c0 + c);
             let mut lanes = [0f32; 16];
             // SAFETY: 16 floats.
-            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc[c]) };
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *a) };
             for (i, &x) in lanes.iter().enumerate().take(hd - start) {
                 // SAFETY: column start + i < hd of the output head.
                 unsafe { super::put(out, start + i, B, x) };

@@ -27,3 +27,16 @@ pub fn golden_i32(name: &str, key: &str) -> Vec<u32> {
         .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as u32)
         .collect()
 }
+
+/// Deterministic values in [-1, 1) (a 64-bit LCG's high bits).
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    pub fn next(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
