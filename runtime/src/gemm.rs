@@ -25,9 +25,11 @@
 //!
 //! bf16 x bf16 on a CPU without `vdpbf16ps` (AVX-512F, AVX2): with at
 //! least 16 tokens, x rows and each W tile are widened to f32 once per
-//! token block (exact) and the f32 micro-kernel runs, with no conversions
-//! in its inner loop; fewer tokens (decode) use the pair kernels, which
-//! widen in registers. The driver loop is compiled per vector ISA
+//! token block (exact) and an f32 micro-kernel runs, with no conversions
+//! in its inner loop: on AVX-512 in outer-product form ([`drive_panel`]:
+//! W tiles transposed into k-major panels, one accumulator lane per
+//! output, no horizontal sums), on AVX2 the f32 dot-product tiles; fewer
+//! tokens (decode) use the pair kernels, which widen in registers. The driver loop is compiled per vector ISA
 //! (`drive_avx512`, `drive_avx2`) and keeps no closures, so its own work
 //! (widening, bias, rounding, stores) uses the same instructions.
 //!
@@ -244,6 +246,8 @@ pub unsafe fn linear_with(v: Variant, p: &LinearArgs, rows: Range<usize>) {
     unsafe {
         match v {
             #[cfg(target_arch = "x86_64")]
+            Variant::Avx512F if widen => drive_panel(p, rows),
+            #[cfg(target_arch = "x86_64")]
             Variant::Avx512Bf16 | Variant::Avx512F => drive_avx512(p, rows, &m, widen),
             #[cfg(target_arch = "x86_64")]
             Variant::Avx2Fma => drive_avx2(p, rows, &m, widen),
@@ -316,6 +320,8 @@ thread_local! {
     static PARTIAL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// This thread's W tile widened to f32 (bf16 x bf16 on f32 FMA).
     static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// This thread's token block of x rows widened to f32 ([`drive_panel`]).
+    static WIDE_X: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The loops around the micro-kernel, outermost first:
@@ -527,6 +533,129 @@ unsafe fn drive_avx512(p: &LinearArgs, rows: Range<usize>, m: &Micro, widen: boo
     unsafe { drive(p, rows, m, widen) }
 }
 
+/// Elements of k per block of [`drive_panel`]: a panel of `PANEL_R` rows
+/// (32 KiB in f32) stays in L1 while the block's token tiles pass.
+#[cfg(target_arch = "x86_64")]
+const PANEL_KC: usize = 256;
+
+/// bf16 x bf16 on AVX-512 F with many tokens, in outer-product form: x
+/// rows widened to f32 once per token block; each tile of `PANEL_R` W
+/// rows widened and transposed into a k-major f32 panel (16 x 16 vector
+/// transposes); then per tile of `PANEL_T` tokens [`x86::outer`] keeps one
+/// accumulator per (token, 16 rows): each lane one output, summed over k
+/// in order with one fused multiply-add per element, no horizontal sums,
+/// and a token's 32 outputs stored with one rounding pass. Blocks of k
+/// keep f32 partial sums in the accumulators' layout. x is copied before
+/// any y row of its block is written (in place).
+///
+/// # Safety
+/// As [`drive`], bf16 activations and weights, on a CPU with AVX-512 F/BW/VL.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn drive_panel(p: &LinearArgs, rows: Range<usize>) {
+    use std::arch::x86_64::{__m512, _mm512_loadu_ps, _mm512_setzero_ps, _mm512_storeu_ps};
+    use x86::{PANEL_R, PANEL_T};
+    debug_assert!(p.act == DType::BF16 && p.weight == DType::BF16);
+    let mc = p.tokens.min(MAX_BLOCK_TOKENS);
+    let stride = (p.k * 4).next_multiple_of(LINE) / 4;
+    let kblocks = p.k.div_ceil(PANEL_KC).max(1);
+    let kc = p.k.div_ceil(kblocks).next_multiple_of(16).min(p.k);
+    let w_at = |o: usize, k0: usize| p.w.wrapping_add((o * p.k + k0) * 2);
+    let tiles = rows.len().div_ceil(PANEL_R);
+    let (mut xcopy, mut partial, mut panel) = (WIDE_X.take(), PARTIAL.take(), WIDE.take());
+    xcopy.resize(mc * stride + LINE / 4, 0.0);
+    panel.resize(kc * PANEL_R, 0.0);
+    if kblocks > 1 {
+        partial.resize(mc * tiles * PANEL_R, 0.0);
+    }
+    let mut t0 = 0;
+    while t0 < p.tokens {
+        let tb = mc.min(p.tokens - t0);
+        for t in 0..tb {
+            // SAFETY: row t0 + t of x (k bf16) into row t of the copy.
+            unsafe {
+                widen_bf16(
+                    p.x.add((t0 + t) * p.x_stride * 2),
+                    xcopy.as_mut_ptr().add(t * stride),
+                    p.k,
+                )
+            };
+        }
+        for kb in 0..kblocks {
+            let k0 = kb * kc;
+            let kl = kc.min(p.k - k0);
+            let (first, last) = (kb == 0, kb + 1 == kblocks);
+            for tile in 0..tiles {
+                let o = rows.start + tile * PANEL_R;
+                let nr = PANEL_R.min(rows.end - o);
+                if kl * 2 <= PREFETCH_ROW_BYTES {
+                    for r in (o + nr).min(rows.end)..(o + nr + PANEL_R).min(rows.end) {
+                        prefetch_row(w_at(r, k0), kl * 2);
+                    }
+                }
+                // SAFETY: rows o .. o + nr of W from element k0; the panel
+                // holds kc >= kl rows of PANEL_R.
+                unsafe { x86::panel(w_at(o, k0), p.k * 2, nr, kl, panel.as_mut_ptr()) };
+                let mut bias = [0f32; PANEL_R];
+                if last && !p.bias.is_null() {
+                    for (r, b) in bias[..nr].iter_mut().enumerate() {
+                        // SAFETY: o + r < n bias elements.
+                        *b = unsafe { load_elem(p.bias, o + r, true) };
+                    }
+                }
+                let mut t = 0;
+                while t < tb {
+                    let nt = PANEL_T.min(tb - t);
+                    let zero = _mm512_setzero_ps();
+                    let mut acc: [[__m512; 2]; PANEL_T] = [[zero; 2]; PANEL_T];
+                    // Partial sums of this tile's outputs: [token][tile][PANEL_R].
+                    let part = |j: usize| ((t + j) * tiles + tile) * PANEL_R;
+                    if !first {
+                        for (j, a) in acc.iter_mut().enumerate().take(nt) {
+                            // SAFETY: PANEL_R floats of the partial sums.
+                            unsafe {
+                                a[0] = _mm512_loadu_ps(partial.as_ptr().add(part(j)));
+                                a[1] = _mm512_loadu_ps(partial.as_ptr().add(part(j) + 16));
+                            }
+                        }
+                    }
+                    // SAFETY: kl panel rows; nt x rows of the copy from k0.
+                    unsafe {
+                        x86::outer(
+                            panel.as_ptr(),
+                            xcopy.as_ptr().add(t * stride + k0),
+                            stride,
+                            nt,
+                            kl,
+                            &mut acc,
+                        )
+                    };
+                    for (j, a) in acc.iter().enumerate().take(nt) {
+                        if last {
+                            // SAFETY: outputs o .. o + nr of token t0 + t + j.
+                            unsafe {
+                                let y = (p.y as *mut u16).add((t0 + t + j) * p.y_stride + o);
+                                x86::store_bf16(a, &bias, nr, y);
+                            }
+                        } else {
+                            // SAFETY: PANEL_R floats of the partial sums.
+                            unsafe {
+                                _mm512_storeu_ps(partial.as_mut_ptr().add(part(j)), a[0]);
+                                _mm512_storeu_ps(partial.as_mut_ptr().add(part(j) + 16), a[1]);
+                            }
+                        }
+                    }
+                    t += nt;
+                }
+            }
+        }
+        t0 += tb;
+    }
+    WIDE_X.set(xcopy);
+    PARTIAL.set(partial);
+    WIDE.set(panel);
+}
+
 /// [`drive`] compiled for AVX2 + FMA.
 ///
 /// # Safety
@@ -697,6 +826,41 @@ unsafe fn scalar_tile<const XB: bool, const WB: bool>(tile: &Tile, out: &mut [f3
                 s += unsafe { load_elem(xr, i, XB) * load_elem(wr, i, WB) };
             }
             out[t * MAX_R + r] = s;
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod panel_tests {
+    use super::*;
+
+    /// The vector 16 x 16 transposes lay W rows out k-major, element for
+    /// element, for row and element counts that are and are not whole blocks.
+    #[test]
+    fn panel_is_the_transposed_tile() {
+        if !has_avx512() {
+            return;
+        }
+        let (n, k) = (40, 70);
+        let w: Vec<u16> = (0..n * k).map(|i| bf16_bits(i as f32 * 0.25 - 100.0)).collect();
+        for (nr, kl) in [(32, 64), (17, 70), (1, 5), (32, 16), (5, 33)] {
+            let mut panel = vec![f32::NAN; kl * x86::PANEL_R];
+            // SAFETY: rows of k bf16; the panel holds kl rows of PANEL_R.
+            unsafe { x86::panel(w.as_ptr() as *const u8, k * 2, nr, kl, panel.as_mut_ptr()) };
+            for i in 0..kl {
+                for r in 0..x86::PANEL_R {
+                    let want = if r < nr {
+                        f32::from_bits((w[r * k + i] as u32) << 16)
+                    } else {
+                        0.0
+                    };
+                    assert_eq!(
+                        panel[i * x86::PANEL_R + r].to_bits(),
+                        want.to_bits(),
+                        "nr {nr} kl {kl} row {r} element {i}"
+                    );
+                }
+            }
         }
     }
 }

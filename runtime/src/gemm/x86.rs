@@ -441,3 +441,139 @@ unsafe fn fma256<const R: usize, const T: usize, const XB: bool, const WB: bool>
         finish256::<R, T, XB, WB>(&acc, &wp, &xp, i, k, out);
     }
 }
+
+// ---------------------------------------------------------------- outer product
+
+/// Rows of W per outer-product tile (two 16-lane vectors).
+pub(crate) const PANEL_R: usize = 32;
+/// Tokens per outer-product tile.
+pub(crate) const PANEL_T: usize = 12;
+
+/// Widen 16 rows of bf16 W (row r at `w + r * ws` bytes, elements `i0 ..
+/// i0 + 16` of each, rows past `nr` and elements past `kl` read as zero)
+/// into the k-major panel: element (r, i) at `panel[(i - i0) * PANEL_R + c
+/// + r]`, for the half `c` (0 or 16) of the panel's rows.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn panel_block(w: *const u8, ws: usize, nr: usize, i0: usize, kl: usize, panel: *mut f32, c: usize) {
+    let m = if kl - i0 >= 16 { !0u16 } else { (1u16 << (kl - i0)) - 1 };
+    let mut v = [_mm512_setzero_ps(); 16];
+    for (r, x) in v.iter_mut().enumerate().take(nr) {
+        // SAFETY: row r of W, elements i0 .. min(i0 + 16, kl), masked.
+        let h = unsafe { _mm256_maskz_loadu_epi16(m, w.add(r * ws + 2 * i0) as *const i16) };
+        *x = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
+    }
+    // 16 x 16 transpose: pairs, quads, then 128-bit lanes twice.
+    let mut t = [_mm512_setzero_ps(); 16];
+    for j in 0..8 {
+        t[2 * j] = _mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]);
+        t[2 * j + 1] = _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]);
+    }
+    let mut u = [_mm512_setzero_ps(); 16];
+    for j in 0..4 {
+        for h in 0..2 {
+            let (a, b) = (t[4 * j + h], t[4 * j + 2 + h]);
+            u[4 * j + h] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+            u[4 * j + 2 + h] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+        }
+    }
+    // u[4j + q] holds, in 128-bit lane l, rows 4j .. 4j + 4 of column
+    // 4l + [0, 2, 1, 3][q]: gather lane l of the four row groups.
+    let mut s = [_mm512_setzero_ps(); 16];
+    for q in 0..4 {
+        let cq = [0, 2, 1, 3][q];
+        let (a, b, c2, d) = (u[q], u[4 + q], u[8 + q], u[12 + q]);
+        let ab_lo = _mm512_shuffle_f32x4::<0x44>(a, b);
+        let ab_hi = _mm512_shuffle_f32x4::<0xee>(a, b);
+        let cd_lo = _mm512_shuffle_f32x4::<0x44>(c2, d);
+        let cd_hi = _mm512_shuffle_f32x4::<0xee>(c2, d);
+        s[cq] = _mm512_shuffle_f32x4::<0x88>(ab_lo, cd_lo);
+        s[4 + cq] = _mm512_shuffle_f32x4::<0xdd>(ab_lo, cd_lo);
+        s[8 + cq] = _mm512_shuffle_f32x4::<0x88>(ab_hi, cd_hi);
+        s[12 + cq] = _mm512_shuffle_f32x4::<0xdd>(ab_hi, cd_hi);
+    }
+    for (i, x) in s.iter().enumerate().take(kl - i0) {
+        // SAFETY: panel row i (PANEL_R floats), half c.
+        unsafe { _mm512_storeu_ps(panel.add(i * PANEL_R + c), *x) };
+    }
+}
+
+/// The k-major f32 panel of W rows `o .. o + nr` (nr <= PANEL_R; missing
+/// rows zero), elements `k0 .. k0 + kl`: `panel[i * PANEL_R + r]`.
+///
+/// # Safety
+/// AVX-512 F/BW/VL present; W rows of `ws` bytes; `panel` holds `kl *
+/// PANEL_R` floats.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn panel(w: *const u8, ws: usize, nr: usize, kl: usize, panel: *mut f32) {
+    for c in [0, 16] {
+        let n = nr.saturating_sub(c).min(16);
+        let mut i0 = 0;
+        while i0 < kl {
+            // SAFETY: rows c .. c + n of the tile.
+            unsafe { panel_block(w.wrapping_add(c * ws), ws, n, i0, kl, panel.add(i0 * PANEL_R), c) };
+            i0 += 16;
+        }
+    }
+}
+
+/// `out[t] = sum_i x_t[i] * panel[i]` (PANEL_R rows per element, two
+/// vectors) for tokens `t < nt` (x row t at `x + t * xs` f32), over `kl`
+/// elements in order, one fused multiply-add per element: lane r of
+/// `out[t]` is output row r of token t. Accumulates into `out` (callers
+/// zero it or pass partial sums).
+///
+/// # Safety
+/// AVX-512 F present; `kl` panel rows; `nt <= PANEL_T` x rows of `kl` f32.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn outer(
+    panel: *const f32,
+    x: *const f32,
+    xs: usize,
+    nt: usize,
+    kl: usize,
+    out: &mut [[__m512; 2]; PANEL_T],
+) {
+    let xr: [*const f32; PANEL_T] = std::array::from_fn(|t| x.wrapping_add(t.min(nt - 1) * xs));
+    let mut acc = *out;
+    for i in 0..kl {
+        // SAFETY: panel row i; element i of each x row.
+        unsafe {
+            let w0 = _mm512_loadu_ps(panel.add(i * PANEL_R));
+            let w1 = _mm512_loadu_ps(panel.add(i * PANEL_R + 16));
+            for t in 0..PANEL_T {
+                let xv = _mm512_set1_ps(*xr[t].add(i));
+                acc[t][0] = _mm512_fmadd_ps(xv, w0, acc[t][0]);
+                acc[t][1] = _mm512_fmadd_ps(xv, w1, acc[t][1]);
+            }
+        }
+    }
+    *out = acc;
+}
+
+/// Add `bias` (PANEL_R floats), round to bf16 and store the first `nr`
+/// outputs of `acc` at `y` (u16).
+///
+/// # Safety
+/// AVX-512 F/BW/VL present; `nr` u16 writable at `y`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn store_bf16(acc: &[__m512; 2], bias: &[f32; PANEL_R], nr: usize, y: *mut u16) {
+    for (h, a) in acc.iter().enumerate() {
+        let n = nr.saturating_sub(16 * h).min(16);
+        if n == 0 {
+            break;
+        }
+        // SAFETY: 16 floats of the bias.
+        let v = _mm512_add_ps(*a, unsafe { _mm512_loadu_ps(bias.as_ptr().add(16 * h)) });
+        let b = _mm512_castps_si512(v);
+        // Round to nearest even, NaN made quiet (as `bf16_bits`).
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+        let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)));
+        let q = _mm512_or_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(0x40));
+        let abs = _mm512_and_si512(b, _mm512_set1_epi32(0x7fff_ffff));
+        let nan = _mm512_cmpgt_epu32_mask(abs, _mm512_set1_epi32(0x7f80_0000));
+        let r = _mm512_mask_mov_epi32(r, nan, q);
+        let m = if n == 16 { !0u16 } else { (1u16 << n) - 1 };
+        // SAFETY: n u16 at y + 16h.
+        unsafe { _mm512_mask_cvtepi32_storeu_epi16(y.add(16 * h) as *mut i16, m, r) };
+    }
+}
