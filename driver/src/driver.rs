@@ -11,6 +11,7 @@ use ouroc_ir::{DType, ExitPolicy, WeightSource};
 use ouroc_kernels::spec::Family;
 use ouroc_kernels::{ActRef, ActValue, Kernel, LoopSpec, Program};
 use std::collections::HashMap;
+use std::ops::Range;
 
 /// K and V rows of a KV store, position-major, as f32.
 pub type KvValues = (Vec<f32>, Vec<f32>);
@@ -85,6 +86,9 @@ pub struct CallOutput {
     /// Kernels launched by this call.
     pub launches: usize,
     pub trace: Option<Trace>,
+    /// Per token, its loop state after the last step run, when the call's
+    /// [`Plan`] asked for it (speculation's drafts).
+    pub states: Vec<LoopState>,
 }
 
 impl CallOutput {
@@ -255,6 +259,60 @@ impl<D: Device> Driver<D> {
         self.last_tokens
     }
 
+    /// Sequences the KV cache holds.
+    pub fn kv_batch(&self) -> usize {
+        self.kv.batch()
+    }
+
+    /// The exit step the policy has decided after gates `lambdas`, if any.
+    pub fn policy_decided(&self, lambdas: &[f32]) -> Option<usize> {
+        let p = self.policy?;
+        (!matches!(p, ExitPolicy::Weighted)).then(|| p.decided_exit(lambdas, self.loop_steps()))?
+    }
+
+    /// A draft or verification from step `from` can run.
+    pub(crate) fn check_speculation(&self, from: usize) -> Result<(), DriverError> {
+        if let Some(why) = crate::Speculate::speculation_refused(self) {
+            return Err(DriverError::Input(why));
+        }
+        if from == 0 || from >= self.loop_steps() {
+            return Err(DriverError::Input(format!(
+                "a draft runs 1 to {} of the loop's {} steps, not {from}",
+                self.loop_steps() - 1,
+                self.loop_steps()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Keep the first `positions` positions of every KV slot (speculation's
+    /// rollback of rejected tokens: later rows are overwritten by the next
+    /// call).
+    pub(crate) fn truncate(&mut self, positions: usize) -> Result<(), DriverError> {
+        if positions > self.past {
+            return Err(DriverError::Input(format!(
+                "cannot keep {positions} positions: the cache holds {}",
+                self.past
+            )));
+        }
+        self.kv.truncate(positions);
+        self.past = positions;
+        Ok(())
+    }
+
+    /// The later steps' KV rows at `position` become step `exit`'s (what
+    /// early exit leaves there in decode).
+    pub(crate) fn fill_position(&mut self, position: usize, exit: usize) -> Result<(), DriverError> {
+        if position >= self.past || exit >= self.loop_steps() {
+            return Err(DriverError::Input(format!(
+                "no position {position} of {} or step {exit} of {} to fill from",
+                self.past,
+                self.loop_steps()
+            )));
+        }
+        Ok(self.kv.fill_position(&mut self.dev, position, exit)?)
+    }
+
     /// The KV-cache sharing mode.
     pub fn kv_mode(&self) -> KvMode {
         self.kv.mode
@@ -336,7 +394,7 @@ impl<D: Device> Driver<D> {
     /// Run `ids` without reading anything back but the exit steps (a
     /// device then picks the next token itself, e.g. an argmax on a GPU).
     pub fn run_quiet(&mut self, ids: &[u32]) -> Result<CallOutput, DriverError> {
-        self.call_inner(&[ids], Want::default(), false)
+        self.call_inner(&[ids], Want::default(), false, &Plan::whole(self.past, self.opts.early_exit))
     }
 
     /// [`Driver::run`], also returning every position's logits, each step's
@@ -360,10 +418,10 @@ impl<D: Device> Driver<D> {
     /// One call: `batch` sequences of equally many new tokens each, after
     /// the cache.
     pub fn call(&mut self, batch: &[&[u32]], want: Want) -> Result<CallOutput, DriverError> {
-        self.call_inner(batch, want, true)
+        self.call_inner(batch, want, true, &Plan::whole(self.past, self.opts.early_exit))
     }
 
-    fn validate(&mut self, batch: &[&[u32]]) -> Result<(usize, usize), DriverError> {
+    fn validate(&mut self, batch: &[&[u32]], pos0: usize) -> Result<(usize, usize), DriverError> {
         let seq = batch.first().map_or(0, |s| s.len());
         if batch.is_empty() || seq == 0 {
             return Err(DriverError::Input("no tokens given".into()));
@@ -381,10 +439,10 @@ impl<D: Device> Driver<D> {
                 self.dev.max_batch()
             )));
         }
-        if self.past + seq > self.opts.max_positions {
+        if pos0 + seq > self.opts.max_positions {
             return Err(DriverError::Input(format!(
                 "{} positions exceed the context of {}",
-                self.past + seq,
+                pos0 + seq,
                 self.opts.max_positions
             )));
         }
@@ -408,8 +466,14 @@ impl<D: Device> Driver<D> {
         Ok((batch.len() * seq, seq))
     }
 
-    fn call_inner(&mut self, batch: &[&[u32]], want: Want, read: bool) -> Result<CallOutput, DriverError> {
-        let (tokens, seq) = self.validate(batch)?;
+    pub(crate) fn call_inner(
+        &mut self,
+        batch: &[&[u32]],
+        want: Want,
+        read: bool,
+        plan: &Plan,
+    ) -> Result<CallOutput, DriverError> {
+        let (tokens, seq) = self.validate(batch, plan.pos0)?;
         let shape = CallShape { tokens, seq };
         if seq == 1 && self.kv.mode != KvMode::Full && !self.kv.shared() {
             // The first decode call: one shared store per loop layer.
@@ -419,7 +483,7 @@ impl<D: Device> Driver<D> {
         self.dev.begin_call(shape, &self.kv.all_args())?;
         let ids: Vec<f32> = batch.iter().flat_map(|s| s.iter()).map(|&t| t as f32).collect();
         let pos: Vec<f32> = (0..batch.len())
-            .flat_map(|_| (0..seq).map(|s| (self.past + s) as f32))
+            .flat_map(|_| (0..seq).map(|s| (plan.pos0 + s) as f32))
             .collect();
         let (ids_v, pos_v) = (self.program.inputs[0], self.program.inputs[1]);
         self.dev
@@ -436,9 +500,10 @@ impl<D: Device> Driver<D> {
             steps_run: 1,
             launches: 0,
             trace: want.trace.then(Trace::default),
+            states: Vec::new(),
         };
         if let Some(l) = self.program.loop_.take() {
-            let r = self.run_loop(&l, shape, &mut out);
+            let r = self.run_loop(&l, shape, plan, &mut out);
             self.program.loop_ = Some(l);
             r?;
         }
@@ -456,7 +521,7 @@ impl<D: Device> Driver<D> {
                 self.launch(Which::After, i, 0, shape)?;
             }
         }
-        self.past += seq;
+        self.past = plan.pos0 + seq;
         self.last_tokens = tokens;
         out.launches = self.launches - launches0;
         if read {
@@ -534,11 +599,11 @@ impl<D: Device> Driver<D> {
         Ok(())
     }
 
-    /// The loop: per step the body, then the policy per token.
-    fn run_loop(&mut self, l: &LoopSpec, shape: CallShape, out: &mut CallOutput) -> Result<(), DriverError> {
+    /// The loop: per step the body, then the policy per token; steps
+    /// `plan.steps` only, after `plan.seed`'s earlier steps when given.
+    fn run_loop(&mut self, l: &LoopSpec, shape: CallShape, plan: &Plan, out: &mut CallOutput) -> Result<(), DriverError> {
         let CallShape { tokens, seq } = shape;
         let policy = self.policy.expect("parsed with the loop");
-        self.set_carried(l, true, tokens)?;
         let width = l.out.len;
         let weighted = matches!(policy, ExitPolicy::Weighted);
         let mut lambdas: Vec<Vec<f32>> = vec![Vec::new(); tokens];
@@ -550,7 +615,45 @@ impl<D: Device> Driver<D> {
         };
         let mut survive = vec![1.0f32; tokens];
         let out_span = self.span(&l.out, tokens, 0, tokens);
-        for r in 0..l.steps {
+        let result = ActRef::whole(l.result, l.out.len);
+        let (from, to) = (plan.steps.start, plan.steps.end.min(l.steps));
+        // Each step's out rows, kept for the states a draft returns.
+        let mut outs: Vec<Vec<f32>> = Vec::new();
+        match plan.seed {
+            None => self.set_carried(l, true, tokens)?,
+            Some(seed) => {
+                // The earlier steps as a draft ran them: carried values,
+                // gates, and the policy's bookkeeping replayed over them.
+                if seed.len() != tokens || seed.iter().any(|s| s.steps() != from) {
+                    return Err(DriverError::Input(format!(
+                        "verification of {tokens} tokens needs {tokens} draft states of {from} steps"
+                    )));
+                }
+                for (i, c) in l.carried.iter().enumerate() {
+                    let arg = ActRef::whole(c.arg, self.values[&c.arg].width);
+                    let rows: Vec<f32> = seed.iter().flat_map(|s| s.carried[i].iter().copied()).collect();
+                    self.dev.write(self.span(&arg, tokens, 0, tokens), &rows)?;
+                }
+                for (t, s) in seed.iter().enumerate() {
+                    for r in 0..from {
+                        lambdas[t].push(s.lambdas[r]);
+                        if weighted {
+                            let pr = lambdas[t][r] * survive[t];
+                            survive[t] *= 1.0 - lambdas[t][r];
+                            acc[t * width..(t + 1) * width]
+                                .iter_mut()
+                                .zip(&s.outs[r])
+                                .for_each(|(a, x)| *a += pr * x);
+                        }
+                    }
+                    if !weighted && let Some(e) = policy.decided_exit(&lambdas[t], l.steps) {
+                        decided[t] = Some(e);
+                        self.dev.write(self.span(&result, tokens, t, 1), &s.outs[e])?;
+                    }
+                }
+            }
+        }
+        for r in from..to {
             for i in 0..self.body.len() {
                 self.launch(Which::Body, i, r, shape)?;
             }
@@ -562,7 +665,7 @@ impl<D: Device> Driver<D> {
             for (ls, &x) in lambdas.iter_mut().zip(&lam) {
                 ls.push(x);
             }
-            let rows = if out.trace.is_some() || weighted {
+            let rows = if out.trace.is_some() || weighted || plan.keep_states {
                 Some(self.dev.read(out_span)?)
             } else {
                 None
@@ -596,18 +699,10 @@ impl<D: Device> Driver<D> {
                         now.push(t);
                     }
                 }
-                let result = ActRef::whole(l.result, l.out.len);
-                let mut i = 0;
-                while i < now.len() {
-                    let mut j = i + 1;
-                    while j < now.len() && now[j] == now[j - 1] + 1 {
-                        j += 1;
-                    }
-                    let (t0, n) = (now[i], j - i);
-                    self.dev
-                        .copy(self.span(&result, tokens, t0, n), self.span(&l.out, tokens, t0, n))?;
-                    i = j;
-                }
+                self.copy_rows(&result, &l.out, tokens, &now)?;
+            }
+            if plan.keep_states {
+                outs.push(rows.clone().expect("read for the states"));
             }
             if let Some(t) = out.trace.as_mut() {
                 t.step_outputs.push(rows.expect("read for the trace"));
@@ -619,11 +714,20 @@ impl<D: Device> Driver<D> {
                 break;
             }
             let all_decided = lambdas.iter().all(|ls| policy.decided_exit(ls, l.steps).is_some());
-            if self.opts.early_exit && seq == 1 && all_decided {
+            if plan.early_exit && seq == 1 && all_decided {
                 if !self.kv.shared() {
                     self.kv.fill_skipped(&mut self.dev, r, seq)?;
                 }
+                out.states = self.states(l, tokens, &lambdas, &mut outs, plan.keep_states, false)?;
                 break;
+            }
+            if r + 1 == to {
+                // A draft ends here: its output is the last step's for the
+                // tokens not yet decided; the carried values are kept.
+                let open: Vec<usize> = (0..tokens).filter(|&t| decided[t].is_none()).collect();
+                self.copy_rows(&result, &l.out, tokens, &open)?;
+                out.states = self.states(l, tokens, &lambdas, &mut outs, plan.keep_states, true)?;
+                return self.finish_exits(out, &lambdas, &decided, policy, l.steps);
             }
             self.set_carried(l, false, tokens)?;
         }
@@ -637,15 +741,123 @@ impl<D: Device> Driver<D> {
                 DType::F32
             };
             let data: Vec<f32> = acc.iter().map(|&x| rd.round(x)).collect();
-            let result = ActRef::whole(l.result, l.out.len);
             self.dev.write(self.span(&result, tokens, 0, tokens), &data)?;
         }
+        self.finish_exits(out, &lambdas, &decided, policy, l.steps)
+    }
+
+    /// Each token's exit step: decided, or the policy's over its gates.
+    fn finish_exits(
+        &self,
+        out: &mut CallOutput,
+        lambdas: &[Vec<f32>],
+        decided: &[Option<usize>],
+        policy: ExitPolicy,
+        steps: usize,
+    ) -> Result<(), DriverError> {
         out.exit_steps = lambdas
             .iter()
-            .zip(&decided)
-            .map(|(ls, d)| d.unwrap_or_else(|| policy.exit_step(ls)))
+            .zip(decided)
+            .map(|(ls, d)| d.unwrap_or_else(|| if ls.len() < steps { ls.len() - 1 } else { policy.exit_step(ls) }))
             .collect();
         Ok(())
+    }
+
+    /// Copy rows `ts` of `src` into `dst` (consecutive tokens at once).
+    fn copy_rows(&mut self, dst: &ActRef, src: &ActRef, tokens: usize, ts: &[usize]) -> Result<(), DriverError> {
+        let mut i = 0;
+        while i < ts.len() {
+            let mut j = i + 1;
+            while j < ts.len() && ts[j] == ts[j - 1] + 1 {
+                j += 1;
+            }
+            let (t0, n) = (ts[i], j - i);
+            self.dev.copy(self.span(dst, tokens, t0, n), self.span(src, tokens, t0, n))?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Each token's [`LoopState`] after the steps run (`carried`: read the
+    /// carried values' nexts, the state the next step would start from).
+    fn states(
+        &mut self,
+        l: &LoopSpec,
+        tokens: usize,
+        lambdas: &[Vec<f32>],
+        outs: &mut Vec<Vec<f32>>,
+        keep: bool,
+        carried: bool,
+    ) -> Result<Vec<LoopState>, DriverError> {
+        if !keep {
+            return Ok(Vec::new());
+        }
+        let width = l.out.len;
+        let nexts: Vec<(usize, Vec<f32>)> = if carried {
+            l.carried
+                .iter()
+                .map(|c| Ok((c.next.len, self.dev.read(self.span(&c.next, tokens, 0, tokens))?)))
+                .collect::<Result<_, DriverError>>()?
+        } else {
+            Vec::new()
+        };
+        let outs = std::mem::take(outs);
+        Ok((0..tokens)
+            .map(|t| LoopState {
+                carried: nexts.iter().map(|(w, rows)| rows[t * w..(t + 1) * w].to_vec()).collect(),
+                lambdas: lambdas[t].clone(),
+                outs: outs.iter().map(|rows| rows[t * width..(t + 1) * width].to_vec()).collect(),
+            })
+            .collect())
+    }
+}
+
+/// What a call runs of the loop: the whole loop, or (speculation) its first
+/// steps for a draft, or its last steps after a draft's.
+pub(crate) struct Plan<'a> {
+    /// The position of the call's first token (the cache's filled positions
+    /// for a whole call; earlier for a verification).
+    pub pos0: usize,
+    /// Loop steps to run.
+    pub steps: Range<usize>,
+    /// Per token, its state after steps `0..steps.start`.
+    pub seed: Option<&'a [LoopState]>,
+    /// Return each token's state after the last step run.
+    pub keep_states: bool,
+    /// Stop a decode token's loop once its exit is decided (filling the
+    /// later steps' KV slots).
+    pub early_exit: bool,
+}
+
+impl Plan<'_> {
+    pub fn whole(pos0: usize, early_exit: bool) -> Plan<'static> {
+        Plan {
+            pos0,
+            steps: 0..usize::MAX,
+            seed: None,
+            keep_states: false,
+            early_exit,
+        }
+    }
+}
+
+/// One token's loop state after its first steps: what a draft hands to the
+/// verification of its last steps.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoopState {
+    /// Per carried value, its row entering the next step (empty when the
+    /// token's loop ended: early exit).
+    pub carried: Vec<Vec<f32>>,
+    /// The exit gate per step run.
+    pub lambdas: Vec<f32>,
+    /// The loop's `out` row per step run.
+    pub outs: Vec<Vec<f32>>,
+}
+
+impl LoopState {
+    /// Loop steps run.
+    pub fn steps(&self) -> usize {
+        self.lambdas.len()
     }
 }
 

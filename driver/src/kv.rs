@@ -302,6 +302,35 @@ impl KvCache {
         Ok(())
     }
 
+    /// Keep at most `positions` positions in every store.
+    pub fn truncate(&mut self, positions: usize) {
+        for s in &mut self.seqs {
+            for h in s.slots.values_mut().chain(s.shared.iter_mut().flat_map(|m| m.values_mut())) {
+                h.len = h.len.min(positions);
+            }
+        }
+    }
+
+    /// Full: copy step `last`'s rows at `position` into the slots of every
+    /// later step (as [`KvCache::fill_skipped`] does for a call's new rows).
+    pub fn fill_position<D: Device>(&mut self, dev: &mut D, position: usize, last: usize) -> Result<(), DeviceError> {
+        for s in &mut self.seqs {
+            for &(layer, _) in &self.inner {
+                let src = s.slots[&(last, layer)].store;
+                for step in last + 1..self.steps {
+                    let dst = s.slots[&(step, layer)];
+                    if dst.len <= position {
+                        return Err(DeviceError::Program(format!(
+                            "KV slot of step {step}, layer {layer} holds no position {position}"
+                        )));
+                    }
+                    dev.kv_copy(dst.store, src, position..position + 1)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Back to one empty store per (step, layer) (the stores are reused).
     pub fn reset<D: Device>(&mut self, dev: &mut D) -> Result<(), DeviceError> {
         let batch = self.seqs.len();

@@ -11,6 +11,7 @@
 //! |---|---|
 //! | `driver.rs` | [`Driver`]: a call (inputs, arena, KV stores), the kernels in order, the loop with its exit policy, early exit, the trace |
 //! | `device.rs` | [`Device`]: the operations a backend implements; [`Span`], [`KvStore`], [`KvArg`] |
+//! | `speculate.rs` | [`Speculate`]: drafts of a token's first steps, verification of the last steps of several, rollback |
 //! | `kv.rs` | KV bookkeeping: stores per (step, layer) and sequence, [`KvMode`] sharing, skipped-slot fill |
 //! | `weights.rs` | [`ResidentWeights`]: the weight table materialised and encoded as kernels read it |
 //! | `codec.rs` | dtype encode/decode, the one place |
@@ -85,11 +86,13 @@ mod device;
 mod driver;
 pub mod host;
 mod kv;
+mod speculate;
 mod trace;
 mod weights;
 
 pub use device::{CallShape, Device, DeviceError, KvArg, KvLayout, KvStore, Span};
-pub use driver::{CallOutput, Driver, DriverError, DriverOptions, KvValues, Step, Want};
+pub use driver::{CallOutput, Driver, DriverError, DriverOptions, KvValues, LoopState, Step, Want};
+pub use speculate::{Draft, Speculate, Verified};
 pub use kv::KvMode;
 pub use trace::Trace;
 pub use weights::ResidentWeights;

@@ -3,6 +3,8 @@
 //! token budget or the context length.
 
 use crate::sampling::Sampler;
+use crate::speculate::{self, Controller, DraftTokens, SpecOptions, SpecStats};
+use ouroc_driver::Speculate;
 use std::time::{Duration, Instant};
 
 pub use ouroc_driver::Step;
@@ -14,6 +16,11 @@ pub trait Forward {
     fn forward(&mut self, ids: &[u32]) -> Result<Step, String>;
     /// The loop's number of steps R.
     fn loop_steps(&self) -> usize;
+    /// The driver as self-speculative decoding uses it; None where the
+    /// backend has none (the reference interpreter).
+    fn speculative(&mut self) -> Option<&mut dyn Speculate> {
+        None
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +46,8 @@ pub struct GenStats {
     /// Loop steps run over all decode forward passes.
     pub decode_loop_steps: usize,
     pub stop: StopReason,
+    /// Speculation's counts, when it was on.
+    pub speculation: Option<SpecStats>,
 }
 
 impl GenStats {
@@ -76,7 +85,9 @@ impl GenStats {
             hist.join(", "),
             self.mean_depth()
         );
-        if self.decode_steps > 0 {
+        if let Some(sp) = &self.speculation {
+            out += &sp.summary(steps);
+        } else if self.decode_steps > 0 {
             out += &format!(
                 "decode ran {} of {} loop steps ({:.0}%)\n",
                 self.decode_loop_steps,
@@ -111,6 +122,20 @@ pub fn generate(
     limits: &GenLimits,
     on_token: &mut dyn FnMut(u32) -> Result<(), String>,
 ) -> Result<GenStats, String> {
+    generate_with(model, prompt, sampler, stop_ids, limits, SpecOptions::OFF, on_token)
+}
+
+/// [`generate`] with self-speculative decoding as `spec` says: greedy, the
+/// same tokens as without; sampling, the same distribution.
+pub fn generate_with(
+    model: &mut dyn Forward,
+    prompt: &[u32],
+    sampler: &mut Sampler,
+    stop_ids: &[u32],
+    limits: &GenLimits,
+    spec: SpecOptions,
+    on_token: &mut dyn FnMut(u32) -> Result<(), String>,
+) -> Result<GenStats, String> {
     if prompt.is_empty() {
         return Err("the prompt is empty: give some text with --prompt".into());
     }
@@ -122,6 +147,17 @@ pub fn generate(
         ));
     }
     let steps = model.loop_steps();
+    let depth = if spec.tokens == DraftTokens::Off {
+        None
+    } else {
+        let m = model
+            .speculative()
+            .ok_or("speculative decoding needs a compiled backend (--backend cpu), not the interpreter")?;
+        if let Some(why) = m.speculation_refused() {
+            return Err(why);
+        }
+        Some(spec.depth_for(steps)?)
+    };
     let mut stats = GenStats {
         prompt_tokens: prompt.len(),
         tokens: vec![],
@@ -131,32 +167,67 @@ pub fn generate(
         depth_histogram: vec![0; steps],
         decode_loop_steps: 0,
         stop: StopReason::MaxTokens,
+        speculation: depth.map(|d| SpecStats {
+            depth: d,
+            ..SpecStats::default()
+        }),
     };
+    let mut ctl = Controller::new(spec.tokens);
     let mut context = prompt.to_vec();
     let t0 = Instant::now();
-    let mut step = model.forward(prompt)?;
+    let step = model.forward(prompt)?;
     stats.prefill_time = t0.elapsed();
     let t1 = Instant::now();
-    while stats.tokens.len() < limits.max_new_tokens {
-        let next = sampler.sample(&step.logits, &context);
-        if stop_ids.contains(&next) {
-            stats.stop = StopReason::Stop(next);
-            break;
+    // Tokens chosen and not yet emitted, with their exit depths.
+    let mut chosen = vec![(sampler.sample(&step.logits, &context), step.depth)];
+    'generation: loop {
+        for &(next, depth) in &chosen {
+            if stats.tokens.len() >= limits.max_new_tokens {
+                break 'generation;
+            }
+            if stop_ids.contains(&next) {
+                stats.stop = StopReason::Stop(next);
+                break 'generation;
+            }
+            stats.depth_histogram[depth.clamp(1, steps) - 1] += 1;
+            stats.tokens.push(next);
+            context.push(next);
+            on_token(next)?;
+            if stats.tokens.len() == limits.max_new_tokens {
+                break 'generation;
+            }
+            if context.len() >= limits.max_positions {
+                stats.stop = StopReason::Context;
+                break 'generation;
+            }
         }
-        stats.depth_histogram[step.depth.clamp(1, steps) - 1] += 1;
-        stats.tokens.push(next);
-        context.push(next);
-        on_token(next)?;
-        if stats.tokens.len() == limits.max_new_tokens {
-            break;
-        }
-        if context.len() >= limits.max_positions {
-            stats.stop = StopReason::Context;
-            break;
-        }
-        step = model.forward(&[next])?;
-        stats.decode_steps += 1;
-        stats.decode_loop_steps += step.steps_run;
+        // Drafting past the tokens still wanted buys nothing.
+        let wanted = limits.max_new_tokens - stats.tokens.len();
+        let k = depth.and_then(|_| ctl.next_round()).map(|k| k.min(wanted)).filter(|&k| k >= 2);
+        chosen = match (depth, k) {
+            (Some(d), Some(k)) => {
+                let sp = stats.speculation.as_mut().expect("on with a depth");
+                let m = model.speculative().expect("checked above");
+                let (kept0, plain0) = (sp.round_tokens, sp.plain_tokens);
+                let round = speculate::round(m, &context, d, k, sampler, &mut ctl, sp)?;
+                let fed = sp.round_tokens - kept0 + sp.plain_tokens - plain0;
+                stats.decode_steps += fed;
+                stats.decode_loop_steps += fed * steps;
+                round.tokens
+            }
+            _ => {
+                let t = Instant::now();
+                let step = model.forward(&[*context.last().expect("a token")])?;
+                ctl.plain_pass(t.elapsed().as_secs_f64());
+                stats.decode_steps += 1;
+                stats.decode_loop_steps += step.steps_run;
+                if let Some(sp) = stats.speculation.as_mut() {
+                    sp.plain_tokens += 1;
+                    sp.body_passes += step.steps_run;
+                }
+                vec![(sampler.sample(&step.logits, &context), step.depth)]
+            }
+        };
     }
     stats.decode_time = t1.elapsed();
     Ok(stats)

@@ -5,6 +5,8 @@
 //! - [`sampling`]: greedy, temperature, top-k, top-p, repetition penalty, seed;
 //! - [`generate`]: the generation loop over any [`generate::Forward`], with
 //!   streaming, stop ids and per-token loop-depth statistics;
+//! - [`speculate`]: self-speculative decoding from the loop (the first
+//!   steps draft, the last steps verify several tokens in one call);
 //! - [`interp`]: a `Forward` backed by the reference interpreter, with real
 //!   early exit in decode.
 //!
@@ -30,11 +32,12 @@ pub mod gpu;
 pub mod interp;
 pub mod memory;
 pub mod sampling;
+pub mod speculate;
 pub mod threads;
 pub mod tokenizer;
 pub mod weights_cache;
 
-pub use generate::{Forward, GenStats, Step, StopReason, generate};
+pub use generate::{Forward, GenStats, Step, StopReason, generate, generate_with};
 pub use ouroc_driver::Trace;
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::Tokenizer;

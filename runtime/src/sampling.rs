@@ -72,6 +72,65 @@ impl Sampler {
 
     /// The next token given the last position's logits and the context so far.
     pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> u32 {
+        match self.candidates(logits, context) {
+            Candidates::Greedy(t) => t,
+            Candidates::Drawn(idx, probs) => {
+                let u = self.uniform();
+                let mut acc = 0.0;
+                for (i, &pr) in idx.iter().zip(&probs) {
+                    acc += pr;
+                    if u < acc {
+                        return *i as u32;
+                    }
+                }
+                idx[idx.len() - 1] as u32
+            }
+        }
+    }
+
+    /// Whether tokens are chosen by argmax (temperature 0).
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature == 0.0
+    }
+
+    /// The distribution [`Sampler::sample`] draws from, over the whole
+    /// vocabulary (zero outside top-k / top-p; one-hot when greedy).
+    pub fn probs(&self, logits: &[f32], context: &[u32]) -> Vec<f32> {
+        let mut p = vec![0.0f32; logits.len()];
+        match self.candidates(logits, context) {
+            Candidates::Greedy(t) => p[t as usize] = 1.0,
+            Candidates::Drawn(idx, probs) => idx.iter().zip(&probs).for_each(|(&i, &x)| p[i] = x),
+        }
+        p
+    }
+
+    /// A uniform draw in [0, 1) from the seeded generator.
+    pub fn draw_uniform(&mut self) -> f32 {
+        self.uniform()
+    }
+
+    /// A token drawn from weights `w` (non-negative, any positive sum).
+    pub fn draw(&mut self, w: &[f32]) -> u32 {
+        let sum: f32 = w.iter().sum();
+        let u = self.uniform() * sum;
+        let mut acc = 0.0;
+        let mut last = 0;
+        for (i, &x) in w.iter().enumerate() {
+            if x > 0.0 {
+                acc += x;
+                last = i;
+                if u < acc {
+                    return i as u32;
+                }
+            }
+        }
+        last as u32
+    }
+
+    /// The logits after the repetition penalty, then either the argmax
+    /// (greedy) or the candidates by descending logit with their
+    /// probabilities after temperature, top-k and top-p.
+    fn candidates(&self, logits: &[f32], context: &[u32]) -> Candidates {
         let p = &self.params;
         let mut l = logits.to_vec();
         if p.repetition_penalty != 1.0 {
@@ -89,7 +148,7 @@ impl Sampler {
             }
         }
         if p.temperature == 0.0 {
-            return argmax(&l) as u32;
+            return Candidates::Greedy(argmax(&l) as u32);
         }
         // Candidates by descending logit (stable: ties keep the lower id first).
         let mut idx: Vec<usize> = (0..l.len()).collect();
@@ -113,16 +172,14 @@ impl Sampler {
             let s: f32 = probs.iter().sum();
             probs.iter_mut().for_each(|x| *x /= s);
         }
-        let u = self.uniform();
-        let mut acc = 0.0;
-        for (i, &pr) in idx.iter().zip(&probs) {
-            acc += pr;
-            if u < acc {
-                return *i as u32;
-            }
-        }
-        idx[idx.len() - 1] as u32
+        Candidates::Drawn(idx, probs)
     }
+}
+
+enum Candidates {
+    Greedy(u32),
+    /// Token ids and their probabilities, most likely first.
+    Drawn(Vec<usize>, Vec<f32>),
 }
 
 /// Index of the largest value; the first on ties (as torch.argmax).

@@ -264,4 +264,8 @@ impl Forward for CpuForward {
     fn loop_steps(&self) -> usize {
         self.0.loop_steps()
     }
+
+    fn speculative(&mut self) -> Option<&mut dyn ouroc_driver::Speculate> {
+        Some(&mut self.0)
+    }
 }

@@ -203,4 +203,8 @@ impl<G: Gpu> Forward for GpuForward<G> {
     fn loop_steps(&self) -> usize {
         self.0.loop_steps()
     }
+
+    fn speculative(&mut self) -> Option<&mut dyn ouroc_driver::Speculate> {
+        Some(&mut self.0)
+    }
 }
