@@ -86,6 +86,8 @@ pub struct BenchArgs {
     pub json: Option<PathBuf>,
     #[command(flatten)]
     pub cpu: CpuFlags,
+    #[command(flatten)]
+    pub spec: SpecFlags,
 }
 
 #[derive(Args, Debug)]
@@ -131,6 +133,8 @@ pub struct RunArgs {
     pub backend: Backend,
     #[command(flatten)]
     pub cpu: CpuFlags,
+    #[command(flatten)]
+    pub spec: SpecFlags,
     /// Where the optimised Program runs: cpu, or cuda (its PTX on an NVIDIA GPU through the
     /// CUDA driver; needs a build with `--features cuda` and a GPU of compute capability 8.0+)
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
@@ -171,6 +175,34 @@ pub struct BuildArgs {
     /// from this ouroc's workspace when missing or older than its sources)
     #[arg(long, value_name = "FILE")]
     pub app_lib: Option<PathBuf>,
+}
+
+/// Self-speculative decoding (docs/speculative.md).
+#[derive(Args, Debug, Clone, Default)]
+pub struct SpecFlags {
+    /// Self-speculative decoding: positions per round, drafted by the first --draft-steps loop
+    /// steps and verified by the rest in one pass: a count from 2 to 8, off, or auto (adapts
+    /// the count to the measured acceptance and turns speculation off while it does not pay).
+    /// Greedy output is the same token for token; sampled output has the same distribution
+    /// but another text for a seed, so auto speculates only when greedy (--temperature 0)
+    /// [default: auto for run, off for bench]
+    #[arg(long, value_name = "K")]
+    pub draft_tokens: Option<String>,
+    /// Loop steps of a draft, from 1 to R-1 [default: R/2]
+    #[arg(long, value_name = "D")]
+    pub draft_steps: Option<usize>,
+}
+
+impl SpecFlags {
+    /// The options, `default` when --draft-tokens is not given; `greedy`:
+    /// temperature 0.
+    pub fn options(
+        &self,
+        default: ouroc_runtime::speculate::DraftTokens,
+        greedy: bool,
+    ) -> Result<ouroc_runtime::speculate::SpecOptions, String> {
+        ouroc_runtime::speculate::SpecOptions::from_flags(self.draft_tokens.as_deref(), self.draft_steps, default, greedy)
+    }
 }
 
 /// How the compiled CPU engine runs.

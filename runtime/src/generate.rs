@@ -147,16 +147,16 @@ pub fn generate_with(
         ));
     }
     let steps = model.loop_steps();
-    let depth = if spec.tokens == DraftTokens::Off {
-        None
-    } else {
-        let m = model
-            .speculative()
-            .ok_or("speculative decoding needs a compiled backend (--backend cpu), not the interpreter")?;
-        if let Some(why) = m.speculation_refused() {
-            return Err(why);
+    // Auto speculation steps aside quietly where it cannot run (the
+    // interpreter, a shared KV cache, no loop); a count asked for is refused.
+    let refused = model.speculative().map(|m| m.speculation_refused());
+    let depth = match (spec.tokens, refused) {
+        (DraftTokens::Off, _) | (DraftTokens::Auto, None | Some(Some(_))) => None,
+        (DraftTokens::Fixed(_), None) => {
+            return Err("speculative decoding needs a compiled backend (--backend cpu), not the interpreter".into());
         }
-        Some(spec.depth_for(steps)?)
+        (DraftTokens::Fixed(_), Some(Some(why))) => return Err(why),
+        (_, Some(None)) => Some(spec.depth_for(steps)?),
     };
     let mut stats = GenStats {
         prompt_tokens: prompt.len(),

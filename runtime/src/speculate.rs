@@ -67,6 +67,28 @@ impl SpecOptions {
         depth: None,
     };
 
+    /// From the flags: `--draft-tokens` (`default` when absent) and
+    /// `--draft-steps`. `auto` speculates only when `greedy`: greedy output
+    /// is plain decoding's token for token, while sampled output keeps its
+    /// distribution but not its text for a seed, which auto's timing-driven
+    /// choices would make vary from run to run.
+    pub fn from_flags(
+        tokens: Option<&str>,
+        depth: Option<usize>,
+        default: DraftTokens,
+        greedy: bool,
+    ) -> Result<SpecOptions, String> {
+        let tokens = tokens.map_or(Ok(default), DraftTokens::parse)?;
+        if depth == Some(0) {
+            return Err("--draft-steps must be at least 1".into());
+        }
+        let tokens = match tokens {
+            DraftTokens::Auto if !greedy => DraftTokens::Off,
+            t => t,
+        };
+        Ok(SpecOptions { tokens, depth })
+    }
+
     /// The draft depth for a loop of `steps`, checked.
     pub fn depth_for(&self, steps: usize) -> Result<usize, String> {
         let d = self.depth.unwrap_or((steps / 2).max(1));

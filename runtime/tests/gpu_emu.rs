@@ -383,3 +383,38 @@ fn kv_sharing_modes_on_the_emulator_match_the_cpu_device_token_for_token() {
         "no decode token exited early: the shared modes' early exit is untested"
     );
 }
+
+/// Self-speculative decoding through the same driver on the emulator:
+/// greedy tokens and exit depths are plain decoding's (early exit on, a
+/// threshold policy, so drafts, verifications, rollbacks and exit fills all
+/// run on the PTX kernels).
+#[test]
+fn speculation_on_the_emulator_is_plain_decoding() {
+    use ouroc_runtime::generate::generate_with;
+    use ouroc_runtime::speculate::{DraftTokens, SpecOptions};
+    let ckpt = open("mha-r4");
+    let pol = policy_for(&ckpt);
+    let prompt = Golden::load("mha-r4").prompt();
+    let limits = GenLimits {
+        max_new_tokens: 8,
+        max_positions: 64,
+    };
+    let opts = GpuOptions {
+        early_exit: true,
+        ..GpuOptions::new(64)
+    };
+    let run = |spec: SpecOptions| {
+        let mut m = emu(program(&ckpt, DType::F32, pol), &ckpt, opts);
+        let mut sampler = Sampler::new(SamplingParams::default());
+        generate_with(&mut m, &prompt, &mut sampler, &[], &limits, spec, &mut |_| Ok(())).unwrap()
+    };
+    let want = run(SpecOptions::OFF);
+    let got = run(SpecOptions {
+        tokens: DraftTokens::Fixed(3),
+        depth: Some(2),
+    });
+    assert_eq!(got.tokens, want.tokens);
+    assert_eq!(got.depth_histogram, want.depth_histogram);
+    let s = got.speculation.expect("speculation ran");
+    assert!(s.rounds >= 2, "{s:?}");
+}

@@ -95,3 +95,115 @@ fn greedy_speculation_is_plain_decoding_token_for_token() {
     }
     assert!(rounds > 100, "speculation ran only {rounds} rounds");
 }
+
+/// Total variation distance between two distributions over the same ids.
+fn tv(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f64>() / 2.0
+}
+
+/// Speculative sampling draws from the model's distribution, not the
+/// draft's: the second generated token (the first one a round decides)
+/// over many seeds follows the exact marginal `sum_x1 p(x1) p(x2 | x1)`,
+/// computed from the plain model, within sampling noise. The draft (3 of 4
+/// steps) is close enough to the model for rejections and acceptances
+/// both to be common and its own marginal several tolerances away:
+/// accepting drafts unchecked fails (TV 0.2), and so does drawing a
+/// rejected position's token from p instead of the residual (TV 0.13,
+/// against about 0.02 for the right rule).
+#[test]
+fn speculative_sampling_keeps_the_models_distribution() {
+    let ckpt = Checkpoint::open(&fixture("mha-r4")).unwrap();
+    let vocab = ckpt.config.vocab_size;
+    let g = graph(&ckpt, "last", DType::F32);
+    let mut m = cpu(&g, &ckpt, true, KvMode::Full);
+    let params = |seed| SamplingParams {
+        temperature: 1.0,
+        top_k: 4,
+        top_p: 1.0,
+        repetition_penalty: 1.0,
+        seed,
+    };
+    let p = prompt(vocab, 6);
+    let depth = 3;
+    // Exact marginals of x2 under the model (P) and under the draft (Q).
+    let s = Sampler::new(params(0));
+    m.reset();
+    let l0 = m.forward(&p).unwrap().logits;
+    let p1 = s.probs(&l0, &p);
+    let (mut exact, mut draft) = (vec![0.0f64; vocab], vec![0.0f64; vocab]);
+    for x1 in 0..vocab {
+        if p1[x1] == 0.0 {
+            continue;
+        }
+        let ctx: Vec<u32> = p.iter().copied().chain([x1 as u32]).collect();
+        m.reset();
+        m.forward(&p).unwrap();
+        let full = m.forward(&[x1 as u32]).unwrap().logits;
+        m.reset();
+        m.forward(&p).unwrap();
+        let d = m.speculative().unwrap().draft(x1 as u32, depth, false).unwrap().logits;
+        for (x2, (a, b)) in s.probs(&full, &ctx).iter().zip(s.probs(&d, &ctx)).enumerate() {
+            exact[x2] += (p1[x1] * a) as f64;
+            draft[x2] += (p1[x1] * b) as f64;
+        }
+    }
+    let tol = 0.06;
+    assert!(
+        tv(&exact, &draft) > 2.5 * tol,
+        "the draft is too close to the model for the test to tell them apart: TV {}",
+        tv(&exact, &draft)
+    );
+    let n = 2000;
+    let mut counts = [vec![0.0f64; vocab], vec![0.0f64; vocab]];
+    let mut rounds = 0;
+    for seed in 0..n {
+        for (c, on) in counts.iter_mut().zip([false, true]) {
+            m.reset();
+            let opts = if on { spec(DraftTokens::Fixed(2), depth) } else { SpecOptions::OFF };
+            let st = generate(&mut m, &p, 3, params(seed), opts);
+            c[st.tokens[1] as usize] += 1.0 / n as f64;
+            rounds += st.speculation.map_or(0, |s| s.rounds);
+        }
+    }
+    assert_eq!(rounds, n as usize, "every speculative run decides x2 in a round");
+    let (plain, specd) = (tv(&counts[0], &exact), tv(&counts[1], &exact));
+    assert!(plain < tol, "plain sampling: TV {plain} from the exact marginal");
+    assert!(specd < tol, "speculative sampling: TV {specd} from the exact marginal");
+}
+
+#[test]
+fn bad_speculation_settings_are_refused_by_name() {
+    use ouroc_runtime::speculate::SpecOptions as S;
+    let e = |t: Option<&str>, d| S::from_flags(t, d, DraftTokens::Auto, true).unwrap_err();
+    assert!(e(Some("1"), None).contains("--draft-tokens"));
+    assert!(e(Some("9"), None).contains("--draft-tokens"));
+    assert!(e(Some("lots"), None).contains("--draft-tokens"));
+    assert!(e(None, Some(0)).contains("--draft-steps"));
+    // auto speculates only when greedy; a count is kept either way.
+    assert_eq!(S::from_flags(None, None, DraftTokens::Auto, false).unwrap().tokens, DraftTokens::Off);
+    assert_eq!(S::from_flags(Some("3"), None, DraftTokens::Auto, false).unwrap().tokens, DraftTokens::Fixed(3));
+    // A depth beyond the loop, a shared KV cache, the interpreter: refused
+    // when asked for, auto steps aside.
+    let ckpt = Checkpoint::open(&fixture("mha-r4")).unwrap();
+    let g = graph(&ckpt, "last", DType::F32);
+    let limits = GenLimits {
+        max_new_tokens: 4,
+        max_positions: 64,
+    };
+    let p = prompt(ckpt.config.vocab_size, 4);
+    let try_gen = |m: &mut dyn Forward, s: SpecOptions| {
+        let mut sampler = Sampler::new(SamplingParams::default());
+        generate_with(m, &p, &mut sampler, &[], &limits, s, &mut |_| Ok(()))
+    };
+    let mut m = cpu(&g, &ckpt, true, KvMode::Full);
+    let err = try_gen(&mut m, spec(DraftTokens::Fixed(2), 4)).unwrap_err();
+    assert!(err.contains("--draft-steps") && err.contains("4 loop steps"), "{err}");
+    let mut m = cpu(&g, &ckpt, true, KvMode::Last);
+    let err = try_gen(&mut m, spec(DraftTokens::Fixed(2), 2)).unwrap_err();
+    assert!(err.contains("--kv full"), "{err}");
+    let auto = try_gen(&mut m, SpecOptions { tokens: DraftTokens::Auto, depth: None }).unwrap();
+    assert!(auto.speculation.is_none());
+    let mut interp = ouroc_runtime::interp::InterpForward::new(&g, &ckpt, 64, true).unwrap();
+    let err = try_gen(&mut interp, spec(DraftTokens::Fixed(2), 2)).unwrap_err();
+    assert!(err.contains("interpreter"), "{err}");
+}

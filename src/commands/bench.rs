@@ -11,6 +11,10 @@ use crate::cli::{BenchArgs, ModelFlags, Precision};
 use anyhow::{Result, bail};
 use ouroc_models::StorageDtype;
 use serde_json::json;
+use ouroc_runtime::cpu::CpuForward;
+use ouroc_runtime::generate::{Forward, GenLimits};
+use ouroc_runtime::speculate::{DraftTokens, SpecOptions};
+use ouroc_runtime::{Sampler, SamplingParams, generate_with};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -23,6 +27,32 @@ struct Measured {
     decode_steps: f64,
     decode_bytes_per_token: f64,
     setup_s: f64,
+    /// Speculation's acceptance rate and tokens per round (medians).
+    spec: Option<(f64, f64)>,
+    mechanism: Option<Mechanism>,
+}
+
+/// The mechanism of speculation's win, measured: one verification of k
+/// drafted tokens against k single-token verifications of the same steps.
+struct Mechanism {
+    k: usize,
+    depth: usize,
+    steps: usize,
+    /// Seconds (medians): a plain decode pass, one token's draft, the
+    /// verification of k tokens, k single-token verifications together.
+    plain: f64,
+    draft: f64,
+    verify: f64,
+    verify_singles: f64,
+}
+
+impl Mechanism {
+    /// Decode speed-up over plain decoding at acceptance rate `a`: expected
+    /// tokens per round over the round's time, in plain passes.
+    fn speedup(&self, a: f64) -> f64 {
+        let tokens: f64 = (0..self.k).map(|i| a.powi(i as i32)).sum();
+        tokens * self.plain / (self.k as f64 * self.draft + self.verify)
+    }
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -53,6 +83,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "measuring the read bandwidth ({threads} thread{})...",
         if threads == 1 { "" } else { "s" }
     );
+    let spec = args
+        .spec
+        .options(DraftTokens::Off, true)
+        .map_err(anyhow::Error::msg)?;
     let bandwidth = read_bandwidth(threads);
     let ids = random_ids(args.prefill_tokens, cfg.vocab_size);
     let mut results = Vec::new();
@@ -74,8 +108,34 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let mut model = super::prepare::cpu_forward(program, &ckpt, &opts, &args.cpu.cache)?;
         let setup_s = t0.elapsed().as_secs_f64();
         let (mut prefill, mut decode, mut steps) = (vec![], vec![], vec![]);
+        let (mut accept, mut per_round) = (vec![], vec![]);
         for run in 0..args.runs {
             model.reset();
+            if spec.tokens != DraftTokens::Off {
+                let limits = GenLimits {
+                    max_new_tokens: args.decode_tokens,
+                    max_positions: positions,
+                };
+                let mut sampler = Sampler::new(SamplingParams::default());
+                let st = generate_with(&mut model, &ids, &mut sampler, &[], &limits, spec, &mut |_| Ok(()))
+                    .map_err(anyhow::Error::msg)?;
+                prefill.push(st.prefill_tokens_per_s());
+                decode.push(st.decode_tokens_per_s());
+                steps.push(st.decode_loop_steps as f64 / st.decode_steps.max(1) as f64);
+                if let Some(sp) = &st.speculation {
+                    accept.push(sp.acceptance());
+                    per_round.push(sp.tokens_per_round());
+                    eprint!("[{name}] run {}/{}: {}", run + 1, args.runs, sp.summary(model.loop_steps()));
+                }
+                eprintln!(
+                    "[{name}] run {}/{}: prefill {:.2} tokens/s, decode {:.2} tokens/s",
+                    run + 1,
+                    args.runs,
+                    prefill[run],
+                    decode[run]
+                );
+                continue;
+            }
             let t = Instant::now();
             let mut step = model.run(&ids).map_err(anyhow::Error::msg)?;
             prefill.push(ids.len() as f64 / t.elapsed().as_secs_f64());
@@ -98,7 +158,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             );
         }
         let decode_steps = median(&mut steps);
+        let mechanism = match spec.tokens {
+            DraftTokens::Fixed(k) => Some(mechanism(&mut model, &ids, k, spec, args.runs)?),
+            _ => None,
+        };
         results.push(Measured {
+            spec: (!accept.is_empty()).then(|| (median(&mut accept), median(&mut per_round))),
+            mechanism,
             precision,
             prefill_tps: median(&mut prefill),
             decode_tps: median(&mut decode),
@@ -149,6 +215,41 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             m.setup_s
         );
     }
+    for m in &results {
+        if let Some((a, t)) = m.spec {
+            outln!(
+                "{}: speculation (--draft-tokens {}): acceptance {:.0}%, {:.2} tokens per round",
+                format!("{:?}", m.precision).to_lowercase(),
+                spec.tokens,
+                100.0 * a,
+                t
+            );
+        }
+        if let Some(x) = &m.mechanism {
+            outln!(
+                "{}: verifying {} drafted tokens (steps {}..{} of {}) in one pass: {:.2} ms; {} single-token passes: {:.2} ms \
+                 ({:.2}x); a draft of {} steps {:.2} ms, a plain decode pass {:.2} ms",
+                format!("{:?}", m.precision).to_lowercase(),
+                x.k,
+                x.depth + 1,
+                x.steps,
+                x.steps,
+                1e3 * x.verify,
+                x.k,
+                1e3 * x.verify_singles,
+                x.verify_singles / x.verify,
+                x.depth,
+                1e3 * x.draft,
+                1e3 * x.plain
+            );
+            outln!(
+                "  decode speed-up over plain at acceptance 60%: {:.2}x, 80%: {:.2}x, 95%: {:.2}x",
+                x.speedup(0.6),
+                x.speedup(0.8),
+                x.speedup(0.95)
+            );
+        }
+    }
     if let Some(path) = &args.json {
         let rows: Vec<serde_json::Value> = results
             .iter()
@@ -160,6 +261,18 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     "decode_loop_steps_per_token": m.decode_steps,
                     "decode_weight_bytes_per_token": m.decode_bytes_per_token,
                     "setup_s": m.setup_s,
+                    "speculation": m.spec.map(|(a, t)| json!({"acceptance": a, "tokens_per_round": t})),
+                    "mechanism": m.mechanism.as_ref().map(|x| json!({
+                        "draft_tokens": x.k,
+                        "draft_steps": x.depth,
+                        "plain_pass_s": x.plain,
+                        "draft_s": x.draft,
+                        "verify_s": x.verify,
+                        "single_verifies_s": x.verify_singles,
+                        "speedup_at_60": x.speedup(0.6),
+                        "speedup_at_80": x.speedup(0.8),
+                        "speedup_at_95": x.speedup(0.95),
+                    })),
                 })
             })
             .collect();
@@ -172,6 +285,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "prefill_tokens": args.prefill_tokens,
             "decode_tokens": args.decode_tokens,
             "runs": args.runs,
+            "draft_tokens": spec.tokens.to_string(),
             "read_bandwidth_gb_s": bandwidth,
             "results": rows,
         });
@@ -179,6 +293,64 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         eprintln!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// [`Mechanism`], measured in `runs` alternating rounds after a prefill
+/// of `ids`: plain passes, drafts, one k-token verification, k one-token
+/// verifications (the same steps, the same positions).
+fn mechanism(model: &mut CpuForward, ids: &[u32], k: usize, spec: SpecOptions, runs: usize) -> Result<Mechanism> {
+    let e = anyhow::Error::msg;
+    let steps = model.loop_steps();
+    let depth = spec.depth_for(steps).map_err(e)?;
+    let toks = random_ids(k, model.program().outputs[0].len);
+    let (mut plain, mut draft, mut verify, mut singles) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..runs {
+        model.reset();
+        model.run(ids).map_err(e)?;
+        let m = model.speculative().expect("the CPU engine speculates");
+        let p0 = m.positions();
+        // k plain passes.
+        let t = Instant::now();
+        for &tok in &toks {
+            m.draft(tok, depth, false).map_err(|x| e(x.to_string()))?;
+        }
+        let d = t.elapsed().as_secs_f64();
+        m.rollback(p0).map_err(|x| e(x.to_string()))?;
+        // Drafts, then one verification of all.
+        let mut states = Vec::new();
+        for &tok in &toks {
+            states.push(m.draft(tok, depth, false).map_err(|x| e(x.to_string()))?.state);
+        }
+        let t = Instant::now();
+        m.verify(&toks, &states).map_err(|x| e(x.to_string()))?;
+        verify.push(t.elapsed().as_secs_f64());
+        m.rollback(p0).map_err(|x| e(x.to_string()))?;
+        // The same steps one token at a time.
+        let mut single = 0.0;
+        for &tok in &toks {
+            let st = m.draft(tok, depth, false).map_err(|x| e(x.to_string()))?.state;
+            let t = Instant::now();
+            m.verify(&[tok], &[st]).map_err(|x| e(x.to_string()))?;
+            single += t.elapsed().as_secs_f64();
+        }
+        singles.push(single);
+        m.rollback(p0).map_err(|x| e(x.to_string()))?;
+        draft.push(d / k as f64);
+        let t = Instant::now();
+        for &tok in &toks {
+            model.run(&[tok]).map_err(e)?;
+        }
+        plain.push(t.elapsed().as_secs_f64() / k as f64);
+    }
+    Ok(Mechanism {
+        k,
+        depth,
+        steps,
+        plain: median(&mut plain),
+        draft: median(&mut draft),
+        verify: median(&mut verify),
+        verify_singles: median(&mut singles),
+    })
 }
 
 /// The random bf16 checkpoint of `shape`, written once (with progress) and reused.

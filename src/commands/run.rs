@@ -5,7 +5,8 @@ use ouroc_runtime::generate::Forward;
 use ouroc_runtime::generate::GenLimits;
 use ouroc_runtime::interp::InterpForward;
 use ouroc_runtime::tokenizer::TextStream;
-use ouroc_runtime::{Sampler, SamplingParams, Tokenizer, chat, generate};
+use ouroc_runtime::speculate::DraftTokens;
+use ouroc_runtime::{Sampler, SamplingParams, Tokenizer, chat, generate_with};
 use std::path::PathBuf;
 
 /// The built-in demo model (see models/demo/README.md).
@@ -35,6 +36,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
         seed: args.seed,
     };
     params.check().map_err(anyhow::Error::msg)?;
+    let spec = args
+        .spec
+        .options(DraftTokens::Auto, params.temperature == 0.0)
+        .map_err(anyhow::Error::msg)?;
     if args.device == Device::Cuda && (args.backend != Backend::Cpu || args.cpu.threads.is_some()) {
         bail!("--device cuda runs the compiled Program on the GPU: --backend interp and --threads do not apply");
     }
@@ -112,7 +117,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         max_new_tokens: args.max_new_tokens,
         max_positions,
     };
-    let stats = generate(model.as_mut(), &prompt, &mut sampler, &stop_ids, &limits, &mut |id| {
+    let stats = generate_with(model.as_mut(), &prompt, &mut sampler, &stop_ids, &limits, spec, &mut |id| {
         let piece = stream.push(&tok, id)?;
         super::write_stdout(format_args!("{piece}")).map_err(|e| format!("{e:#}"))
     })

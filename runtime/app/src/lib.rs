@@ -27,7 +27,8 @@ use ouroc_runtime::generate::{Forward, GenLimits};
 use ouroc_runtime::gpu::cuda::CudaDevice;
 use ouroc_runtime::gpu::{GpuForward, GpuOptions};
 use ouroc_runtime::tokenizer::TextStream;
-use ouroc_runtime::{Sampler, SamplingParams, Tokenizer, chat, generate};
+use ouroc_runtime::speculate::{DraftTokens, SpecOptions};
+use ouroc_runtime::{Sampler, SamplingParams, Tokenizer, chat, generate_with};
 use std::ffi::{c_char, c_int, c_void};
 use std::path::PathBuf;
 
@@ -164,6 +165,15 @@ struct Args {
     /// weights are embedded
     #[arg(long, value_name = "FILE")]
     weights: Option<PathBuf>,
+    /// Self-speculative decoding: positions per round, drafted by the first --draft-steps loop
+    /// steps and verified by the rest in one pass: 2 to 8, off, or auto (adapts to the measured
+    /// acceptance, off while it does not pay; only when greedy, where the output is the same
+    /// token for token)
+    #[arg(long, value_name = "K", default_value = "auto")]
+    draft_tokens: String,
+    /// Loop steps of a draft, from 1 to R-1 [default: R/2]
+    #[arg(long, value_name = "D")]
+    draft_steps: Option<usize>,
 }
 
 fn run() -> Result<(), String> {
@@ -257,6 +267,12 @@ fn run() -> Result<(), String> {
         seed: args.seed,
     };
     params.check()?;
+    let spec = SpecOptions::from_flags(
+        Some(&args.draft_tokens),
+        args.draft_steps,
+        DraftTokens::Auto,
+        params.temperature == 0.0,
+    )?;
     let kv = KvMode::parse(args.kv.as_deref().unwrap_or(&meta.kv))?;
     let microkernels = match args.linear.as_str() {
         "auto" => true,
@@ -361,12 +377,12 @@ fn run() -> Result<(), String> {
     let stats = match (&tok, &args.prompt) {
         (Some(tok), Some(p)) if args.ids.is_none() => {
             write_stdout(format_args!("{}", if args.chat { "" } else { p.as_str() }))?;
-            generate(model.as_mut(), &prompt, &mut sampler, &stop_ids, &limits, &mut |id| {
+            generate_with(model.as_mut(), &prompt, &mut sampler, &stop_ids, &limits, spec, &mut |id| {
                 let piece = stream.push(tok, id)?;
                 write_stdout(format_args!("{piece}"))
             })
         }
-        _ => generate(model.as_mut(), &prompt, &mut sampler, &stop_ids, &limits, &mut |id| {
+        _ => generate_with(model.as_mut(), &prompt, &mut sampler, &stop_ids, &limits, spec, &mut |id| {
             let sep = if first { "" } else { "," };
             first = false;
             write_stdout(format_args!("{sep}{id}"))
