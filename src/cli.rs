@@ -201,7 +201,12 @@ impl SpecFlags {
         default: ouroc_runtime::speculate::DraftTokens,
         greedy: bool,
     ) -> Result<ouroc_runtime::speculate::SpecOptions, String> {
-        ouroc_runtime::speculate::SpecOptions::from_flags(self.draft_tokens.as_deref(), self.draft_steps, default, greedy)
+        ouroc_runtime::speculate::SpecOptions::from_flags(
+            self.draft_tokens.as_deref(),
+            self.draft_steps,
+            default,
+            greedy,
+        )
     }
 }
 

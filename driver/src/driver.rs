@@ -394,7 +394,12 @@ impl<D: Device> Driver<D> {
     /// Run `ids` without reading anything back but the exit steps (a
     /// device then picks the next token itself, e.g. an argmax on a GPU).
     pub fn run_quiet(&mut self, ids: &[u32]) -> Result<CallOutput, DriverError> {
-        self.call_inner(&[ids], Want::default(), false, &Plan::whole(self.past, self.opts.early_exit))
+        self.call_inner(
+            &[ids],
+            Want::default(),
+            false,
+            &Plan::whole(self.past, self.opts.early_exit),
+        )
     }
 
     /// [`Driver::run`], also returning every position's logits, each step's
@@ -601,7 +606,13 @@ impl<D: Device> Driver<D> {
 
     /// The loop: per step the body, then the policy per token; steps
     /// `plan.steps` only, after `plan.seed`'s earlier steps when given.
-    fn run_loop(&mut self, l: &LoopSpec, shape: CallShape, plan: &Plan, out: &mut CallOutput) -> Result<(), DriverError> {
+    fn run_loop(
+        &mut self,
+        l: &LoopSpec,
+        shape: CallShape,
+        plan: &Plan,
+        out: &mut CallOutput,
+    ) -> Result<(), DriverError> {
         let CallShape { tokens, seq } = shape;
         let policy = self.policy.expect("parsed with the loop");
         let width = l.out.len;
@@ -758,7 +769,15 @@ impl<D: Device> Driver<D> {
         out.exit_steps = lambdas
             .iter()
             .zip(decided)
-            .map(|(ls, d)| d.unwrap_or_else(|| if ls.len() < steps { ls.len() - 1 } else { policy.exit_step(ls) }))
+            .map(|(ls, d)| {
+                d.unwrap_or_else(|| {
+                    if ls.len() < steps {
+                        ls.len() - 1
+                    } else {
+                        policy.exit_step(ls)
+                    }
+                })
+            })
             .collect();
         Ok(())
     }
@@ -772,7 +791,8 @@ impl<D: Device> Driver<D> {
                 j += 1;
             }
             let (t0, n) = (ts[i], j - i);
-            self.dev.copy(self.span(dst, tokens, t0, n), self.span(src, tokens, t0, n))?;
+            self.dev
+                .copy(self.span(dst, tokens, t0, n), self.span(src, tokens, t0, n))?;
             i = j;
         }
         Ok(())
@@ -804,9 +824,15 @@ impl<D: Device> Driver<D> {
         let outs = std::mem::take(outs);
         Ok((0..tokens)
             .map(|t| LoopState {
-                carried: nexts.iter().map(|(w, rows)| rows[t * w..(t + 1) * w].to_vec()).collect(),
+                carried: nexts
+                    .iter()
+                    .map(|(w, rows)| rows[t * w..(t + 1) * w].to_vec())
+                    .collect(),
                 lambdas: lambdas[t].clone(),
-                outs: outs.iter().map(|rows| rows[t * width..(t + 1) * width].to_vec()).collect(),
+                outs: outs
+                    .iter()
+                    .map(|rows| rows[t * width..(t + 1) * width].to_vec())
+                    .collect(),
             })
             .collect())
     }

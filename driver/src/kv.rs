@@ -305,7 +305,11 @@ impl KvCache {
     /// Keep at most `positions` positions in every store.
     pub fn truncate(&mut self, positions: usize) {
         for s in &mut self.seqs {
-            for h in s.slots.values_mut().chain(s.shared.iter_mut().flat_map(|m| m.values_mut())) {
+            for h in s
+                .slots
+                .values_mut()
+                .chain(s.shared.iter_mut().flat_map(|m| m.values_mut()))
+            {
                 h.len = h.len.min(positions);
             }
         }

@@ -92,8 +92,8 @@ mod weights;
 
 pub use device::{CallShape, Device, DeviceError, KvArg, KvLayout, KvStore, Span};
 pub use driver::{CallOutput, Driver, DriverError, DriverOptions, KvValues, LoopState, Step, Want};
-pub use speculate::{Draft, Speculate, Verified};
 pub use kv::KvMode;
+pub use speculate::{Draft, Speculate, Verified};
 pub use trace::Trace;
 pub use weights::ResidentWeights;
 

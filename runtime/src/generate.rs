@@ -203,7 +203,10 @@ pub fn generate_with(
         }
         // Drafting past the tokens still wanted buys nothing.
         let wanted = limits.max_new_tokens - stats.tokens.len();
-        let k = depth.and_then(|_| ctl.next_round()).map(|k| k.min(wanted)).filter(|&k| k >= 2);
+        let k = depth
+            .and_then(|_| ctl.next_round())
+            .map(|k| k.min(wanted))
+            .filter(|&k| k >= 2);
         chosen = match (depth, k) {
             (Some(d), Some(k)) => {
                 let sp = stats.speculation.as_mut().expect("on with a depth");

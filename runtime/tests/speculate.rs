@@ -86,7 +86,9 @@ fn greedy_speculation_is_plain_decoding_token_for_token() {
                             let s = got.speculation.expect("speculation stats");
                             assert_eq!(s.depth, depth);
                             rounds += s.rounds;
-                            if std::env::var_os("SPEC_DEBUG").is_some() { eprintln!("{what}: {}", s.summary(m.loop_steps()).trim()); }
+                            if std::env::var_os("SPEC_DEBUG").is_some() {
+                                eprintln!("{what}: {}", s.summary(m.loop_steps()).trim());
+                            }
                         }
                     }
                 }
@@ -131,8 +133,8 @@ fn speculative_sampling_keeps_the_models_distribution() {
     let l0 = m.forward(&p).unwrap().logits;
     let p1 = s.probs(&l0, &p);
     let (mut exact, mut draft) = (vec![0.0f64; vocab], vec![0.0f64; vocab]);
-    for x1 in 0..vocab {
-        if p1[x1] == 0.0 {
+    for (x1, &px1) in p1.iter().enumerate() {
+        if px1 == 0.0 {
             continue;
         }
         let ctx: Vec<u32> = p.iter().copied().chain([x1 as u32]).collect();
@@ -143,8 +145,8 @@ fn speculative_sampling_keeps_the_models_distribution() {
         m.forward(&p).unwrap();
         let d = m.speculative().unwrap().draft(x1 as u32, depth, false).unwrap().logits;
         for (x2, (a, b)) in s.probs(&full, &ctx).iter().zip(s.probs(&d, &ctx)).enumerate() {
-            exact[x2] += (p1[x1] * a) as f64;
-            draft[x2] += (p1[x1] * b) as f64;
+            exact[x2] += (px1 * a) as f64;
+            draft[x2] += (px1 * b) as f64;
         }
     }
     let tol = 0.06;
@@ -159,7 +161,11 @@ fn speculative_sampling_keeps_the_models_distribution() {
     for seed in 0..n {
         for (c, on) in counts.iter_mut().zip([false, true]) {
             m.reset();
-            let opts = if on { spec(DraftTokens::Fixed(2), depth) } else { SpecOptions::OFF };
+            let opts = if on {
+                spec(DraftTokens::Fixed(2), depth)
+            } else {
+                SpecOptions::OFF
+            };
             let st = generate(&mut m, &p, 3, params(seed), opts);
             c[st.tokens[1] as usize] += 1.0 / n as f64;
             rounds += st.speculation.map_or(0, |s| s.rounds);
@@ -180,8 +186,14 @@ fn bad_speculation_settings_are_refused_by_name() {
     assert!(e(Some("lots"), None).contains("--draft-tokens"));
     assert!(e(None, Some(0)).contains("--draft-steps"));
     // auto speculates only when greedy; a count is kept either way.
-    assert_eq!(S::from_flags(None, None, DraftTokens::Auto, false).unwrap().tokens, DraftTokens::Off);
-    assert_eq!(S::from_flags(Some("3"), None, DraftTokens::Auto, false).unwrap().tokens, DraftTokens::Fixed(3));
+    assert_eq!(
+        S::from_flags(None, None, DraftTokens::Auto, false).unwrap().tokens,
+        DraftTokens::Off
+    );
+    assert_eq!(
+        S::from_flags(Some("3"), None, DraftTokens::Auto, false).unwrap().tokens,
+        DraftTokens::Fixed(3)
+    );
     // A depth beyond the loop, a shared KV cache, the interpreter: refused
     // when asked for, auto steps aside.
     let ckpt = Checkpoint::open(&fixture("mha-r4")).unwrap();
@@ -201,7 +213,14 @@ fn bad_speculation_settings_are_refused_by_name() {
     let mut m = cpu(&g, &ckpt, true, KvMode::Last);
     let err = try_gen(&mut m, spec(DraftTokens::Fixed(2), 2)).unwrap_err();
     assert!(err.contains("--kv full"), "{err}");
-    let auto = try_gen(&mut m, SpecOptions { tokens: DraftTokens::Auto, depth: None }).unwrap();
+    let auto = try_gen(
+        &mut m,
+        SpecOptions {
+            tokens: DraftTokens::Auto,
+            depth: None,
+        },
+    )
+    .unwrap();
     assert!(auto.speculation.is_none());
     let mut interp = ouroc_runtime::interp::InterpForward::new(&g, &ckpt, 64, true).unwrap();
     let err = try_gen(&mut interp, spec(DraftTokens::Fixed(2), 2)).unwrap_err();

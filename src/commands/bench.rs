@@ -10,11 +10,11 @@ use super::{build, open};
 use crate::cli::{BenchArgs, ModelFlags, Precision};
 use anyhow::{Result, bail};
 use ouroc_models::StorageDtype;
-use serde_json::json;
 use ouroc_runtime::cpu::CpuForward;
 use ouroc_runtime::generate::{Forward, GenLimits};
 use ouroc_runtime::speculate::{DraftTokens, SpecOptions};
 use ouroc_runtime::{Sampler, SamplingParams, generate_with};
+use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -83,10 +83,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "measuring the read bandwidth ({threads} thread{})...",
         if threads == 1 { "" } else { "s" }
     );
-    let spec = args
-        .spec
-        .options(DraftTokens::Off, true)
-        .map_err(anyhow::Error::msg)?;
+    let spec = args.spec.options(DraftTokens::Off, true).map_err(anyhow::Error::msg)?;
     let bandwidth = read_bandwidth(threads);
     let ids = random_ids(args.prefill_tokens, cfg.vocab_size);
     let mut results = Vec::new();
@@ -125,7 +122,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 if let Some(sp) = &st.speculation {
                     accept.push(sp.acceptance());
                     per_round.push(sp.tokens_per_round());
-                    eprint!("[{name}] run {}/{}: {}", run + 1, args.runs, sp.summary(model.loop_steps()));
+                    eprint!(
+                        "[{name}] run {}/{}: {}",
+                        run + 1,
+                        args.runs,
+                        sp.summary(model.loop_steps())
+                    );
                 }
                 eprintln!(
                     "[{name}] run {}/{}: prefill {:.2} tokens/s, decode {:.2} tokens/s",

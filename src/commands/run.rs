@@ -4,8 +4,8 @@ use anyhow::{Context, Result, bail};
 use ouroc_runtime::generate::Forward;
 use ouroc_runtime::generate::GenLimits;
 use ouroc_runtime::interp::InterpForward;
-use ouroc_runtime::tokenizer::TextStream;
 use ouroc_runtime::speculate::DraftTokens;
+use ouroc_runtime::tokenizer::TextStream;
 use ouroc_runtime::{Sampler, SamplingParams, Tokenizer, chat, generate_with};
 use std::path::PathBuf;
 
@@ -117,10 +117,18 @@ pub fn run(args: &RunArgs) -> Result<()> {
         max_new_tokens: args.max_new_tokens,
         max_positions,
     };
-    let stats = generate_with(model.as_mut(), &prompt, &mut sampler, &stop_ids, &limits, spec, &mut |id| {
-        let piece = stream.push(&tok, id)?;
-        super::write_stdout(format_args!("{piece}")).map_err(|e| format!("{e:#}"))
-    })
+    let stats = generate_with(
+        model.as_mut(),
+        &prompt,
+        &mut sampler,
+        &stop_ids,
+        &limits,
+        spec,
+        &mut |id| {
+            let piece = stream.push(&tok, id)?;
+            super::write_stdout(format_args!("{piece}")).map_err(|e| format!("{e:#}"))
+        },
+    )
     .map_err(anyhow::Error::msg)
     .context("generation failed")?;
     outln!();

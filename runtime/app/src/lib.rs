@@ -26,8 +26,8 @@ use ouroc_runtime::deploy::{AppMeta, blob_len, host_has, missing_features, read_
 use ouroc_runtime::generate::{Forward, GenLimits};
 use ouroc_runtime::gpu::cuda::CudaDevice;
 use ouroc_runtime::gpu::{GpuForward, GpuOptions};
-use ouroc_runtime::tokenizer::TextStream;
 use ouroc_runtime::speculate::{DraftTokens, SpecOptions};
+use ouroc_runtime::tokenizer::TextStream;
 use ouroc_runtime::{Sampler, SamplingParams, Tokenizer, chat, generate_with};
 use std::ffi::{c_char, c_int, c_void};
 use std::path::PathBuf;
@@ -377,16 +377,32 @@ fn run() -> Result<(), String> {
     let stats = match (&tok, &args.prompt) {
         (Some(tok), Some(p)) if args.ids.is_none() => {
             write_stdout(format_args!("{}", if args.chat { "" } else { p.as_str() }))?;
-            generate_with(model.as_mut(), &prompt, &mut sampler, &stop_ids, &limits, spec, &mut |id| {
-                let piece = stream.push(tok, id)?;
-                write_stdout(format_args!("{piece}"))
-            })
+            generate_with(
+                model.as_mut(),
+                &prompt,
+                &mut sampler,
+                &stop_ids,
+                &limits,
+                spec,
+                &mut |id| {
+                    let piece = stream.push(tok, id)?;
+                    write_stdout(format_args!("{piece}"))
+                },
+            )
         }
-        _ => generate_with(model.as_mut(), &prompt, &mut sampler, &stop_ids, &limits, spec, &mut |id| {
-            let sep = if first { "" } else { "," };
-            first = false;
-            write_stdout(format_args!("{sep}{id}"))
-        }),
+        _ => generate_with(
+            model.as_mut(),
+            &prompt,
+            &mut sampler,
+            &stop_ids,
+            &limits,
+            spec,
+            &mut |id| {
+                let sep = if first { "" } else { "," };
+                first = false;
+                write_stdout(format_args!("{sep}{id}"))
+            },
+        ),
     }
     .map_err(|e| format!("generation failed: {e}"))?;
     write_stdout(format_args!("\n"))?;
