@@ -484,7 +484,7 @@ impl<D: Device> Driver<D> {
             // The first decode call: one shared store per loop layer.
             self.kv.collapse(&mut self.dev)?;
         }
-        self.kv.reserve(&mut self.dev, seq)?;
+        self.kv.reserve(&mut self.dev, plan.pos0 + seq)?;
         self.dev.begin_call(shape, &self.kv.all_args())?;
         let ids: Vec<f32> = batch.iter().flat_map(|s| s.iter()).map(|&t| t as f32).collect();
         let pos: Vec<f32> = (0..batch.len())
@@ -635,9 +635,17 @@ impl<D: Device> Driver<D> {
             Some(seed) => {
                 // The earlier steps as a draft ran them: carried values,
                 // gates, and the policy's bookkeeping replayed over them.
-                if seed.len() != tokens || seed.iter().any(|s| s.steps() != from) {
+                let widths: Vec<usize> = l.carried.iter().map(|c| self.values[&c.arg].width).collect();
+                let fits = |s: &LoopState| {
+                    s.steps() == from
+                        && s.outs.len() == from
+                        && s.outs.iter().all(|o| o.len() == width)
+                        && s.carried.len() == widths.len()
+                        && s.carried.iter().zip(&widths).all(|(c, &w)| c.len() == w)
+                };
+                if seed.len() != tokens || !seed.iter().all(fits) {
                     return Err(DriverError::Input(format!(
-                        "verification of {tokens} tokens needs {tokens} draft states of {from} steps"
+                        "verification of {tokens} tokens needs {tokens} states of drafts of {from} steps that did not exit"
                     )));
                 }
                 for (i, c) in l.carried.iter().enumerate() {

@@ -178,10 +178,12 @@ impl KvCache {
             .flat_map(|s| s.slots.values().chain(s.shared.iter().flat_map(|m| m.values())))
     }
 
-    /// Make every store hold `new` more positions.
-    pub fn reserve<D: Device>(&self, dev: &mut D, new: usize) -> Result<(), DeviceError> {
+    /// Make every store hold at least `positions` positions (a call's last
+    /// position + 1; a verification's stores of the drafted steps already
+    /// hold them).
+    pub fn reserve<D: Device>(&self, dev: &mut D, positions: usize) -> Result<(), DeviceError> {
         for h in self.helds() {
-            dev.kv_reserve(h.store, h.len + new)?;
+            dev.kv_reserve(h.store, positions.max(h.len))?;
         }
         Ok(())
     }

@@ -13,6 +13,7 @@
 use crate::device::Device;
 use crate::driver::{Driver, DriverError, LoopState, Plan, Want};
 use crate::kv::KvMode;
+use ouroc_kernels::spec::Family;
 
 /// What a draft of one token computed.
 #[derive(Clone, Debug, PartialEq)]
@@ -76,6 +77,18 @@ impl<D: Device> Speculate for Driver<D> {
     fn speculation_refused(&self) -> Option<String> {
         if self.program().loop_.is_none() || self.loop_steps() < 2 {
             return Some("the model has no loop of two or more steps to draft from".into());
+        }
+        let outer_attention = self
+            .program()
+            .before
+            .iter()
+            .chain(&self.program().after)
+            .any(|k| matches!(k.spec.family, Family::Attention(_)));
+        if outer_attention {
+            // A verification reruns the kernels before the loop and a draft
+            // runs those after it: their KV rows would be appended twice or
+            // computed from a draft's state.
+            return Some("speculative decoding needs every attention layer inside the loop".into());
         }
         if self.kv_mode() != KvMode::Full {
             return Some(format!(

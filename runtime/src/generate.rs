@@ -215,7 +215,7 @@ pub fn generate_with(
                 let round = speculate::round(m, &context, d, k, sampler, &mut ctl, sp)?;
                 let fed = sp.round_tokens - kept0 + sp.plain_tokens - plain0;
                 stats.decode_steps += fed;
-                stats.decode_loop_steps += fed * steps;
+                stats.decode_loop_steps += round.loop_steps;
                 round.tokens
             }
             _ => {

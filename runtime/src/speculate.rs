@@ -165,13 +165,17 @@ impl SpecStats {
 /// the last is the next round's first token.
 pub struct Round {
     pub tokens: Vec<(u32, usize)>,
+    /// Loop steps run by the tokens the round put in the cache.
+    pub loop_steps: usize,
 }
 
 /// The automatic draft length: from the measured acceptance rate `a` and
 /// times, the round length k maximising expected tokens per second,
 /// `(1 + a + ... + a^(k-1)) / (k * t_draft + t_verify(k))`, against plain
-/// decode's `1 / t_plain`; off while no k beats plain decode, probed again
-/// after [`Controller::PROBE_EVERY`] plain tokens.
+/// decode's `1 / t_plain` (measured on the first two decode tokens and on
+/// one plain pass every [`Controller::REMEASURE_EVERY`] rounds); off while
+/// no k beats plain decode, probed again after [`Controller::PROBE_EVERY`]
+/// plain tokens.
 #[derive(Clone, Debug)]
 pub struct Controller {
     mode: DraftTokens,
@@ -186,11 +190,16 @@ pub struct Controller {
     plain_left: usize,
     /// The current round length.
     k: usize,
+    /// Rounds since the last plain pass (plain decode's time is measured
+    /// again every [`Controller::REMEASURE_EVERY`] rounds).
+    since_plain: usize,
 }
 
 impl Controller {
     /// Plain tokens between probes once speculation was found not to pay.
     pub const PROBE_EVERY: usize = 16;
+    /// Rounds between plain passes that keep plain decode's time current.
+    pub const REMEASURE_EVERY: usize = 32;
     /// Moving-average weight of a new measurement.
     const RATE: f64 = 0.25;
 
@@ -204,6 +213,7 @@ impl Controller {
             // Two plain passes first: their time is the yardstick.
             plain_left: if mode == DraftTokens::Auto { 2 } else { 0 },
             k: 4,
+            since_plain: 0,
         }
     }
 
@@ -220,7 +230,14 @@ impl Controller {
                 self.plain_left -= 1;
                 None
             }
-            DraftTokens::Auto => Some(self.k),
+            DraftTokens::Auto if self.since_plain >= Controller::REMEASURE_EVERY => {
+                self.since_plain = 0;
+                None
+            }
+            DraftTokens::Auto => {
+                self.since_plain += 1;
+                Some(self.k)
+            }
         }
     }
 
@@ -317,13 +334,17 @@ pub fn round(
             stats.plain_tokens += 1;
             return Ok(Round {
                 tokens: vec![(tok, d.exit.map_or(steps, |e| e + 1))],
+                loop_steps: d.steps_run,
             });
         }
         if i > 0 && m.early_exit() && d.exit.is_some() {
             // Plain decode would stop this token's loop at its exit: leave
-            // it to the next round, where it is the first.
+            // it to the next round, where it is the first. It stays the
+            // candidate at position i - 1 (the acceptance test keeps that
+            // position's token distributed as the model's, which dropping
+            // it for a fresh draw from p would not: whether the draft
+            // stops here depends on its value).
             m.rollback(p0 + i).map_err(err)?;
-            toks.truncate(i);
             break;
         }
         states.push(d.state);
@@ -339,74 +360,89 @@ pub fn round(
             qs.push(q);
         }
     }
+    // toks: the n verified positions' inputs, then possibly one more
+    // candidate (a rolled-back draft), which is never in the cache.
     let n = states.len();
-    toks.truncate(n);
     let drafted = start.elapsed().as_secs_f64() / n as f64;
     let t1 = Instant::now();
-    let v = m.verify(&toks, &states).map_err(err)?;
+    let v = m.verify(&toks[..n], &states).map_err(err)?;
     let verify = t1.elapsed().as_secs_f64();
     stats.body_passes += steps - depth;
-    // Acceptance, position by position.
+    // Acceptance, position by position: the candidate drafted after
+    // position j against the model's distribution there.
     let mut out = Vec::new();
     let mut ctx = context.to_vec();
     let (mut proposed, mut accepted) = (0, 0);
     let mut kept = n;
     for j in 0..n {
         let (logits, exit) = (&v.logits[j], v.exit_steps[j]);
+        // Early exit at a verified position: the later positions attended
+        // to its real later-step rows, which plain decode would not have
+        // computed: the round ends here.
         let early = m.early_exit() && exit + 1 < steps;
-        if j + 1 < n && !early {
-            let cand = toks[j + 1];
-            proposed += 1;
-            let take = match &qs[j] {
-                None => {
-                    let tok = sampler.sample(logits, &ctx);
-                    (tok == cand).then_some(()).ok_or(tok)
-                }
-                Some(q) => {
-                    let p = sampler.probs(logits, &ctx);
-                    let (pc, qc) = (p[cand as usize], q[cand as usize]);
-                    let u = sampler.draw_uniform();
-                    if qc > 0.0 && u < pc / qc {
-                        Ok(())
-                    } else {
-                        // The normalised residual max(0, p - q).
-                        let resid: Vec<f32> = p.iter().zip(q).map(|(a, b)| (a - b).max(0.0)).collect();
-                        Err(if resid.iter().any(|&x| x > 0.0) {
-                            sampler.draw(&resid)
-                        } else {
-                            sampler.draw(&p)
-                        })
+        let tok = match toks.get(j + 1) {
+            None => sampler.sample(logits, &ctx),
+            Some(&cand) => {
+                proposed += 1;
+                match accept(sampler, logits, &ctx, cand, qs[j].as_deref()) {
+                    Ok(()) => {
+                        accepted += 1;
+                        cand
+                    }
+                    Err(tok) => {
+                        // The model's own token where the draft parted.
+                        out.push((tok, exit + 1));
+                        kept = j + 1;
+                        break;
                     }
                 }
-            };
-            match take {
-                Ok(()) => {
-                    accepted += 1;
-                    out.push((cand, exit + 1));
-                    ctx.push(cand);
-                    continue;
-                }
-                Err(tok) => {
-                    // The model's own token where the draft parted.
-                    out.push((tok, exit + 1));
-                    kept = j + 1;
-                    break;
-                }
             }
+        };
+        out.push((tok, exit + 1));
+        ctx.push(tok);
+        if j + 1 == n || early {
+            kept = j + 1;
+            break;
         }
-        out.push((sampler.sample(logits, &ctx), exit + 1));
-        kept = j + 1;
-        if early {
-            m.rollback(p0 + kept).map_err(err)?;
-            m.fill_exit(p0 + j, exit).map_err(err)?;
-        }
-        break;
     }
     m.rollback(p0 + kept).map_err(err)?;
+    let last = kept - 1;
+    if m.early_exit() && v.exit_steps[last] + 1 < steps {
+        // Its later steps' rows become its exit step's, as plain decode
+        // leaves them.
+        m.fill_exit(p0 + last, v.exit_steps[last]).map_err(err)?;
+    }
     stats.rounds += 1;
     stats.proposed += proposed;
     stats.accepted += accepted;
     stats.round_tokens += kept;
     ctl.round(n, proposed, accepted, drafted, Some(verify));
-    Ok(Round { tokens: out })
+    Ok(Round {
+        tokens: out,
+        loop_steps: kept * steps,
+    })
+}
+
+/// Whether `cand`, drafted from `q` (None: greedy), stands at a position
+/// whose model logits are `logits`: Ok, or Err with the position's token.
+/// Greedy: the model's argmax equals it. Sampling: accepted with
+/// probability min(1, p(cand) / q(cand)), else a draw from the normalised
+/// residual max(0, p - q), so the token is distributed as p.
+fn accept(sampler: &mut Sampler, logits: &[f32], ctx: &[u32], cand: u32, q: Option<&[f32]>) -> Result<(), u32> {
+    let Some(q) = q else {
+        let tok = sampler.sample(logits, ctx);
+        return if tok == cand { Ok(()) } else { Err(tok) };
+    };
+    let p = sampler.probs(logits, ctx);
+    let (pc, qc) = (p[cand as usize], q[cand as usize]);
+    let u = sampler.draw_uniform();
+    if qc > 0.0 && u < pc / qc {
+        return Ok(());
+    }
+    let resid: Vec<f32> = p.iter().zip(q).map(|(a, b)| (a - b).max(0.0)).collect();
+    Err(if resid.iter().any(|&x| x > 0.0) {
+        sampler.draw(&resid)
+    } else {
+        sampler.draw(&p)
+    })
 }

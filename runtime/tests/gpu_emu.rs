@@ -395,13 +395,15 @@ fn speculation_on_the_emulator_is_plain_decoding() {
     let ckpt = open("mha-r4");
     let pol = policy_for(&ckpt);
     let prompt = Golden::load("mha-r4").prompt();
+    // A short context: generation runs into its end, where a verification
+    // must not reserve KV rows beyond it.
     let limits = GenLimits {
-        max_new_tokens: 8,
-        max_positions: 64,
+        max_new_tokens: 16,
+        max_positions: prompt.len() + 8,
     };
     let opts = GpuOptions {
         early_exit: true,
-        ..GpuOptions::new(64)
+        ..GpuOptions::new(prompt.len() + 8)
     };
     let run = |spec: SpecOptions| {
         let mut m = emu(program(&ckpt, DType::F32, pol), &ckpt, opts);
@@ -413,6 +415,7 @@ fn speculation_on_the_emulator_is_plain_decoding() {
         tokens: DraftTokens::Fixed(3),
         depth: Some(2),
     });
+    assert_eq!(want.stop, ouroc_runtime::StopReason::Context);
     assert_eq!(got.tokens, want.tokens);
     assert_eq!(got.depth_histogram, want.depth_histogram);
     let s = got.speculation.expect("speculation ran");

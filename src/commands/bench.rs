@@ -311,7 +311,7 @@ fn mechanism(model: &mut CpuForward, ids: &[u32], k: usize, spec: SpecOptions, r
         model.run(ids).map_err(e)?;
         let m = model.speculative().expect("the CPU engine speculates");
         let p0 = m.positions();
-        // k plain passes.
+        // k drafts.
         let t = Instant::now();
         for &tok in &toks {
             m.draft(tok, depth, false).map_err(|x| e(x.to_string()))?;
