@@ -374,8 +374,7 @@ pub fn round(
     let mut ctx = context.to_vec();
     let (mut proposed, mut accepted) = (0, 0);
     let mut kept = n;
-    for j in 0..n {
-        let (logits, exit) = (&v.logits[j], v.exit_steps[j]);
+    for (j, (logits, &exit)) in v.logits.iter().zip(&v.exit_steps).enumerate() {
         // Early exit at a verified position: the later positions attended
         // to its real later-step rows, which plain decode would not have
         // computed: the round ends here.
