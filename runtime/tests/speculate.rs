@@ -253,7 +253,10 @@ fn bad_speculation_settings_are_refused_by_name() {
     exited.carried.clear();
     let err = sp.verify(&[p[0]], &[exited]).unwrap_err().to_string();
     assert!(err.contains("states of drafts"), "{err}");
-    let err = sp.verify(&[p[0], p[1]], std::slice::from_ref(&d.state)).unwrap_err().to_string();
+    let err = sp
+        .verify(&[p[0], p[1]], std::slice::from_ref(&d.state))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("states of drafts"), "{err}");
     assert!(sp.draft(p[0], 0, false).is_err());
     let mut interp = ouroc_runtime::interp::InterpForward::new(&g, &ckpt, 64, true).unwrap();
