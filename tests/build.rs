@@ -166,6 +166,8 @@ fn built_executables_generate_what_ouroc_run_does_and_refuse_bad_weights() {
         g("24", &["--threads", "3", "--linear", "cranelift"]),
         g("24", &["--threads", "3", "--kv", "last"]),
         g("16", &["--threads", "2", "--no-early-exit", "--kv", "mean"]),
+        g("24", &["--threads", "2", "--draft-tokens", "3", "--draft-steps", "1"]),
+        g("24", &["--threads", "2", "--draft-tokens", "off"]),
     ];
     let runs_mha: Vec<&[&str]> = runs_mha.iter().map(|v| v.as_slice()).collect();
     same_as_ouroc_run(&mha, "tests/fixtures/mha-r4", &mha_flags, &runs_mha);
@@ -176,6 +178,16 @@ fn built_executables_generate_what_ouroc_run_does_and_refuse_bad_weights() {
     ];
     let runs_gqa: Vec<&[&str]> = runs_gqa.iter().map(|v| v.as_slice()).collect();
     same_as_ouroc_run(&gqa, "tests/fixtures/gqa-hd", &gqa_flags, &runs_gqa);
+    // Speculation changes no greedy token.
+    let spec = run_app(&mha, &g("24", &["--draft-tokens", "4", "--draft-steps", "2"]));
+    let plain = run_app(&mha, &g("24", &["--draft-tokens", "off"]));
+    assert!(spec.status.success() && plain.status.success());
+    assert_eq!(text(&spec.stdout), text(&plain.stdout));
+    assert!(
+        text(&spec.stderr).contains("speculation: draft 2 of 4 steps"),
+        "{}",
+        text(&spec.stderr)
+    );
 
     // --help lists the generation flags and the fixed exit policy.
     let help = run_app(&mha, &["--help"]);
@@ -196,6 +208,8 @@ fn built_executables_generate_what_ouroc_run_does_and_refuse_bad_weights() {
         "--threads",
         "--device",
         "--linear",
+        "--draft-tokens",
+        "--draft-steps",
         "fixed at build time: threshold:1.0",
     ] {
         assert!(h.contains(flag), "--help lacks `{flag}`:\n{h}");
@@ -206,6 +220,13 @@ fn built_executables_generate_what_ouroc_run_does_and_refuse_bad_weights() {
         &mha,
         &["--prompt", "hi", "--exit", "last"],
         &["fixed at build time", "threshold:1.0"],
+    );
+
+    refuses(&mha, &["--prompt", "hi", "--draft-tokens", "1"], &["--draft-tokens"]);
+    refuses(
+        &mha,
+        &["--prompt", "hi", "--kv", "last", "--draft-tokens", "3"],
+        &["--kv full"],
     );
 
     // Thread counts far above the cores are refused at once, not run (they made no progress).

@@ -740,3 +740,81 @@ fn cuda_without_a_driver_or_the_feature_is_a_clear_error() {
         &["--device cuda", "--threads"],
     );
 }
+
+/// Self-speculative decoding on `run` and `bench`: greedy text unchanged,
+/// its summary printed, the mechanism measured, bad settings refused.
+#[test]
+fn speculation_flags_on_run_and_bench() {
+    let run = |extra: &[&str]| {
+        let mut a = vec![
+            "run",
+            "--prompt",
+            "def ",
+            "--max-new-tokens",
+            "24",
+            "--temperature",
+            "0",
+            "--exit",
+            "last",
+        ];
+        a.extend_from_slice(extra);
+        ouroc(&a)
+    };
+    let plain = run(&["--draft-tokens", "off"]);
+    let spec = run(&["--draft-tokens", "3", "--draft-steps", "2"]);
+    assert!(plain.status.success() && spec.status.success(), "{}", stderr(&spec));
+    assert_eq!(stdout(&spec), stdout(&plain));
+    let err = stderr(&spec);
+    for want in [
+        "speculation: draft 2 of 4 steps",
+        "acceptance",
+        "tokens per round",
+        "weight reads saved",
+    ] {
+        assert!(err.contains(want), "summary lacks `{want}`:\n{err}");
+    }
+    assert!(!stderr(&plain).contains("speculation:"));
+    let d = fixture("mha-r4");
+    let d = d.to_str().unwrap();
+    fails_with(
+        &["run", d, "--prompt", "hi", "--draft-tokens", "9"],
+        &["--draft-tokens"],
+    );
+    fails_with(
+        &["run", d, "--prompt", "hi", "--draft-tokens", "3", "--draft-steps", "4"],
+        &["--draft-steps"],
+    );
+    fails_with(
+        &["run", d, "--prompt", "hi", "--backend", "interp", "--draft-tokens", "3"],
+        &["interpreter"],
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("bench.json");
+    let o = ouroc(&[
+        "bench",
+        d,
+        "--precision",
+        "f32",
+        "--prefill-tokens",
+        "8",
+        "--decode-tokens",
+        "8",
+        "--runs",
+        "1",
+        "--draft-tokens",
+        "2",
+        "--draft-steps",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("verifying 2 drafted tokens"), "{}", stdout(&o));
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let m = &doc["results"][0]["mechanism"];
+    assert!(
+        m["verify_s"].as_f64().unwrap() > 0.0 && m["single_verifies_s"].as_f64().unwrap() > 0.0,
+        "{doc}"
+    );
+    assert_eq!(doc["draft_tokens"], "2");
+}
