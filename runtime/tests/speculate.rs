@@ -282,3 +282,34 @@ fn speculation_runs_to_the_end_of_the_context() {
         assert_eq!(got.stop, want.stop);
     }
 }
+
+/// The demo model (trained, so drafts are mostly accepted): greedy tokens
+/// and exit depths equal plain decoding's in f32 and bf16 under every
+/// exit policy, with early exit.
+#[test]
+fn greedy_speculation_on_the_demo_model_is_plain_decoding() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/demo");
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let p = prompt(ckpt.config.vocab_size, 8);
+    let mut accepted = 0;
+    for dtype in [DType::F32, DType::BF16] {
+        for policy in POLICIES {
+            let g = graph(&ckpt, policy, dtype);
+            let mut plain = cpu(&g, &ckpt, true, KvMode::Full);
+            let want = generate(&mut plain, &p, 24, SamplingParams::default(), SpecOptions::OFF);
+            let depth = (plain.loop_steps() / 2).max(1);
+            let mut m = cpu(&g, &ckpt, true, KvMode::Full);
+            let got = generate(
+                &mut m,
+                &p,
+                24,
+                SamplingParams::default(),
+                spec(DraftTokens::Fixed(4), depth),
+            );
+            assert_eq!(got.tokens, want.tokens, "demo {dtype} {policy}");
+            assert_eq!(got.depth_histogram, want.depth_histogram, "demo {dtype} {policy}");
+            accepted += got.speculation.expect("speculation ran").accepted;
+        }
+    }
+    assert!(accepted > 0);
+}
