@@ -84,6 +84,12 @@ pub struct BenchArgs {
     /// Also write the results as JSON to this file
     #[arg(long, value_name = "FILE.json")]
     pub json: Option<PathBuf>,
+    /// Run only these passes of the optimisation pipeline (as for `run`)
+    #[arg(long, value_name = "PASS,...", value_delimiter = ',', conflicts_with = "skip")]
+    pub passes: Option<Vec<String>>,
+    /// Run the optimisation pipeline without these passes
+    #[arg(long, value_name = "PASS,...", value_delimiter = ',')]
+    pub skip: Vec<String>,
     #[command(flatten)]
     pub cpu: CpuFlags,
     #[command(flatten)]
@@ -328,8 +334,16 @@ pub struct SourceArgs {
 
 #[derive(Args, Debug)]
 pub struct CompileArgs {
-    #[command(flatten)]
-    pub source: SourceArgs,
+    /// Checkpoint directory
+    #[arg(required_unless_present_any = ["shape", "list"])]
+    pub ckpt: Option<PathBuf>,
+    /// A named shape instead of a checkpoint (no weights needed): 1.4b, 2.6b, small
+    #[arg(long, value_name = "NAME", conflicts_with = "ckpt")]
+    pub shape: Option<String>,
+    /// List the optimisation pipeline's passes, in order, with what each does (the names
+    /// --passes and --skip take), and exit
+    #[arg(long)]
+    pub list: bool,
     #[command(flatten)]
     pub model: ModelFlags,
     /// Print per-pass statistics: ops, ops in the loop, kernels launched per token,
@@ -358,6 +372,23 @@ pub struct ModelFlags {
     /// pass recovers the loop)
     #[arg(long)]
     pub unrolled: bool,
+    /// Run only these passes of the optimisation pipeline, in the pipeline's order
+    /// (comma-separated; `ouroc compile --list` names them; `--passes ""` runs none)
+    #[arg(long, value_name = "PASS,...", value_delimiter = ',', conflicts_with = "skip")]
+    pub passes: Option<Vec<String>>,
+    /// Run the optimisation pipeline without these passes (comma-separated)
+    #[arg(long, value_name = "PASS,...", value_delimiter = ',')]
+    pub skip: Vec<String>,
+}
+
+impl ModelFlags {
+    /// The pass pipeline these flags choose (`keep_exit_trace`: without
+    /// `policy-dce`, for traces of every step).
+    pub fn pipeline(&self, keep_exit_trace: bool) -> Result<ouroc_passes::PassManager, String> {
+        let clean = |v: &[String]| -> Vec<String> { v.iter().filter(|s| !s.is_empty()).cloned().collect() };
+        let only = self.passes.as_deref().map(clean);
+        ouroc_passes::pipeline_with(keep_exit_trace, only.as_deref(), &clean(&self.skip))
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

@@ -818,3 +818,57 @@ fn speculation_flags_on_run_and_bench() {
     );
     assert_eq!(doc["draft_tokens"], "2");
 }
+
+/// Pipelines as parameters: `compile --list` names every pass, `--passes`
+/// and `--skip` choose them on every command, bad choices are refused by
+/// name (a missing prerequisite names the pass to add).
+#[test]
+fn passes_and_skip_choose_the_pipeline() {
+    let o = ouroc(&["compile", "--list"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let list = stdout(&o);
+    for pass in [
+        "reroll",
+        "egraph",
+        "hoist",
+        "rotate",
+        "policy-dce",
+        "peel",
+        "cse",
+        "dce",
+    ] {
+        assert!(list.contains(&format!("  {pass} ")), "--list lacks {pass}:\n{list}");
+    }
+    let d = fixture("mha-r4");
+    let d = d.to_str().unwrap();
+    let passes = |flags: &[&str]| {
+        let mut a = vec!["compile", d];
+        a.extend_from_slice(flags);
+        let o = ouroc(&a);
+        assert!(o.status.success(), "{flags:?}: {}", stderr(&o));
+        stdout(&o)
+    };
+    assert!(passes(&[]).starts_with("8 passes"));
+    assert!(passes(&["--passes", "egraph,dce"]).starts_with("2 passes"));
+    assert!(passes(&["--skip", "egraph"]).starts_with("7 passes"));
+    let none = passes(&["--passes", ""]);
+    assert!(none.starts_with("0 passes: kernels/token 160 -> 160"), "{none}");
+    fails_with(&["compile", d, "--skip", "fuse"], &["unknown pass `fuse`", "egraph"]);
+    fails_with(&["compile", d, "--passes", "cse,cse"], &["named twice"]);
+    fails_with(
+        &["emit", "ir", d, "--after", "dce", "--skip", "dce"],
+        &["unknown pass `dce`"],
+    );
+    // Every command takes them; a program without its prerequisite is refused.
+    let o = ouroc(&["run", d, "--prompt", "hi", "--max-new-tokens", "4", "--passes", ""]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    fails_with(
+        &["run", d, "--prompt", "hi", "--unrolled", "--skip", "reroll"],
+        &["run the `reroll` pass first"],
+    );
+    fails_with(&["bench", d, "--runs", "1", "--skip", "nope"], &["unknown pass `nope`"]);
+    fails_with(
+        &["logits", d, "--ids", "1,2", "--skip", "nope"],
+        &["unknown pass `nope`"],
+    );
+}

@@ -120,6 +120,16 @@ pub fn optimise(
     run_passes(&ouroc_passes::pipeline(keep_exit_trace), imported, stop_after)
 }
 
+/// [`optimise`] with a chosen pipeline (`--passes` / `--skip`:
+/// [`ouroc_passes::pipeline_with`]).
+pub fn optimise_with(
+    imported: &Graph,
+    passes: &PassManager,
+    stop_after: Option<&str>,
+) -> Result<(Graph, Vec<PassReport>), CompileError> {
+    run_passes(passes, imported, stop_after)
+}
+
 fn run_passes(
     passes: &PassManager,
     g: &Graph,

@@ -34,6 +34,10 @@ pub fn default_pipeline() -> PassManager {
 /// the research interface traces: `ouroc logits --out` writes each step's
 /// state and gate under every policy).
 pub fn pipeline(keep_exit_trace: bool) -> PassManager {
+    PassManager::new(pipeline_parts(keep_exit_trace))
+}
+
+fn pipeline_parts(keep_exit_trace: bool) -> Vec<Box<dyn crate::Pass>> {
     let mut passes: Vec<Box<dyn crate::Pass>> = vec![
         Box::new(Reroll),
         Box::new(EGraphRewrite),
@@ -48,7 +52,47 @@ pub fn pipeline(keep_exit_trace: bool) -> PassManager {
         Box::new(Cse),
         Box::new(Dce),
     ]);
-    PassManager::new(passes)
+    passes
+}
+
+/// The default pipeline's passes, in order, with what each does: what
+/// `ouroc compile --list` prints.
+pub fn pass_list() -> Vec<(&'static str, &'static str)> {
+    pipeline(false)
+        .passes()
+        .iter()
+        .map(|p| (p.name(), p.description()))
+        .collect()
+}
+
+/// Which passes of the default pipeline run (`--passes` / `--skip`): all
+/// but `skip`, or only those in `only`; either way in the pipeline's order
+/// (each pass's place is fixed by what it needs, see the module docs).
+/// Unknown and repeated names are refused with the list of passes.
+pub fn pipeline_with(keep_exit_trace: bool, only: Option<&[String]>, skip: &[String]) -> Result<PassManager, String> {
+    let known: Vec<&str> = pass_list().iter().map(|p| p.0).collect();
+    let named = only.unwrap_or(&[]).iter().chain(skip);
+    let mut seen = std::collections::HashSet::new();
+    for n in named {
+        if !known.contains(&n.as_str()) {
+            return Err(format!("unknown pass `{n}`; the passes are: {}", known.join(", ")));
+        }
+        if !seen.insert(n.as_str()) {
+            return Err(format!("pass `{n}` is named twice"));
+        }
+    }
+    if only.is_some() && !skip.is_empty() {
+        return Err("give --passes or --skip, not both".into());
+    }
+    let keep = |name: &str| match only {
+        Some(list) => list.iter().any(|n| n == name),
+        None => !skip.iter().any(|n| n == name),
+    };
+    let passes = pipeline_parts(keep_exit_trace)
+        .into_iter()
+        .filter(|p| keep(p.name()))
+        .collect();
+    Ok(PassManager::new(passes))
 }
 
 #[cfg(test)]
@@ -70,5 +114,33 @@ mod tests {
                 "dce"
             ]
         );
+    }
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_chosen_pipeline_keeps_the_default_order() {
+        let only = names(&["dce", "egraph"]);
+        let p = super::pipeline_with(false, Some(&only), &[]).unwrap();
+        assert_eq!(p.names(), ["egraph", "dce"]);
+        let p = super::pipeline_with(false, None, &names(&["rotate", "peel"])).unwrap();
+        assert_eq!(p.names(), ["reroll", "egraph", "hoist", "policy-dce", "cse", "dce"]);
+        assert!(super::pipeline_with(false, Some(&[]), &[]).unwrap().names().is_empty());
+    }
+
+    #[test]
+    fn unknown_repeated_and_conflicting_names_are_refused() {
+        let e = super::pipeline_with(false, None, &names(&["fuse"])).err().unwrap();
+        assert!(e.contains("unknown pass `fuse`") && e.contains("egraph"), "{e}");
+        let e = super::pipeline_with(false, Some(&names(&["cse", "cse"])), &[])
+            .err()
+            .unwrap();
+        assert!(e.contains("named twice"), "{e}");
+        let e = super::pipeline_with(false, Some(&names(&["cse"])), &names(&["dce"]))
+            .err()
+            .unwrap();
+        assert!(e.contains("not both"), "{e}");
     }
 }

@@ -59,6 +59,18 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.runs == 0 || args.prefill_tokens == 0 {
         bail!("--runs and --prefill-tokens must be at least 1");
     }
+    // The pass choice, checked before anything slow.
+    let model_flags = |precision| ModelFlags {
+        exit: Some(args.exit.clone()),
+        precision,
+        loops: args.loops,
+        unrolled: false,
+        passes: args.passes.clone(),
+        skip: args.skip.clone(),
+    };
+    model_flags(Precision::F32)
+        .pipeline(false)
+        .map_err(anyhow::Error::msg)?;
     let dir = match (&args.ckpt, &args.shape) {
         (Some(d), _) => d.clone(),
         (None, Some(shape)) => random_checkpoint(shape, args.weights_dir.clone())?,
@@ -88,18 +100,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let ids = random_ids(args.prefill_tokens, cfg.vocab_size);
     let mut results = Vec::new();
     for &precision in &args.precision {
-        let flags = ModelFlags {
-            exit: Some(args.exit.clone()),
-            precision,
-            loops: args.loops,
-            unrolled: false,
-        };
+        let flags = model_flags(precision);
+        let passes = flags.pipeline(false).map_err(anyhow::Error::msg)?;
         let t0 = Instant::now();
         let name = format!("{precision:?}").to_lowercase();
         eprintln!("[{name}] compiling...");
         let graph = build(&ckpt, &flags)?;
         super::check_memory("ouroc bench", &ckpt, &graph, precision, positions)?;
-        let program = ouroc_compile::compile_graph(graph, false)?.program;
+        let program = ouroc_compile::compile_with(graph, &passes)?.program;
         let (outside, per_step) = program.weight_bytes_read();
         eprintln!("[{name}] loading weights and JIT-compiling kernels...");
         let mut model = super::prepare::cpu_forward(program, &ckpt, &opts, &args.cpu.cache)?;

@@ -1,12 +1,26 @@
 use super::build_source;
-use crate::cli::CompileArgs;
+use crate::cli::{CompileArgs, SourceArgs};
 use anyhow::Result;
-use ouroc_passes::memplan;
+use ouroc_passes::{Stats, memplan};
 
 pub fn run(args: &CompileArgs) -> Result<()> {
-    let graph = build_source(&args.source, &args.model)?;
-    let (optimised, reports) = ouroc_compile::optimise(&graph, false, None)?;
-    let (first, last) = (&reports[0].before, &reports[reports.len() - 1].after);
+    if args.list {
+        outln!("the optimisation pipeline, in order (--passes A,B runs only those, --skip A,B all but those):");
+        for (name, what) in ouroc_passes::pass_list() {
+            outln!("  {name:<11} {what}");
+        }
+        return Ok(());
+    }
+    let passes = args.model.pipeline(false).map_err(anyhow::Error::msg)?;
+    let source = SourceArgs {
+        ckpt: args.ckpt.clone(),
+        shape: args.shape.clone(),
+    };
+    let graph = build_source(&source, &args.model)?;
+    let (optimised, reports) = ouroc_compile::optimise_with(&graph, &passes, None)?;
+    let imported = Stats::of(&graph);
+    let first = reports.first().map_or(&imported, |r| &r.before);
+    let last = reports.last().map_or(&imported, |r| &r.after);
     if args.stats {
         out!("{}", ouroc_passes::table(&reports));
         outln!();

@@ -6,14 +6,16 @@ use ouroc_kernels::Program;
 pub fn ir(source: &SourceArgs, flags: &ModelFlags, after: Option<&str>) -> Result<()> {
     let mut graph = build_source(source, flags)?;
     if let Some(pass) = after {
-        graph = ouroc_compile::optimise(&graph, false, Some(pass))?.0;
+        let passes = flags.pipeline(false).map_err(anyhow::Error::msg)?;
+        graph = ouroc_compile::optimise_with(&graph, &passes, Some(pass))?.0;
     }
     print_out(&ouroc_ir::print(&graph))
 }
 
 /// The optimised graph of `source` lowered to a Program.
 pub fn program(source: &SourceArgs, flags: &ModelFlags) -> Result<Program> {
-    Ok(ouroc_compile::compile_graph(build_source(source, flags)?, false)?.program)
+    let passes = flags.pipeline(false).map_err(anyhow::Error::msg)?;
+    Ok(ouroc_compile::compile_with(build_source(source, flags)?, &passes)?.program)
 }
 
 /// The kernel of `program` named `name`, or an error listing the names.
@@ -97,7 +99,8 @@ pub fn clif(source: &SourceArgs, flags: &ModelFlags, kernel: Option<&str>) -> Re
 pub fn mlir(source: &SourceArgs, flags: &ModelFlags, after: Option<&str>, locations: bool) -> Result<()> {
     let mut graph = build_source(source, flags)?;
     if let Some(pass) = after {
-        graph = ouroc_compile::optimise(&graph, false, Some(pass))?.0;
+        let passes = flags.pipeline(false).map_err(anyhow::Error::msg)?;
+        graph = ouroc_compile::optimise_with(&graph, &passes, Some(pass))?.0;
     }
     print_out(&mlir_text(&graph, locations)?)
 }

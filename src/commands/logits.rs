@@ -20,6 +20,8 @@ struct Collected {
 
 pub fn run(args: &LogitsArgs) -> Result<()> {
     let ids = parse_ids(&args.ids)?;
+    // Checked whatever the backend (the interpreter runs the imported graph).
+    let passes = args.model.pipeline(true).map_err(anyhow::Error::msg)?;
     let ckpt = open(&args.ckpt)?;
     let graph = build(&ckpt, &args.model)?;
     let cfg = &ckpt.config;
@@ -73,7 +75,7 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
             // The research interface traces every step and gate under every
             // policy: the Program keeps them (no policy-dce), and, like the
             // reference, every step runs for every token.
-            let program = ouroc_compile::compile_graph(graph.clone(), true)?.program;
+            let program = ouroc_compile::compile_with(graph.clone(), &passes)?.program;
             let max = cfg.max_position_embeddings;
             let mut model: TraceFn = match backend {
                 LogitsBackend::Cpu => {

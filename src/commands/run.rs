@@ -36,6 +36,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         seed: args.seed,
     };
     params.check().map_err(anyhow::Error::msg)?;
+    let passes = args.model.pipeline(false).map_err(anyhow::Error::msg)?;
     let spec = args
         .spec
         .options(DraftTokens::Auto, params.temperature == 0.0)
@@ -79,7 +80,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             Box::new(InterpForward::new(&graph, &ckpt, max_positions, early_exit).map_err(anyhow::Error::msg)?)
         }
         Backend::Cpu => {
-            let program = ouroc_compile::compile_graph(graph.clone(), false)?.program;
+            let program = ouroc_compile::compile_with(graph.clone(), &passes)?.program;
             let opts = cpu_opts.expect("parsed for the cpu backend");
             if args.device == Device::Cuda {
                 let mut g = ouroc_runtime::gpu::GpuOptions::new(max_positions);
