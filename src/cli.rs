@@ -90,6 +90,9 @@ pub struct BenchArgs {
     /// Run the optimisation pipeline without these passes
     #[arg(long, value_name = "PASS,...", value_delimiter = ',')]
     pub skip: Vec<String>,
+    /// Rewrite rules of the egraph pass: -NAME off, +NAME on (as for `run`)
+    #[arg(long, value_name = "-RULE,+RULE", value_delimiter = ',', allow_hyphen_values = true)]
+    pub rules: Vec<String>,
     #[command(flatten)]
     pub cpu: CpuFlags,
     #[command(flatten)]
@@ -379,6 +382,10 @@ pub struct ModelFlags {
     /// Run the optimisation pipeline without these passes (comma-separated)
     #[arg(long, value_name = "PASS,...", value_delimiter = ',')]
     pub skip: Vec<String>,
+    /// Rewrite rules of the egraph pass: -NAME turns one off, +NAME back on, in order
+    /// (comma-separated; `ouroc compile --list` names them)
+    #[arg(long, value_name = "-RULE,+RULE", value_delimiter = ',', allow_hyphen_values = true)]
+    pub rules: Vec<String>,
 }
 
 impl ModelFlags {
@@ -387,7 +394,12 @@ impl ModelFlags {
     pub fn pipeline(&self, keep_exit_trace: bool) -> Result<ouroc_passes::PassManager, String> {
         let clean = |v: &[String]| -> Vec<String> { v.iter().filter(|s| !s.is_empty()).cloned().collect() };
         let only = self.passes.as_deref().map(clean);
-        ouroc_passes::pipeline_with(keep_exit_trace, only.as_deref(), &clean(&self.skip))
+        ouroc_passes::pipeline_with(
+            keep_exit_trace,
+            only.as_deref(),
+            &clean(&self.skip),
+            &clean(&self.rules),
+        )
     }
 }
 

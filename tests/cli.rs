@@ -853,6 +853,24 @@ fn passes_and_skip_choose_the_pipeline() {
     assert!(passes(&["--skip", "egraph"]).starts_with("7 passes"));
     let none = passes(&["--passes", ""]);
     assert!(none.starts_with("0 passes: kernels/token 160 -> 160"), "{none}");
+    for rule in ["merge-linears", "swiglu", "step-end"] {
+        assert!(
+            list.contains(&format!("  {rule} ")),
+            "--list lacks rule {rule}:\n{list}"
+        );
+    }
+    let unmerged = passes(&["--rules", "-merge-linears"]);
+    assert!(
+        unmerged.starts_with("8 passes") && unmerged != passes(&[]),
+        "{unmerged}"
+    );
+    assert_eq!(passes(&["--rules=-merge-linears,-swiglu,+swiglu"]), unmerged);
+    fails_with(&["compile", d, "--rules", "swiglu"], &["-NAME", "merge-linears"]);
+    fails_with(&["compile", d, "--rules", "-fuse-all"], &["unknown rule `fuse-all`"]);
+    fails_with(
+        &["compile", d, "--passes", "dce", "--rules", "-swiglu"],
+        &["does not run"],
+    );
     fails_with(&["compile", d, "--skip", "fuse"], &["unknown pass `fuse`", "egraph"]);
     fails_with(&["compile", d, "--passes", "cse,cse"], &["named twice"]);
     fails_with(

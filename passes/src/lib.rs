@@ -21,5 +21,5 @@ pub mod ssa;
 pub mod stats;
 
 pub use manager::{Pass, PassError, PassManager, PassReport};
-pub use pipeline::{default_pipeline, pass_list, pipeline, pipeline_with};
+pub use pipeline::{default_pipeline, pass_list, pipeline, pipeline_with, rule_list};
 pub use stats::{Stats, table};

@@ -40,7 +40,7 @@ pub fn pipeline(keep_exit_trace: bool) -> PassManager {
 fn pipeline_parts(keep_exit_trace: bool) -> Vec<Box<dyn crate::Pass>> {
     let mut passes: Vec<Box<dyn crate::Pass>> = vec![
         Box::new(Reroll),
-        Box::new(EGraphRewrite),
+        Box::new(EGraphRewrite::default()),
         Box::new(Hoist),
         Box::new(Rotate::new()),
     ];
@@ -69,7 +69,13 @@ pub fn pass_list() -> Vec<(&'static str, &'static str)> {
 /// but `skip`, or only those in `only`; either way in the pipeline's order
 /// (each pass's place is fixed by what it needs, see the module docs).
 /// Unknown and repeated names are refused with the list of passes.
-pub fn pipeline_with(keep_exit_trace: bool, only: Option<&[String]>, skip: &[String]) -> Result<PassManager, String> {
+pub fn pipeline_with(
+    keep_exit_trace: bool,
+    only: Option<&[String]>,
+    skip: &[String],
+    rules: &[String],
+) -> Result<PassManager, String> {
+    let off = rules_off(rules)?;
     let known: Vec<&str> = pass_list().iter().map(|p| p.0).collect();
     let named = only.unwrap_or(&[]).iter().chain(skip);
     let mut seen = std::collections::HashSet::new();
@@ -88,11 +94,58 @@ pub fn pipeline_with(keep_exit_trace: bool, only: Option<&[String]>, skip: &[Str
         Some(list) => list.iter().any(|n| n == name),
         None => !skip.iter().any(|n| n == name),
     };
+    if !off.is_empty() && !keep("egraph") {
+        return Err("--rules chooses the rules of the `egraph` pass, which this pipeline does not run".into());
+    }
     let passes = pipeline_parts(keep_exit_trace)
         .into_iter()
         .filter(|p| keep(p.name()))
+        .map(|p| -> Box<dyn crate::Pass> {
+            if p.name() == "egraph" {
+                Box::new(EGraphRewrite { off: off.clone() })
+            } else {
+                p
+            }
+        })
         .collect();
     Ok(PassManager::new(passes))
+}
+
+/// The rewrite rules of the `egraph` pass with their summaries: what
+/// `ouroc compile --list` prints and `--rules` names.
+pub fn rule_list() -> Vec<(&'static str, &'static str)> {
+    crate::egraph::rules::rules()
+        .iter()
+        .map(|r| (r.name, r.summary))
+        .collect()
+}
+
+/// `--rules -a,+b`: the rules turned off (every rule is on by default;
+/// `+NAME` turns one back on after a `-NAME`). Unknown names and entries
+/// without a sign are refused with the list of rules.
+fn rules_off(rules: &[String]) -> Result<Vec<String>, String> {
+    let known: Vec<&str> = rule_list().iter().map(|r| r.0).collect();
+    let mut off: Vec<String> = Vec::new();
+    for r in rules {
+        let (on, name) = match (r.strip_prefix('-'), r.strip_prefix('+')) {
+            (Some(n), _) => (false, n),
+            (_, Some(n)) => (true, n),
+            _ => {
+                return Err(format!(
+                    "--rules takes -NAME (off) or +NAME (on), not `{r}`; the rules are: {}",
+                    known.join(", ")
+                ));
+            }
+        };
+        if !known.contains(&name) {
+            return Err(format!("unknown rule `{name}`; the rules are: {}", known.join(", ")));
+        }
+        off.retain(|n| n != name);
+        if !on {
+            off.push(name.to_string());
+        }
+    }
+    Ok(off)
 }
 
 #[cfg(test)]
@@ -123,24 +176,51 @@ mod tests {
     #[test]
     fn a_chosen_pipeline_keeps_the_default_order() {
         let only = names(&["dce", "egraph"]);
-        let p = super::pipeline_with(false, Some(&only), &[]).unwrap();
+        let p = super::pipeline_with(false, Some(&only), &[], &[]).unwrap();
         assert_eq!(p.names(), ["egraph", "dce"]);
-        let p = super::pipeline_with(false, None, &names(&["rotate", "peel"])).unwrap();
+        let p = super::pipeline_with(false, None, &names(&["rotate", "peel"]), &[]).unwrap();
         assert_eq!(p.names(), ["reroll", "egraph", "hoist", "policy-dce", "cse", "dce"]);
-        assert!(super::pipeline_with(false, Some(&[]), &[]).unwrap().names().is_empty());
+        assert!(
+            super::pipeline_with(false, Some(&[]), &[], &[])
+                .unwrap()
+                .names()
+                .is_empty()
+        );
     }
 
     #[test]
     fn unknown_repeated_and_conflicting_names_are_refused() {
-        let e = super::pipeline_with(false, None, &names(&["fuse"])).err().unwrap();
+        let e = super::pipeline_with(false, None, &names(&["fuse"]), &[]).err().unwrap();
         assert!(e.contains("unknown pass `fuse`") && e.contains("egraph"), "{e}");
-        let e = super::pipeline_with(false, Some(&names(&["cse", "cse"])), &[])
+        let e = super::pipeline_with(false, Some(&names(&["cse", "cse"])), &[], &[])
             .err()
             .unwrap();
         assert!(e.contains("named twice"), "{e}");
-        let e = super::pipeline_with(false, Some(&names(&["cse"])), &names(&["dce"]))
+        let e = super::pipeline_with(false, Some(&names(&["cse"])), &names(&["dce"]), &[])
             .err()
             .unwrap();
         assert!(e.contains("not both"), "{e}");
+        let e = super::pipeline_with(false, None, &[], &names(&["-fuse-all"]))
+            .err()
+            .unwrap();
+        assert!(
+            e.contains("unknown rule `fuse-all`") && e.contains("merge-linears"),
+            "{e}"
+        );
+        let e = super::pipeline_with(false, None, &[], &names(&["swiglu"]))
+            .err()
+            .unwrap();
+        assert!(e.contains("-NAME"), "{e}");
+        let e = super::pipeline_with(false, Some(&names(&["dce"])), &[], &names(&["-swiglu"]))
+            .err()
+            .unwrap();
+        assert!(e.contains("does not run"), "{e}");
+    }
+
+    #[test]
+    fn rules_turn_off_and_back_on_in_order() {
+        let off = super::rules_off(&names(&["-swiglu", "-merge-linears", "+swiglu"])).unwrap();
+        assert_eq!(off, ["merge-linears"]);
+        assert!(super::rules_off(&[]).unwrap().is_empty());
     }
 }

@@ -24,7 +24,7 @@ fn equivalent_on_every_fixture_and_policy() {
         let ckpt = open(fixture);
         for policy in POLICIES {
             let g = fixture_graph(&ckpt, policy);
-            let out = EGraphRewrite
+            let out = EGraphRewrite::default()
                 .run(&g)
                 .unwrap_or_else(|e| panic!("{fixture} {policy}: {e}"));
             assert_equivalent(&g, &out, &ckpt, ckpt.config.vocab_size, &format!("{fixture} {policy}"));
@@ -84,12 +84,15 @@ fn equivalent_on_unrolled_graphs() {
 fn runs_in_the_pass_manager_and_is_idempotent() {
     let ckpt = open("mha-r4");
     let g = fixture_graph(&ckpt, "weighted");
-    let pm = PassManager::new(vec![Box::new(EGraphRewrite), Box::new(EGraphRewrite)]);
+    let pm = PassManager::new(vec![
+        Box::new(EGraphRewrite::default()),
+        Box::new(EGraphRewrite::default()),
+    ]);
     let (out, reports) = pm.run(&g, None).unwrap();
     assert_eq!(pm.names(), ["egraph", "egraph"]);
     // The second run finds nothing better.
     assert_eq!(reports[1].before, reports[1].after);
-    let once = EGraphRewrite.run(&g).unwrap();
+    let once = EGraphRewrite::default().run(&g).unwrap();
     assert_eq!(out, once, "a second run changes the graph");
     assert_equivalent(&g, &out, &ckpt, ckpt.config.vocab_size, "twice");
 }

@@ -68,7 +68,7 @@ fn random_pass_subsets_compute_the_reference() {
             }
             for only in subsets {
                 let what = format!("{name} {policy} unrolled={unrolled} --passes {}", only.join(","));
-                let passes = ouroc_passes::pipeline_with(false, Some(&only), &[]).unwrap();
+                let passes = ouroc_passes::pipeline_with(false, Some(&only), &[], &[]).unwrap();
                 let c = ouroc_compile::compile_with(imported.clone(), &passes);
                 if unrolled && !only.iter().any(|p| p == "reroll") {
                     // Refused, naming the missing pass.
@@ -102,4 +102,48 @@ fn random_pass_subsets_compute_the_reference() {
         }
     }
     assert!(tried >= 60);
+}
+
+/// Random subsets of the e-graph's rules turned off, with the whole
+/// pipeline: the same property.
+#[test]
+fn random_rule_subsets_compute_the_reference() {
+    let rules: Vec<&str> = ouroc_passes::rule_list().iter().map(|r| r.0).collect();
+    let mut rng = Lcg(0x5eed2);
+    for name in ["mha-r4", "gqa-hd"] {
+        let ckpt = Checkpoint::open(&fixture(name)).unwrap();
+        let vocab = ckpt.config.vocab_size;
+        for policy in ["last", "threshold:0.5"] {
+            let imported = graph(&ckpt, policy, false);
+            let mut reference = InterpForward::new(&imported, &ckpt, 64, true).unwrap();
+            let want = calls(&mut reference, vocab);
+            let mut choices: Vec<Vec<String>> = vec![rules.iter().map(|r| format!("-{r}")).collect()];
+            for _ in 0..6 {
+                choices.push(
+                    rules
+                        .iter()
+                        .filter(|_| rng.next() > 0.0)
+                        .map(|r| format!("-{r}"))
+                        .collect(),
+                );
+            }
+            for off in choices {
+                let what = format!("{name} {policy} --rules {}", off.join(","));
+                let passes = ouroc_passes::pipeline_with(false, None, &[], &off).unwrap();
+                let c =
+                    ouroc_compile::compile_with(imported.clone(), &passes).unwrap_or_else(|e| panic!("{what}: {e}"));
+                let opts = CpuOptions {
+                    early_exit: true,
+                    ..CpuOptions::new(64)
+                };
+                let mut cpu =
+                    CpuForward::with_options(c.program, &ckpt, &opts).unwrap_or_else(|e| panic!("{what}: {e}"));
+                for (i, ((g, gd), (w, wd))) in calls(&mut cpu, vocab).iter().zip(&want).enumerate() {
+                    let e = rel_err(g, w);
+                    assert!(e <= 1e-4, "{what}: call {i}: relative error {e}");
+                    assert_eq!(gd, wd, "{what}: call {i}: exit depth");
+                }
+            }
+        }
+    }
 }

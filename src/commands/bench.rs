@@ -67,6 +67,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         unrolled: false,
         passes: args.passes.clone(),
         skip: args.skip.clone(),
+        rules: args.rules.clone(),
     };
     model_flags(Precision::F32)
         .pipeline(false)

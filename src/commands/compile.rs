@@ -9,6 +9,10 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         for (name, what) in ouroc_passes::pass_list() {
             outln!("  {name:<11} {what}");
         }
+        outln!("the rewrite rules of egraph, all on by default (--rules -NAME turns one off, +NAME on):");
+        for (name, what) in ouroc_passes::rule_list() {
+            outln!("  {name:<27} {what}");
+        }
         return Ok(());
     }
     let passes = args.model.pipeline(false).map_err(anyhow::Error::msg)?;

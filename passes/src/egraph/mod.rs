@@ -42,8 +42,12 @@ const ITER_LIMIT: usize = 64;
 const NODE_LIMIT: usize = 1_000_000;
 const TIME_LIMIT: Duration = Duration::from_secs(120);
 
-/// The pass.
-pub struct EGraphRewrite;
+/// The pass, with the rules of [`rules::rules`] except those named in
+/// `off` (`--rules -NAME`).
+#[derive(Clone, Debug, Default)]
+pub struct EGraphRewrite {
+    pub off: Vec<String>,
+}
 
 impl Pass for EGraphRewrite {
     fn name(&self) -> &'static str {
@@ -56,7 +60,7 @@ impl Pass for EGraphRewrite {
     }
 
     fn run(&self, g: &Graph) -> Result<Graph, PassError> {
-        optimize(g)
+        optimize_with(g, &self.off)
             .map(|(g, _)| g)
             .map_err(|msg| PassError::Failed { pass: "egraph", msg })
     }
@@ -96,6 +100,11 @@ impl Report {
 
 /// Run the pass and say what it did.
 pub fn optimize(g: &Graph) -> Result<(Graph, Report), String> {
+    optimize_with(g, &[])
+}
+
+/// [`optimize`] without the rules named in `off`.
+pub fn optimize_with(g: &Graph, off: &[String]) -> Result<(Graph, Report), String> {
     let mut types = g.types.clone();
     let mut report = Report::default();
     let top = &g.body;
@@ -112,7 +121,12 @@ pub fn optimize(g: &Graph) -> Result<(Graph, Report), String> {
                 return Err("a loop body must end in yield".into());
             };
             let roots: Vec<ValueId> = next.iter().chain([out]).chain(exit).copied().collect();
-            let (r, rep) = region(g, &l.body.ops, &roots, &constants, l.steps as u64, true, &mut types)?;
+            let how = How {
+                trip: l.steps as u64,
+                hoist: true,
+                off,
+            };
+            let (r, rep) = region(g, &l.body.ops, &roots, &constants, how, &mut types)?;
             report.regions.push(rep);
             ops.extend(r.prelude);
             let n = next.len();
@@ -147,7 +161,12 @@ pub fn optimize(g: &Graph) -> Result<(Graph, Report), String> {
             .cloned()
             .partition(|op| matches!(op.kind, OpKind::Weight { .. }));
         let constants: HashSet<ValueId> = weights.iter().map(|op| op.result()).collect();
-        let (r, rep) = region(g, &rest, g.outputs(), &constants, 1, false, &mut types)?;
+        let how = How {
+            trip: 1,
+            hoist: false,
+            off,
+        };
+        let (r, rep) = region(g, &rest, g.outputs(), &constants, how, &mut types)?;
         report.regions.push(rep);
         Block {
             args: top.args.clone(),
@@ -177,18 +196,29 @@ fn top_constants(top: &Block) -> HashSet<ValueId> {
     constants
 }
 
+/// How a region is rewritten: its trip count (the cost model weighs the
+/// loop body by it), whether invariant work is hoisted, the rules off.
+struct How<'a> {
+    trip: u64,
+    hoist: bool,
+    off: &'a [String],
+}
+
 /// Rewrite one region: build its e-graph, saturate, extract, emit.
 fn region(
     g: &Graph,
     ops: &[Op],
     roots: &[ValueId],
     constants: &HashSet<ValueId>,
-    trip: u64,
-    hoist: bool,
+    how: How,
     types: &mut Vec<Type>,
 ) -> Result<(convert::Emitted, RegionReport), String> {
+    let How { trip, hoist, off } = how;
     let built = convert::build(g, ops, roots, constants)?;
-    let rules = rules::rules();
+    let rules: Vec<rules::Rule> = rules::rules()
+        .into_iter()
+        .filter(|r| !off.iter().any(|n| n == r.name))
+        .collect();
     let runner = Runner::<lang::Node, Ctx>::new(Ctx::default())
         .with_egraph(built.eg)
         .with_iter_limit(ITER_LIMIT)
