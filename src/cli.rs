@@ -45,6 +45,11 @@ pub enum Command {
     /// per precision, with the weight bytes a decode token reads against the machine's
     /// measured read bandwidth
     Bench(BenchArgs),
+    /// Ablation of the optimisation pipeline: the default pipeline and each variant with one
+    /// pass or one rewrite rule removed (or the variants given), compiled and measured in
+    /// alternating rounds: kernel launches, weight and activation bytes per token, activation
+    /// arena, compile time, prefill and decode tokens/s and their ratio to the default
+    Ablate(AblateArgs),
     /// Compile a checkpoint ahead of time into an executable that needs neither ouroc nor a
     /// compiler: the kernels' machine code (linked by the system linker), the Program,
     /// tokenizer and chat template, and its weights beside it (APP.weights) or embedded
@@ -184,6 +189,40 @@ pub struct BuildArgs {
     /// from this ouroc's workspace when missing or older than its sources)
     #[arg(long, value_name = "FILE")]
     pub app_lib: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct AblateArgs {
+    /// Checkpoint directory
+    #[arg(required_unless_present = "shape", conflicts_with = "shape")]
+    pub ckpt: Option<PathBuf>,
+    /// Random bf16 weights of a named shape instead (1.4b, 2.6b, small), as for `bench`
+    #[arg(long, value_name = "NAME")]
+    pub shape: Option<String>,
+    /// The variants, separated by `;`, each a set of flags as `run` takes them: `--skip A,B`,
+    /// `--passes A,B`, `--rules -R` (default: each pass, then each rule, removed alone)
+    #[arg(long, value_name = "FLAGS;FLAGS", allow_hyphen_values = true)]
+    pub variants: Option<String>,
+    /// Model precision
+    #[arg(long, value_enum, default_value_t = Precision::Bf16)]
+    pub precision: Precision,
+    /// Exit policy (default `last`: every loop step)
+    #[arg(long = "exit", value_name = "POLICY", default_value = "last")]
+    pub exit: String,
+    /// Prompt length of the prefill measurement (random token ids)
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub prefill_tokens: usize,
+    /// Tokens decoded greedily after the prefill
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub decode_tokens: usize,
+    /// Rounds; each measures the default and the variant one after the other
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub rounds: usize,
+    /// Also write the table as JSON to this file
+    #[arg(long, value_name = "FILE.json")]
+    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub cpu: CpuFlags,
 }
 
 /// Self-speculative decoding (docs/speculative.md).

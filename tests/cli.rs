@@ -890,3 +890,52 @@ fn passes_and_skip_choose_the_pipeline() {
         &["unknown pass `nope`"],
     );
 }
+
+/// `ouroc ablate`: the default and the variants given, with their static
+/// costs and measured ratios; a variant the pipeline refuses is a row
+/// naming why; bad variants are refused by name.
+#[test]
+fn ablate_measures_variants_and_names_refusals() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("ablate.json");
+    let d = fixture("mha-r4");
+    let d = d.to_str().unwrap();
+    let o = ouroc(&[
+        "ablate",
+        d,
+        "--rounds",
+        "1",
+        "--prefill-tokens",
+        "4",
+        "--decode-tokens",
+        "2",
+        "--threads",
+        "1",
+        "--variants",
+        "--skip egraph; --rules -merge-linears,-swiglu; --passes dce --rules -swiglu",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for want in [
+        "default",
+        "--skip egraph",
+        "--rules -merge-linears,-swiglu",
+        "refused: --rules chooses",
+    ] {
+        assert!(out.contains(want), "table lacks `{want}`:\n{out}");
+    }
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = doc["variants"].as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    let kernels = |i: usize| rows[i]["kernels_per_token"].as_u64().unwrap();
+    assert!(kernels(1) > kernels(0), "without egraph more kernels launch: {doc}");
+    assert!(kernels(2) > kernels(0), "without merging more kernels launch: {doc}");
+    assert_eq!(rows[0]["decode_ratio"].as_f64().unwrap(), 1.0);
+    assert!(rows[1]["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(rows[3]["refused"].as_str().unwrap().contains("egraph"));
+    fails_with(&["ablate", d, "--variants", "--fuse all"], &["unknown flag `--fuse`"]);
+    fails_with(&["ablate", d, "--variants", ";"], &["names no variant"]);
+    fails_with(&["ablate", d, "--rounds", "0"], &["--rounds"]);
+}

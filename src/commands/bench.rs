@@ -365,7 +365,7 @@ fn mechanism(model: &mut CpuForward, ids: &[u32], k: usize, spec: SpecOptions, r
 }
 
 /// The random bf16 checkpoint of `shape`, written once (with progress) and reused.
-fn random_checkpoint(shape: &str, dir: Option<PathBuf>) -> Result<PathBuf> {
+pub(super) fn random_checkpoint(shape: &str, dir: Option<PathBuf>) -> Result<PathBuf> {
     ouroc_models::shapes::named_shape(shape).map_err(anyhow::Error::msg)?;
     let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("ouroc-shapes").join(shape));
     const SEED: u64 = 1;
@@ -387,7 +387,7 @@ fn random_checkpoint(shape: &str, dir: Option<PathBuf>) -> Result<PathBuf> {
 }
 
 /// Deterministic token ids below `vocab`.
-fn random_ids(n: usize, vocab: usize) -> Vec<u32> {
+pub(super) fn random_ids(n: usize, vocab: usize) -> Vec<u32> {
     let mut s = 0x2545_f491_4f6c_dd1du64;
     (0..n)
         .map(|_| {
@@ -409,7 +409,7 @@ fn argmax(row: &[f32]) -> u32 {
     best as u32
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(super) fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() {
         return 0.0;
     }

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+mod ablate;
 mod bench;
 mod build;
 mod compile;
@@ -41,6 +42,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Logits(args) => logits::run(&args),
         Command::Run(args) => run::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Ablate(args) => ablate::run(&args),
         Command::Build(args) => build::run(&args),
     }
 }
