@@ -89,15 +89,8 @@ pub struct BenchArgs {
     /// Also write the results as JSON to this file
     #[arg(long, value_name = "FILE.json")]
     pub json: Option<PathBuf>,
-    /// Run only these passes of the optimisation pipeline (as for `run`)
-    #[arg(long, value_name = "PASS,...", value_delimiter = ',', conflicts_with = "skip")]
-    pub passes: Option<Vec<String>>,
-    /// Run the optimisation pipeline without these passes
-    #[arg(long, value_name = "PASS,...", value_delimiter = ',')]
-    pub skip: Vec<String>,
-    /// Rewrite rules of the egraph pass: -NAME off, +NAME on (as for `run`)
-    #[arg(long, value_name = "-RULE,+RULE", value_delimiter = ',', allow_hyphen_values = true)]
-    pub rules: Vec<String>,
+    #[command(flatten)]
+    pub pipeline: PipelineFlags,
     #[command(flatten)]
     pub cpu: CpuFlags,
     #[command(flatten)]
@@ -414,6 +407,13 @@ pub struct ModelFlags {
     /// pass recovers the loop)
     #[arg(long)]
     pub unrolled: bool,
+    #[command(flatten)]
+    pub pipeline: PipelineFlags,
+}
+
+/// The optimisation pipeline's passes and rewrite rules.
+#[derive(Args, Debug, Clone, Default)]
+pub struct PipelineFlags {
     /// Run only these passes of the optimisation pipeline, in the pipeline's order
     /// (comma-separated; `ouroc compile --list` names them; `--passes ""` runs none)
     #[arg(long, value_name = "PASS,...", value_delimiter = ',', conflicts_with = "skip")]
@@ -431,6 +431,13 @@ impl ModelFlags {
     /// The pass pipeline these flags choose (`keep_exit_trace`: without
     /// `policy-dce`, for traces of every step).
     pub fn pipeline(&self, keep_exit_trace: bool) -> Result<ouroc_passes::PassManager, String> {
+        self.pipeline.passes(keep_exit_trace)
+    }
+}
+
+impl PipelineFlags {
+    /// The pass pipeline these flags choose.
+    pub fn passes(&self, keep_exit_trace: bool) -> Result<ouroc_passes::PassManager, String> {
         let clean = |v: &[String]| -> Vec<String> { v.iter().filter(|s| !s.is_empty()).cloned().collect() };
         let only = self.passes.as_deref().map(clean);
         ouroc_passes::pipeline_with(

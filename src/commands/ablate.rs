@@ -11,7 +11,7 @@
 
 use super::bench::{median, random_checkpoint, random_ids};
 use super::{build, open};
-use crate::cli::{AblateArgs, CacheFlags, ModelFlags};
+use crate::cli::{AblateArgs, CacheFlags, ModelFlags, PipelineFlags};
 use anyhow::{Result, bail};
 use ouroc_passes::{Stats, memplan};
 use ouroc_runtime::cpu::CpuForward;
@@ -71,9 +71,7 @@ pub fn run(args: &AblateArgs) -> Result<()> {
         precision: args.precision,
         loops: None,
         unrolled: false,
-        passes: None,
-        skip: Vec::new(),
-        rules: Vec::new(),
+        pipeline: PipelineFlags::default(),
     };
     let graph = build(&ckpt, &flags)?;
     let ids = random_ids(args.prefill_tokens, ckpt.config.vocab_size);
@@ -335,27 +333,21 @@ fn print_table(args: &AblateArgs, rows: &[Row]) -> Result<()> {
         "ratio"
     );
     for r in rows {
+        let costs = format!(
+            "{:<36} {:>8} {:>14} {:>12} {:>10} {:>12} {:>10.1}",
+            r.label,
+            r.stats.kernels_per_token,
+            r.stats.weight_bytes_per_token,
+            r.stats.activation_bytes_per_token,
+            r.arena_1,
+            r.arena_prefill,
+            1e3 * r.compile_s
+        );
         match &r.refused {
             Some(why) => outln!("{:<36} refused: {why}", r.label),
-            None if r.same => outln!(
-                "{:<36} {:>8} {:>14} {:>12} {:>10} {:>12} {:>10.1}   the same Program as the default",
-                r.label,
-                r.stats.kernels_per_token,
-                r.stats.weight_bytes_per_token,
-                r.stats.activation_bytes_per_token,
-                r.arena_1,
-                r.arena_prefill,
-                1e3 * r.compile_s
-            ),
+            None if r.same => outln!("{costs}   the same Program as the default"),
             None => outln!(
-                "{:<36} {:>8} {:>14} {:>12} {:>10} {:>12} {:>10.1} {:>10.2} {:>6.2}x {:>10.2} {:>6.2}x",
-                r.label,
-                r.stats.kernels_per_token,
-                r.stats.weight_bytes_per_token,
-                r.stats.activation_bytes_per_token,
-                r.arena_1,
-                r.arena_prefill,
-                1e3 * r.compile_s,
+                "{costs} {:>10.2} {:>6.2}x {:>10.2} {:>6.2}x",
                 r.prefill,
                 r.prefill_ratio,
                 r.decode,

@@ -65,9 +65,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         precision,
         loops: args.loops,
         unrolled: false,
-        passes: args.passes.clone(),
-        skip: args.skip.clone(),
-        rules: args.rules.clone(),
+        pipeline: args.pipeline.clone(),
     };
     model_flags(Precision::F32)
         .pipeline(false)
