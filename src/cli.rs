@@ -230,7 +230,7 @@ pub struct SpecFlags {
     #[arg(long, value_name = "K")]
     pub draft_tokens: Option<String>,
     /// Loop steps of a draft, from 1 to R-1 [default: R/2]
-    #[arg(long, value_name = "D")]
+    #[arg(long, value_name = "D", allow_negative_numbers = true)]
     pub draft_steps: Option<usize>,
 }
 

@@ -817,6 +817,24 @@ fn speculation_flags_on_run_and_bench() {
         "{doc}"
     );
     assert_eq!(doc["draft_tokens"], "2");
+    fails_with(
+        &[
+            "bench",
+            d,
+            "--prefill-tokens",
+            "4",
+            "--draft-tokens",
+            "8",
+            "--decode-tokens",
+            "2",
+        ],
+        &["--draft-tokens 8", "--decode-tokens 8 or more"],
+    );
+    fails_with(&["run", d, "--prompt", "hi", "--draft-steps", "-1"], &["--draft-steps"]);
+    fails_with(
+        &["run", d, "--prompt", "hi", "--draft-tokens", "4x"],
+        &["--draft-tokens", "4x"],
+    );
 }
 
 /// Pipelines as parameters: `compile --list` names every pass, `--passes`

@@ -57,6 +57,8 @@ fn random_pass_subsets_compute_the_reference() {
             ("threshold:0.5", false),
             ("last", true),
             ("weighted", false),
+            ("step:0", false),
+            ("step:2", false),
         ] {
             let imported = graph(&ckpt, policy, unrolled);
             let mut reference = InterpForward::new(&imported, &ckpt, 64, true).unwrap();

@@ -15,7 +15,18 @@ use ouroc_runtime::speculate::{DraftTokens, SpecOptions};
 use ouroc_runtime::{Sampler, SamplingParams};
 
 const FIXTURES: [&str; 2] = ["mha-r4", "gqa-hd"];
-const POLICIES: [&str; 4] = ["last", "step:1", "threshold:0.5", "weighted"];
+/// Every policy kind, and `step:K` for every K of the fixtures' 4 steps
+/// (policy-dce cuts the loop after step K; `step:0` leaves one step, where
+/// speculation is refused).
+const POLICIES: [&str; 7] = [
+    "last",
+    "step:0",
+    "step:1",
+    "step:2",
+    "step:3",
+    "threshold:0.5",
+    "weighted",
+];
 
 fn graph(ckpt: &Checkpoint, policy: &str, dtype: DType) -> Graph {
     let opts = BuildOptions {
@@ -75,6 +86,30 @@ fn greedy_speculation_is_plain_decoding_token_for_token() {
                 for early_exit in [true, false] {
                     let mut plain = cpu(&g, &ckpt, early_exit, KvMode::Full);
                     let want = generate(&mut plain, &p, 40, SamplingParams::default(), SpecOptions::OFF);
+                    if plain.loop_steps() < 2 {
+                        // Nothing to draft from: a count is refused, auto steps aside.
+                        let mut m = cpu(&g, &ckpt, early_exit, KvMode::Full);
+                        let mut sampler = Sampler::new(SamplingParams::default());
+                        let limits = GenLimits {
+                            max_new_tokens: 4,
+                            max_positions: 64,
+                        };
+                        let s = spec(DraftTokens::Fixed(2), 1);
+                        let err = generate_with(&mut m, &p, &mut sampler, &[], &limits, s, &mut |_| Ok(()));
+                        assert!(
+                            err.unwrap_err().contains("no loop of two or more steps"),
+                            "{name} {policy}"
+                        );
+                        let auto = SpecOptions {
+                            tokens: DraftTokens::Auto,
+                            depth: None,
+                        };
+                        let mut m = cpu(&g, &ckpt, early_exit, KvMode::Full);
+                        let got = generate(&mut m, &p, 40, SamplingParams::default(), auto);
+                        assert_eq!(got.tokens, want.tokens);
+                        assert!(got.speculation.is_none());
+                        continue;
+                    }
                     // The Program's loop (policy-dce cuts `step:K`'s after step K).
                     for depth in 1..plain.loop_steps() {
                         for tokens in [DraftTokens::Fixed(2), DraftTokens::Fixed(5), DraftTokens::Auto] {
@@ -297,6 +332,10 @@ fn greedy_speculation_on_the_demo_model_is_plain_decoding() {
             let g = graph(&ckpt, policy, dtype);
             let mut plain = cpu(&g, &ckpt, true, KvMode::Full);
             let want = generate(&mut plain, &p, 24, SamplingParams::default(), SpecOptions::OFF);
+            if plain.loop_steps() < 2 {
+                // step:0 (one step): refused, tested on the fixtures.
+                continue;
+            }
             let depth = (plain.loop_steps() / 2).max(1);
             let mut m = cpu(&g, &ckpt, true, KvMode::Full);
             let got = generate(

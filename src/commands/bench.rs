@@ -95,6 +95,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         if threads == 1 { "" } else { "s" }
     );
     let spec = args.spec.options(DraftTokens::Off, true).map_err(anyhow::Error::msg)?;
+    if let DraftTokens::Fixed(k) = spec.tokens
+        && args.decode_tokens < k
+    {
+        bail!("--draft-tokens {k} measures {k} drafted positions after the prefill: give --decode-tokens {k} or more");
+    }
     let bandwidth = read_bandwidth(threads);
     let ids = random_ids(args.prefill_tokens, cfg.vocab_size);
     let mut results = Vec::new();

@@ -172,7 +172,7 @@ struct Args {
     #[arg(long, value_name = "K", default_value = "auto")]
     draft_tokens: String,
     /// Loop steps of a draft, from 1 to R-1 [default: R/2]
-    #[arg(long, value_name = "D")]
+    #[arg(long, value_name = "D", allow_negative_numbers = true)]
     draft_steps: Option<usize>,
 }
 
