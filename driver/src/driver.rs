@@ -746,7 +746,8 @@ impl<D: Device> Driver<D> {
                 let open: Vec<usize> = (0..tokens).filter(|&t| decided[t].is_none()).collect();
                 self.copy_rows(&result, &l.out, tokens, &open)?;
                 out.states = self.states(l, tokens, &lambdas, &mut outs, plan.keep_states, true)?;
-                return self.finish_exits(out, &lambdas, &decided, policy, l.steps);
+                out.exit_steps = exit_steps(&lambdas, &decided, policy, l.steps);
+                return Ok(());
             }
             self.set_carried(l, false, tokens)?;
         }
@@ -762,31 +763,7 @@ impl<D: Device> Driver<D> {
             let data: Vec<f32> = acc.iter().map(|&x| rd.round(x)).collect();
             self.dev.write(self.span(&result, tokens, 0, tokens), &data)?;
         }
-        self.finish_exits(out, &lambdas, &decided, policy, l.steps)
-    }
-
-    /// Each token's exit step: decided, or the policy's over its gates.
-    fn finish_exits(
-        &self,
-        out: &mut CallOutput,
-        lambdas: &[Vec<f32>],
-        decided: &[Option<usize>],
-        policy: ExitPolicy,
-        steps: usize,
-    ) -> Result<(), DriverError> {
-        out.exit_steps = lambdas
-            .iter()
-            .zip(decided)
-            .map(|(ls, d)| {
-                d.unwrap_or_else(|| {
-                    if ls.len() < steps {
-                        ls.len() - 1
-                    } else {
-                        policy.exit_step(ls)
-                    }
-                })
-            })
-            .collect();
+        out.exit_steps = exit_steps(&lambdas, &decided, policy, l.steps);
         Ok(())
     }
 
@@ -893,6 +870,24 @@ impl LoopState {
     pub fn steps(&self) -> usize {
         self.lambdas.len()
     }
+}
+
+/// Each token's exit step: decided, or the policy's over its gates (a
+/// draft's undecided tokens: its last step).
+fn exit_steps(lambdas: &[Vec<f32>], decided: &[Option<usize>], policy: ExitPolicy, steps: usize) -> Vec<usize> {
+    lambdas
+        .iter()
+        .zip(decided)
+        .map(|(ls, d)| {
+            d.unwrap_or_else(|| {
+                if ls.len() < steps {
+                    ls.len() - 1
+                } else {
+                    policy.exit_step(ls)
+                }
+            })
+        })
+        .collect()
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -135,8 +135,17 @@ pub fn run(args: &AblateArgs) -> Result<()> {
             Err(why) => {
                 eprintln!("[{}] refused: {why}", v.label);
                 rows.push(Row {
+                    label: v.label.clone(),
                     refused: Some(why),
-                    ..row_of(&v.label, &c_default(&graph)?, 0.0)
+                    stats: Stats::default(),
+                    arena_1: 0,
+                    arena_prefill: 0,
+                    compile_s: 0.0,
+                    prefill: 0.0,
+                    decode: 0.0,
+                    prefill_ratio: 0.0,
+                    decode_ratio: 0.0,
+                    same: false,
                 });
                 continue;
             }
@@ -226,12 +235,6 @@ pub fn run(args: &AblateArgs) -> Result<()> {
         eprintln!("wrote {}", path.display());
     }
     Ok(())
-}
-
-/// The unoptimised graph's costs (a refused variant's row shows them).
-fn c_default(graph: &ouroc_ir::Graph) -> Result<ouroc_compile::Compiled> {
-    let none = ouroc_passes::PassManager::new(Vec::new());
-    ouroc_compile::compile_with(graph.clone(), &none).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// Prefill `ids` after a reset, then decode greedily: tokens/s of each.
