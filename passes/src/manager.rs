@@ -25,6 +25,8 @@ pub enum PassError {
     },
     #[error("unknown pass `{name}`; the pipeline has: {known}")]
     Unknown { name: String, known: String },
+    #[error("the pipeline already has a pass named `{0}`")]
+    Duplicate(&'static str),
 }
 
 /// What one pass did.
@@ -50,6 +52,54 @@ impl PassManager {
 
     pub fn passes(&self) -> &[Box<dyn Pass>] {
         &self.passes
+    }
+
+    /// Add `pass` at the end (docs/extending.md).
+    pub fn push(&mut self, pass: Box<dyn Pass>) -> Result<(), PassError> {
+        let at = self.passes.len();
+        self.insert_at(at, pass)
+    }
+
+    /// Add `pass` just before the pass named `anchor`.
+    pub fn insert_before(&mut self, anchor: &str, pass: Box<dyn Pass>) -> Result<(), PassError> {
+        let at = self.position(anchor)?;
+        self.insert_at(at, pass)
+    }
+
+    /// Add `pass` just after the pass named `anchor`.
+    pub fn insert_after(&mut self, anchor: &str, pass: Box<dyn Pass>) -> Result<(), PassError> {
+        let at = self.position(anchor)? + 1;
+        self.insert_at(at, pass)
+    }
+
+    /// Put `pass` in the place of the pass named `name` (it may keep the
+    /// name: a variant of a built-in pass, such as `egraph` with more rules).
+    pub fn replace(&mut self, name: &str, pass: Box<dyn Pass>) -> Result<(), PassError> {
+        let at = self.position(name)?;
+        if pass.name() != name && self.passes.iter().any(|p| p.name() == pass.name()) {
+            return Err(PassError::Duplicate(pass.name()));
+        }
+        self.passes[at] = pass;
+        Ok(())
+    }
+
+    fn position(&self, name: &str) -> Result<usize, PassError> {
+        self.passes
+            .iter()
+            .position(|p| p.name() == name)
+            .ok_or_else(|| PassError::Unknown {
+                name: name.to_string(),
+                known: self.names().join(", "),
+            })
+    }
+
+    /// Names stay unique: `--after NAME` and the reports name passes.
+    fn insert_at(&mut self, at: usize, pass: Box<dyn Pass>) -> Result<(), PassError> {
+        if self.passes.iter().any(|p| p.name() == pass.name()) {
+            return Err(PassError::Duplicate(pass.name()));
+        }
+        self.passes.insert(at, pass);
+        Ok(())
     }
 
     /// Run the pipeline, stopping after the pass named `stop_after` if given.

@@ -102,7 +102,10 @@ pub fn pipeline_with(
         .filter(|p| keep(p.name()))
         .map(|p| -> Box<dyn crate::Pass> {
             if p.name() == "egraph" {
-                Box::new(EGraphRewrite { off: off.clone() })
+                Box::new(EGraphRewrite {
+                    off: off.clone(),
+                    ..EGraphRewrite::default()
+                })
             } else {
                 p
             }

@@ -43,10 +43,33 @@ const NODE_LIMIT: usize = 1_000_000;
 const TIME_LIMIT: Duration = Duration::from_secs(120);
 
 /// The pass, with the rules of [`rules::rules`] except those named in
-/// `off` (`--rules -NAME`).
+/// `off` (`--rules -NAME`), plus the rules in `extra` (added from outside
+/// this crate with [`EGraphRewrite::with_rule`]: docs/extending.md).
 #[derive(Clone, Debug, Default)]
 pub struct EGraphRewrite {
     pub off: Vec<String>,
+    pub extra: Vec<rules::Rule>,
+}
+
+impl EGraphRewrite {
+    /// The pass with one more rule, tried beside the built-in ones.
+    pub fn with_rule(mut self, rule: rules::Rule) -> EGraphRewrite {
+        self.extra.push(rule);
+        self
+    }
+
+    /// Run the pass and say what it did (which rules fired, how often).
+    /// A rule named twice (an extra rule under a built-in rule's name) is
+    /// an error naming it.
+    pub fn optimize(&self, g: &Graph) -> Result<(Graph, Report), String> {
+        let mut names = HashSet::new();
+        for r in rules::rules().iter().chain(&self.extra) {
+            if !names.insert(r.name) {
+                return Err(format!("two rewrite rules are named `{}`", r.name));
+            }
+        }
+        rewrite(g, &self.off, &self.extra)
+    }
 }
 
 impl Pass for EGraphRewrite {
@@ -60,7 +83,7 @@ impl Pass for EGraphRewrite {
     }
 
     fn run(&self, g: &Graph) -> Result<Graph, PassError> {
-        optimize_with(g, &self.off)
+        self.optimize(g)
             .map(|(g, _)| g)
             .map_err(|msg| PassError::Failed { pass: "egraph", msg })
     }
@@ -105,6 +128,10 @@ pub fn optimize(g: &Graph) -> Result<(Graph, Report), String> {
 
 /// [`optimize`] without the rules named in `off`.
 pub fn optimize_with(g: &Graph, off: &[String]) -> Result<(Graph, Report), String> {
+    rewrite(g, off, &[])
+}
+
+fn rewrite(g: &Graph, off: &[String], extra: &[rules::Rule]) -> Result<(Graph, Report), String> {
     let mut types = g.types.clone();
     let mut report = Report::default();
     let top = &g.body;
@@ -125,6 +152,7 @@ pub fn optimize_with(g: &Graph, off: &[String]) -> Result<(Graph, Report), Strin
                 trip: l.steps as u64,
                 hoist: true,
                 off,
+                extra,
             };
             let (r, rep) = region(g, &l.body.ops, &roots, &constants, how, &mut types)?;
             report.regions.push(rep);
@@ -165,6 +193,7 @@ pub fn optimize_with(g: &Graph, off: &[String]) -> Result<(Graph, Report), Strin
             trip: 1,
             hoist: false,
             off,
+            extra,
         };
         let (r, rep) = region(g, &rest, g.outputs(), &constants, how, &mut types)?;
         report.regions.push(rep);
@@ -197,11 +226,13 @@ fn top_constants(top: &Block) -> HashSet<ValueId> {
 }
 
 /// How a region is rewritten: its trip count (the cost model weighs the
-/// loop body by it), whether invariant work is hoisted, the rules off.
+/// loop body by it), whether invariant work is hoisted, the rules off and
+/// the rules added.
 struct How<'a> {
     trip: u64,
     hoist: bool,
     off: &'a [String],
+    extra: &'a [rules::Rule],
 }
 
 /// Rewrite one region: build its e-graph, saturate, extract, emit.
@@ -213,11 +244,17 @@ fn region(
     how: How,
     types: &mut Vec<Type>,
 ) -> Result<(convert::Emitted, RegionReport), String> {
-    let How { trip, hoist, off } = how;
+    let How {
+        trip,
+        hoist,
+        off,
+        extra,
+    } = how;
     let built = convert::build(g, ops, roots, constants)?;
     let rules: Vec<rules::Rule> = rules::rules()
         .into_iter()
         .filter(|r| !off.iter().any(|n| n == r.name))
+        .chain(extra.iter().cloned())
         .collect();
     let runner = Runner::<lang::Node, Ctx>::new(Ctx::default())
         .with_egraph(built.eg)

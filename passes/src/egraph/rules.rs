@@ -18,11 +18,62 @@ use std::collections::BTreeMap;
 pub type Rw = Rewrite<Node, Ctx>;
 
 /// A named rewrite.
+#[derive(Clone)]
 pub struct Rule {
     pub name: &'static str,
     /// One line: what it rewrites into what.
     pub summary: &'static str,
     pub rewrite: Rw,
+}
+
+impl std::fmt::Debug for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Rule({}: {})", self.name, self.summary)
+    }
+}
+
+/// Building rules from outside this crate (docs/extending.md).
+impl Rule {
+    /// `lhs -> rhs`, two patterns in the e-graph language ([`Node`]'s
+    /// op names, `?x` variables). The right-hand side is added for every
+    /// match but joins the matched class only where it has the same result
+    /// types, so a rule that does not type-check where it matches changes
+    /// nothing there (instead of making the extracted graph fail to verify).
+    /// Malformed patterns, and a right side with variables the left lacks,
+    /// are errors naming the rule.
+    pub fn pattern(name: &'static str, summary: &'static str, lhs: &str, rhs: &str) -> Result<Rule, String> {
+        let parse = |s: &str| {
+            s.parse::<Pattern<Node>>()
+                .map_err(|e| format!("rule `{name}`: pattern `{s}`: {e}"))
+        };
+        let (lhs, rhs) = (parse(lhs)?, parse(rhs)?);
+        let rewrite = Rw::new(name, lhs, Typed(rhs)).map_err(|e| format!("rule `{name}`: {e}"))?;
+        Ok(Rule { name, summary, rewrite })
+    }
+
+    /// A rule with its own searcher and applier (any egg rewrite over
+    /// [`Node`] and [`Ctx`]); appliers must keep the typing, see the module docs.
+    pub fn custom(name: &'static str, summary: &'static str, rewrite: Rw) -> Rule {
+        Rule { name, summary, rewrite }
+    }
+}
+
+/// A pattern right-hand side that joins only a class of the same types.
+struct Typed(Pattern<Node>);
+
+impl Applier<Node, Ctx> for Typed {
+    fn apply_one(&self, eg: &mut EG, class: Id, s: &Subst, _: Option<&PatternAst<Node>>, _: Symbol) -> Vec<Id> {
+        let new = eg.add_instantiation(&self.0.ast, s);
+        let (have, got) = (&eg[class].data.types, &eg[new].data.types);
+        if got.is_empty() || have != got || !eg.union(class, new) {
+            return vec![];
+        }
+        vec![class]
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        self.0.vars()
+    }
 }
 
 /// The rule table.
