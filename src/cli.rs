@@ -54,6 +54,12 @@ pub enum Command {
     /// compiler: the kernels' machine code (linked by the system linker), the Program,
     /// tokenizer and chat template, and its weights beside it (APP.weights) or embedded
     Build(BuildArgs),
+    /// Measure quality over text, as llama.cpp's llama-perplexity does: perplexity over
+    /// non-overlapping windows (the second half of each scored, the first half its context),
+    /// and against a base run of the same checkpoint (f32, every loop step) the KL divergence,
+    /// its 99th percentile and maximum, and top-1 agreement; with the mean exit depth and
+    /// tokens/s. Each window is fed one token at a time (the decode path, real early exit)
+    Eval(EvalArgs),
 }
 
 #[derive(Args, Debug)]
@@ -71,6 +77,9 @@ pub struct BenchArgs {
     /// Precisions to measure, in order (repeat the flag or separate with commas)
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Precision::Bf16, Precision::F32])]
     pub precision: Vec<Precision>,
+    /// Linear weights of every precision measured: dense, q8 (q8_0) or q4 (q4_0, q8_0 LM head)
+    #[arg(long, value_enum, default_value_t = Weights::Dense)]
+    pub weights: Weights,
     /// Prompt length of the prefill measurement (random token ids)
     #[arg(long, default_value_t = 128, value_name = "N")]
     pub prefill_tokens: usize,
@@ -146,6 +155,61 @@ pub struct RunArgs {
     /// CUDA driver; needs a build with `--features cuda` and a GPU of compute capability 8.0+)
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
+}
+
+/// Tokens `ouroc eval` reads by default (`--max-tokens`).
+pub const EVAL_MAX_TOKENS: usize = 8192;
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Checkpoint directory (default: the built-in demo model in models/demo)
+    pub ckpt: Option<PathBuf>,
+    /// Text to score, tokenised with the checkpoint's tokenizer, each file followed by
+    /// <|endoftext|> when the vocabulary has it, the files concatenated in the order given
+    /// (repeat the flag for several). Default on the demo model: the 11 CPython 3.11.7 files
+    /// held out from its training, from models/demo/heldout, or, when that copy is missing,
+    /// from the local python3's standard library; other checkpoints need --file or --ids-file
+    #[arg(long, value_name = "PATH")]
+    pub file: Vec<PathBuf>,
+    /// Token ids to score instead of text: files of ids separated by whitespace or commas,
+    /// taken as they are (for checkpoints without tokenizer.json; repeat for several)
+    #[arg(long, value_name = "PATH", conflicts_with = "file")]
+    pub ids_file: Vec<PathBuf>,
+    /// Window length in tokens: the token stream is cut into non-overlapping windows of N
+    /// (a shorter rest is dropped), each run from an empty KV cache; in each, the
+    /// next-token predictions of positions N/2 to N-2 are scored. At least 3, at most the
+    /// model's context [default: 256, or the context if smaller]
+    #[arg(long, value_name = "N")]
+    pub ctx: Option<usize>,
+    /// Most tokens to read from the text (a bound on the run time; the default scores the
+    /// demo model with its base in about a minute on 2 cores)
+    #[arg(long, value_name = "N", default_value_t = EVAL_MAX_TOKENS)]
+    pub max_tokens: usize,
+    #[command(flatten)]
+    pub model: ModelFlags,
+    /// Do not run the base model (no KL divergence or top-1 agreement; twice as fast)
+    #[arg(long)]
+    pub no_base: bool,
+    /// The base model's precision (it shares the checkpoint, --loops, --unrolled, the pipeline
+    /// flags, the backend and the threads; its KV cache is always full, its weights dense)
+    #[arg(long, value_enum, default_value_t = Precision::F32, conflicts_with = "no_base")]
+    pub base_precision: Precision,
+    /// The base model's exit policy
+    #[arg(long, value_name = "POLICY", default_value = "last", conflicts_with = "no_base")]
+    pub base_exit: String,
+    /// Run every loop step even after a token's exit (by default a token stops at the step its
+    /// exit policy chooses, as in `run`)
+    #[arg(long)]
+    pub no_early_exit: bool,
+    /// Engine: cpu (the optimised graph on Cranelift JIT-compiled kernels) or interp (the
+    /// reference interpreter, slow)
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    pub backend: Backend,
+    #[command(flatten)]
+    pub cpu: CpuFlags,
+    /// Also write the results as JSON to this file
+    #[arg(long, value_name = "FILE.json")]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -400,6 +464,11 @@ pub struct ModelFlags {
     /// Model precision: f32 (exact reference) or bf16 (rounds where the bf16 reference rounds)
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub precision: Precision,
+    /// Linear weights: dense (the precision's dtype), q8 (q8_0: 8-bit blocks of 32 with an
+    /// f16 scale, 8.5 bits per weight) or q4 (q4_0 layers, 4.5 bits, with a q8_0 LM head);
+    /// embeddings, norms and the exit gate stay dense. CPU backend only
+    #[arg(long, value_enum, default_value_t = Weights::Dense)]
+    pub weights: Weights,
     /// Number of loop steps R (default: the config's total_ut_steps)
     #[arg(long, value_name = "R", value_parser = ouroc_models::limits::parse_loops_flag)]
     pub loops: Option<usize>,
@@ -453,6 +522,30 @@ impl PipelineFlags {
 pub enum Precision {
     F32,
     Bf16,
+}
+
+/// `--weights`: [`ouroc_kernels::quant::WeightScheme`].
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weights {
+    /// Every weight in the model precision's dtype
+    Dense,
+    /// Every Linear in q8_0 (8.5 bits per weight)
+    #[value(alias = "q8_0")]
+    Q8,
+    /// The layers' Linears in q4_0 (4.5 bits per weight), the LM head in q8_0
+    #[value(alias = "q4_0")]
+    Q4,
+}
+
+impl Weights {
+    pub fn scheme(self) -> ouroc_kernels::quant::WeightScheme {
+        use ouroc_kernels::quant::WeightScheme;
+        match self {
+            Weights::Dense => WeightScheme::Dense,
+            Weights::Q8 => WeightScheme::Q8,
+            Weights::Q4 => WeightScheme::Q4,
+        }
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

@@ -26,6 +26,7 @@ fn main() {
                 k,
                 weight,
                 bias: false,
+                quant: None,
             }),
         };
         let id = jit.compile(&spec).unwrap();

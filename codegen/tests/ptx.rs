@@ -175,6 +175,7 @@ fn linear_picks_gemv_or_gemm_by_token_count() {
             k,
             weight,
             bias: false,
+            quant: None,
         }),
     };
     let k = emit(&spec(DType::BF16, DType::BF16, 2048, 2048));
@@ -260,6 +261,7 @@ fn unsupported_specs_are_errors() {
             k: 8,
             weight: DType::F16,
             bias: false,
+            quant: None,
         }),
     };
     assert!(matches!(ptx::emit(&f16), Err(PtxError::Unsupported { .. })));

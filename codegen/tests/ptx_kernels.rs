@@ -295,7 +295,7 @@ fn run(s: &KernelSpec, operands: &[Vec<f32>], tokens: usize, pad: usize) -> Vec<
 // ---------------------------------------------------------------- Linear
 
 fn linear(n: usize, k: usize, weight: DType, bias: bool, act: DType) -> KernelSpec {
-    spec("lin", act, Family::Linear(LinearSpec { n, k, weight, bias }))
+    spec("lin", act, Family::Linear(LinearSpec { n, k, weight, bias, quant: None }))
 }
 
 /// The reference (exec's loop): the f32 dot product, plus the bias,
@@ -318,7 +318,7 @@ fn linear_ref(x: &[f32], w: &[f32], b: Option<&[f32]>, n: usize, k: usize, act: 
 /// Run a Linear of `tokens` rows (activation rows padded by `pad`) on
 /// random inputs against [`linear_ref`]; returns the entries that ran.
 fn check_linear(l: LinearSpec, act: DType, tokens: usize, pad: usize, seed: u64) -> Vec<String> {
-    let LinearSpec { n, k, weight, bias } = l;
+    let LinearSpec { n, k, weight, bias, .. } = l;
     let s = linear(n, k, weight, bias, act);
     let mut rng = Rng(seed);
     let x = rounded(&rng.vec(tokens * k, 2.0), act);
@@ -372,7 +372,7 @@ fn linear_gemv_every_dtype_bias_and_odd_shape() {
             for bias in [false, true] {
                 for (tokens, pad) in [(1, 0), (3, 5)] {
                     seed += 1;
-                    let ran = check_linear(LinearSpec { n, k, weight, bias }, act, tokens, pad, seed);
+                    let ran = check_linear(LinearSpec { n, k, weight, bias, quant: None }, act, tokens, pad, seed);
                     assert!(ran.iter().all(|e| !e.ends_with("_gemm")), "{ran:?}");
                 }
             }
@@ -395,6 +395,7 @@ fn linear_tensor_core_gemm_over_several_tiles() {
             k,
             weight: DType::BF16,
             bias,
+            quant: None,
         };
         let ran = check_linear(l, DType::BF16, tokens, pad, 77 + tokens as u64);
         assert_eq!(ran.len(), 1, "{ran:?}");
@@ -409,6 +410,7 @@ fn linear_tensor_core_gemm_over_several_tiles() {
         k: 32,
         weight: DType::BF16,
         bias: false,
+        quant: None,
     };
     let ran = check_linear(l, DType::BF16, 15, 0, 5);
     assert!(ran[0].ends_with("_gemv"), "{ran:?}");

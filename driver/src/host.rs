@@ -15,7 +15,8 @@ use crate::kv::KvMode;
 use crate::weights::ResidentWeights;
 use ouroc_ir::{DType, Tensor, WeightSource};
 use ouroc_kernels::exec::{attention_seq, compute};
-use ouroc_kernels::spec::{Family, operand_dtypes};
+use ouroc_kernels::quant::{self, QuantFormat};
+use ouroc_kernels::spec::{Encoding, Family, LinearSpec, operand_dtypes, operand_encodings};
 use ouroc_kernels::{ActValue, Kernel, Operand, Program};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -25,6 +26,8 @@ pub struct HostDevice {
     round: bool,
     values: HashMap<u32, ActValue>,
     weights: HashMap<(u32, DType), Vec<f32>>,
+    /// Quantised Linear weights, as stored.
+    quant: HashMap<(u32, QuantFormat), Vec<u8>>,
     cells: Vec<f32>,
     tokens: usize,
     /// K and V rows per store (`None`: freed).
@@ -45,6 +48,7 @@ impl HostDevice {
             round,
             values: HashMap::new(),
             weights: HashMap::new(),
+            quant: HashMap::new(),
             cells: Vec::new(),
             tokens: 0,
             stores: Vec::new(),
@@ -126,17 +130,28 @@ impl Device for HostDevice {
 
     fn load(&mut self, program: &Program, weights: &ResidentWeights) -> Result<(), DeviceError> {
         self.values = program.arena.values.iter().map(|v| (v.id, v.clone())).collect();
-        for ((id, d), bytes) in weights.entries() {
-            self.weights.insert((id, d), crate::codec::decode(bytes, d));
+        for ((id, e), bytes) in weights.entries() {
+            match e {
+                Encoding::Dense(d) => {
+                    self.weights.insert((id, d), crate::codec::decode(bytes, d));
+                }
+                Encoding::Quant(q) => {
+                    self.quant.insert((id, q), bytes.to_vec());
+                }
+            }
         }
         Ok(())
     }
 
     fn bind(&mut self, k: &Kernel) -> Result<Kernel, DeviceError> {
-        for (op, d) in k.inputs.iter().zip(operand_dtypes(&k.spec)) {
+        for (op, e) in k.inputs.iter().zip(operand_encodings(&k.spec)) {
             if let Operand::Weight(w) = op {
-                let d = if self.round { d } else { DType::F32 };
-                if !self.weights.contains_key(&(*w, d)) {
+                let loaded = match e {
+                    Encoding::Dense(d) => self.weights.contains_key(&(*w, if self.round { d } else { DType::F32 })),
+                    Encoding::Quant(q) => self.quant.contains_key(&(*w, q)),
+                };
+                if !loaded {
+                    let d = e;
                     return Err(DeviceError::Program(format!(
                         "kernel {} reads weight %{w} as {d}, which is not loaded",
                         k.spec.name
@@ -201,7 +216,17 @@ impl Device for HostDevice {
                     Operand::Weight(w) => &weights[&(*w, if round { dtypes[i] } else { DType::F32 })],
                 }
             };
-            compute(k, &input, shape.tokens, &rd)
+            match &k.spec.family {
+                Family::Linear(l @ LinearSpec { quant: Some(q), .. }) => {
+                    let Operand::Weight(w) = &k.inputs[1] else {
+                        return Err(DeviceError::Program(format!("kernel {}: its weight is not a weight", k.spec.name)));
+                    };
+                    let bias = l.bias.then(|| input(2));
+                    let y = quant::linear(*q, input(0), &self.quant[&(*w, *q)], bias, l.n, l.k);
+                    vec![y.into_iter().map(rd).collect()]
+                }
+                _ => compute(k, &input, shape.tokens, &rd),
+            }
         };
         for (&o, data) in k.outputs.iter().zip(&results) {
             let width = self.values[&o].width;

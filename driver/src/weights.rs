@@ -1,12 +1,14 @@
-//! The resident weights of a Program, encoded in every dtype a device's
-//! kernels read them in: built once by the Program's recipes
-//! ([`Program::materialise_weights`]) and encoded by [`crate::codec`], or
+//! The resident weights of a Program, encoded in every encoding a device's
+//! kernels read them in (a dtype, or a quantised format of a Linear): built
+//! once by the Program's recipes ([`Program::materialise_weights`]) and
+//! encoded by [`crate::codec`] or quantised by [`ouroc_kernels::quant`], or
 //! borrowed from memory that outlives them (a memory-mapped weights file of
 //! `ouroc build`). Devices point their kernels at these bytes or upload them.
 
 use crate::codec;
 use ouroc_ir::{DType, WeightSource};
-use ouroc_kernels::spec::operand_dtypes;
+use ouroc_kernels::quant;
+use ouroc_kernels::spec::{Encoding, operand_encodings};
 use ouroc_kernels::{Operand, Program};
 use std::collections::HashMap;
 
@@ -14,9 +16,9 @@ use std::collections::HashMap;
 /// AVX-512 vector).
 const ALIGN: usize = 64;
 
-/// (weight id, dtype) -> bytes, owned or borrowed.
+/// (weight id, encoding) -> bytes, owned or borrowed.
 pub struct ResidentWeights {
-    entries: HashMap<(u32, DType), (*const u8, usize)>,
+    entries: HashMap<(u32, Encoding), (*const u8, usize)>,
     /// Keeps the bytes alive.
     _owner: Box<dyn std::any::Any>,
 }
@@ -24,8 +26,9 @@ pub struct ResidentWeights {
 impl ResidentWeights {
     /// Materialise `program`'s resident weights from `src` (recipes applied,
     /// rounded to their dtypes, or kept in f32 when `round` is false) and
-    /// encode each in every dtype a kernel reads it in
-    /// ([`operand_dtypes`]; in f32 when not rounded).
+    /// encode each in every encoding a kernel reads it in
+    /// ([`operand_encodings`]; dense ones in f32 when not rounded; a
+    /// quantised one is quantised from the rounded or unrounded values).
     pub fn encode(program: &Program, src: &dyn WeightSource, round: bool) -> Result<ResidentWeights, String> {
         Self::encode_with_progress(program, src, round, &mut |_, _| {})
     }
@@ -42,19 +45,24 @@ impl ResidentWeights {
     ) -> Result<ResidentWeights, String> {
         let required = ResidentWeights::required(program);
         // Unrounded weights stay f32 whatever the kernel's dtype says.
-        let stored = |d: DType| if round { d } else { DType::F32 };
-        for &(w, d) in &required {
-            if !matches!(d, DType::F32 | DType::BF16) {
+        let stored = |e: Encoding| match e {
+            Encoding::Dense(_) if !round => Encoding::Dense(DType::F32),
+            e => e,
+        };
+        for &(w, e) in &required {
+            if let Encoding::Dense(d) = e
+                && !matches!(d, DType::F32 | DType::BF16)
+            {
                 return Err(format!("weight %{w}: kernels cannot read weights of dtype {d}"));
             }
         }
         // One allocation for every encoded weight, each at a 64-byte aligned offset: encodings
         // made one by one would interleave with the recipes' f32 temporaries on the heap, and the
         // holes those leave made preparing a model take 1.7x its encoding.
-        let mut keys: Vec<(u32, DType)> = required.iter().map(|&(w, d)| (w, stored(d))).collect();
+        let mut keys: Vec<(u32, Encoding)> = required.iter().map(|&(w, e)| (w, stored(e))).collect();
         keys.dedup();
         let mut at = 0usize;
-        let mut place: HashMap<(u32, DType), (usize, usize)> = HashMap::new();
+        let mut place: HashMap<(u32, Encoding), (usize, usize)> = HashMap::new();
         for &(w, d) in &keys {
             let e = program
                 .weight(w)
@@ -62,11 +70,9 @@ impl ResidentWeights {
             if !e.resident {
                 return Err(format!("a kernel reads weight %{w}, which is not resident"));
             }
-            let len = e
-                .shape
-                .iter()
-                .try_fold(d.size_bytes(), |a, &n| a.checked_mul(n))
-                .ok_or_else(|| format!("weight %{w}: its size overflows"))?;
+            let len = d
+                .bytes(&e.shape)
+                .ok_or_else(|| format!("weight %{w}: its size as {d} overflows (or it is not a matrix)"))?;
             at = at.next_multiple_of(ALIGN);
             place.insert((w, d), (at, len));
             at += len;
@@ -76,12 +82,24 @@ impl ResidentWeights {
         let mut done = 0u64;
         program
             .stream_weights(src, round, &mut |e, data| {
-                for &(w, d) in keys.iter().filter(|(w, _)| *w == e.id) {
-                    let (off, len) = place[&(w, d)];
-                    if data.len() * d.size_bytes() != len {
-                        return Err(format!("has {} values, its table entry {len} bytes", data.len()));
+                for &(w, enc) in keys.iter().filter(|(w, _)| *w == e.id) {
+                    let (off, len) = place[&(w, enc)];
+                    let out = &mut buf[off..off + len];
+                    match enc {
+                        Encoding::Dense(d) => {
+                            if data.len() * d.size_bytes() != len {
+                                return Err(format!("has {} values, its table entry {len} bytes", data.len()));
+                            }
+                            codec::encode_into(data, d, out);
+                        }
+                        Encoding::Quant(q) => {
+                            let (n, k) = (e.shape[0], e.shape[1]);
+                            if data.len() != n * k {
+                                return Err(format!("has {} values, its shape [{n}, {k}]", data.len()));
+                            }
+                            out.copy_from_slice(&quant::quantise(q, data, n, k));
+                        }
                     }
-                    codec::encode_into(data, d, &mut buf[off..off + len]);
                     done += len as u64;
                 }
                 progress(done, total);
@@ -101,11 +119,11 @@ impl ResidentWeights {
         })
     }
 
-    /// The (weight id, dtype) pairs `program`'s kernels read, sorted.
-    pub fn required(program: &Program) -> Vec<(u32, DType)> {
-        let mut need: Vec<(u32, DType)> = program
+    /// The (weight id, encoding) pairs `program`'s kernels read, sorted.
+    pub fn required(program: &Program) -> Vec<(u32, Encoding)> {
+        let mut need: Vec<(u32, Encoding)> = program
             .kernels()
-            .flat_map(|k| k.inputs.iter().zip(operand_dtypes(&k.spec)))
+            .flat_map(|k| k.inputs.iter().zip(operand_encodings(&k.spec)))
             .filter_map(|(op, d)| match op {
                 Operand::Weight(w) => Some((*w, d)),
                 Operand::Act(_) => None,
@@ -122,24 +140,24 @@ impl ResidentWeights {
     /// # Safety
     /// Every slice stays valid and unmodified while `owner` lives (kernels
     /// read it without copying).
-    pub unsafe fn borrowed(entries: Vec<((u32, DType), &[u8])>, owner: Box<dyn std::any::Any>) -> ResidentWeights {
+    pub unsafe fn borrowed(entries: Vec<((u32, Encoding), &[u8])>, owner: Box<dyn std::any::Any>) -> ResidentWeights {
         ResidentWeights {
             entries: entries.into_iter().map(|(k, v)| (k, (v.as_ptr(), v.len()))).collect(),
             _owner: owner,
         }
     }
 
-    /// The bytes of weight `id` in dtype `d`, if encoded.
-    pub fn get(&self, id: u32, d: DType) -> Option<&[u8]> {
+    /// The bytes of weight `id` in encoding `d`, if encoded.
+    pub fn get(&self, id: u32, d: Encoding) -> Option<&[u8]> {
         // SAFETY: valid while self lives (see the constructors).
         self.entries
             .get(&(id, d))
             .map(|&(p, n)| unsafe { std::slice::from_raw_parts(p, n) })
     }
 
-    /// Every entry, sorted by (weight id, dtype).
-    pub fn entries(&self) -> Vec<((u32, DType), &[u8])> {
-        let mut v: Vec<((u32, DType), &[u8])> = self
+    /// Every entry, sorted by (weight id, encoding).
+    pub fn entries(&self) -> Vec<((u32, Encoding), &[u8])> {
+        let mut v: Vec<((u32, Encoding), &[u8])> = self
             .entries
             .keys()
             .map(|&(id, d)| ((id, d), self.get(id, d).expect("a key of the table")))

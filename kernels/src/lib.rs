@@ -9,6 +9,8 @@
 //! - [`mod@lower`]: [`lower()`]: `Graph` -> `Program`, one kernel per launching op;
 //! - [`exec`]: the reference kernels: what each family computes, in plain
 //!   loops and f32 (the meaning the backends' emitters are checked against);
+//! - [`quant`]: the quantised weight formats of a Linear (layout and the
+//!   exact arithmetic of its product);
 //! - [`abi`]: the launch contracts beside the Program (the CPU kernel ABI,
 //!   the KV sequence descriptor).
 //!
@@ -52,6 +54,7 @@ pub mod abi;
 pub mod exec;
 pub mod lower;
 pub mod program;
+pub mod quant;
 pub mod spec;
 
 pub use lower::{LowerError, lower};

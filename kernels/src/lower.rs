@@ -392,6 +392,7 @@ impl<'g> Cx<'g> {
                     k: e.shape[1],
                     weight: e.dtype,
                     bias: ins.len() == 3,
+                    quant: None,
                 });
                 let mut operands = vec![Operand::Act(x), Operand::Weight(wt)];
                 if ins.len() == 3 {

@@ -6,7 +6,8 @@
 //! Identifiers are the IR's value numbers (`%45`), so a program can be read
 //! next to `ouroc emit ir --after dce` (the optimised graph).
 
-use crate::spec::{Family, KernelSpec, dtype_serde};
+use crate::quant::QuantFormat;
+use crate::spec::{Encoding, Family, KernelSpec, dtype_serde, operand_encodings};
 use ouroc_ir::{DType, WeightSource};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -200,26 +201,38 @@ impl Program {
         self.weights.iter().find(|w| w.id == id)
     }
 
+    /// Every encoding the kernels read weight `id` in, sorted.
+    pub fn read_encodings(&self, id: u32) -> Vec<Encoding> {
+        let mut e: Vec<Encoding> = self
+            .kernels()
+            .flat_map(|k| k.inputs.iter().zip(operand_encodings(&k.spec)))
+            .filter_map(|(op, e)| (*op == Operand::Weight(id)).then_some(e))
+            .collect();
+        e.sort();
+        e.dedup();
+        e
+    }
+
     pub fn kernel(&self, name: &str) -> Option<&Kernel> {
         self.kernels().find(|k| k.spec.name == name)
     }
 
     /// Weight bytes read for one token: (by the kernels outside the loop, by
-    /// one loop step). A weight counts in its table dtype; a gather reads
-    /// one row of its table. Decode reads `outside + steps_run * per_step`.
+    /// one loop step). A weight counts in the encoding its kernel reads it
+    /// in (its table dtype, or a quantised format); a gather reads one row
+    /// of its table. Decode reads `outside + steps_run * per_step`.
     pub fn weight_bytes_read(&self) -> (u64, u64) {
         let read = |ks: &[Kernel]| -> u64 {
             let mut total = 0;
             for k in ks {
-                for op in &k.inputs {
+                for (op, enc) in k.inputs.iter().zip(operand_encodings(&k.spec)) {
                     if let Operand::Weight(id) = op
                         && let Some(w) = self.weight(*id)
                     {
-                        let elems = match &k.spec.family {
-                            Family::Gather(g) => g.width,
-                            _ => w.shape.iter().product(),
-                        };
-                        total += (elems * w.dtype.size_bytes()) as u64;
+                        total += match &k.spec.family {
+                            Family::Gather(g) => g.width * w.dtype.size_bytes(),
+                            _ => enc.bytes(&w.shape).unwrap_or(usize::MAX),
+                        } as u64;
                     }
                 }
             }
@@ -227,6 +240,33 @@ impl Program {
         };
         let outside = read(&self.before) + read(&self.after);
         (outside, self.loop_.as_ref().map_or(0, |l| read(&l.body)))
+    }
+
+    /// Read the weights of Linears in quantised formats (`--weights`): every
+    /// bias-free Linear takes `body` except the one writing the logits (the
+    /// LM head), which takes `head` (None: it stays dense). A weight several Linears
+    /// read is read quantised by each (a tied embedding stays dense for the
+    /// gather). Returns the Linears changed.
+    pub fn quantise(&mut self, body: QuantFormat, head: Option<QuantFormat>) -> usize {
+        let logits: HashSet<u32> = self.outputs.iter().map(|o| o.value).collect();
+        let mut changed = 0;
+        let kernels = self
+            .before
+            .iter_mut()
+            .chain(self.loop_.iter_mut().flat_map(|l| l.body.iter_mut()))
+            .chain(self.after.iter_mut());
+        for k in kernels {
+            let head_kernel = k.outputs.iter().any(|o| logits.contains(o));
+            // A Linear with a bias is Ouro's exit gate outside `step_end`
+            // (a pipeline without the e-graph): it stays dense like the gate.
+            if let Family::Linear(l) = &mut k.spec.family
+                && !l.bias
+            {
+                l.quant = if head_kernel { head } else { Some(body) };
+                changed += l.quant.is_some() as usize;
+            }
+        }
+        changed
     }
 
     /// Number of distinct kernel codes ([`KernelSpec::code_key`]).
@@ -470,7 +510,16 @@ impl fmt::Display for Program {
                 Recipe::Slice { of, start, len } => format!("slice(%{of}) {{start = {start}, len = {len}}}"),
             };
             let note = if w.resident { "" } else { "  (load only)" };
-            writeln!(f, "  %{} = {recipe} : {ty}{note}", w.id)?;
+            let quant: Vec<&str> = self
+                .read_encodings(w.id)
+                .into_iter()
+                .filter_map(|e| matches!(e, Encoding::Quant(_)).then_some(e.name()))
+                .collect();
+            let quant = match quant.as_slice() {
+                [] => String::new(),
+                q => format!("  (read as {})", q.join(", ")),
+            };
+            writeln!(f, "  %{} = {recipe} : {ty}{note}{quant}", w.id)?;
         }
         writeln!(
             f,

@@ -19,6 +19,7 @@
 //! the bf16 reference. Sums may be reordered by a backend (that is what the
 //! comparison tolerance is for); rounding points may not be moved.
 
+use crate::quant::QuantFormat;
 use ouroc_ir::DType;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -102,9 +103,58 @@ pub struct RopeTableSpec {
 pub struct LinearSpec {
     pub n: usize,
     pub k: usize,
+    /// The weight's dtype as built by its recipe (and of the bias).
     #[serde(with = "dtype_serde")]
     pub weight: DType,
     pub bias: bool,
+    /// Set: the weight operand is read in this quantised format instead of
+    /// `weight`, with the numerics of [`crate::quant`] (activations quantised
+    /// per block, integer block sums, a fixed f32 order; then the bias and
+    /// the one rounding point as above).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quant: Option<QuantFormat>,
+}
+
+/// How a weight operand is stored: a dense dtype, or a quantised format
+/// ([`crate::quant`]). Devices keep weights by (weight id, encoding).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Encoding {
+    Dense(DType),
+    Quant(QuantFormat),
+}
+
+impl Encoding {
+    /// `f32`, `bf16`, ... or `q8_0`, `q4_0`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Encoding::Dense(d) => d.name(),
+            Encoding::Quant(q) => q.name(),
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Encoding> {
+        DType::parse(s)
+            .map(Encoding::Dense)
+            .or_else(|| QuantFormat::parse(s).map(Encoding::Quant))
+    }
+
+    /// Bytes of a weight of `shape` (a quantised one is a matrix `[n, k]`);
+    /// None when the size overflows or a quantised shape is not a matrix.
+    pub fn bytes(self, shape: &[usize]) -> Option<usize> {
+        match self {
+            Encoding::Dense(d) => shape.iter().try_fold(d.size_bytes(), |a, &n| a.checked_mul(n)),
+            Encoding::Quant(q) => match shape {
+                [n, k] => crate::quant::row_bytes(q, *k).checked_mul(*n),
+                _ => None,
+            },
+        }
+    }
+}
+
+impl fmt::Display for Encoding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Whether an RMS norm multiplies by a weight.
@@ -380,7 +430,10 @@ impl KernelSpec {
             }
             Family::Linear(l) => {
                 let bias = if l.bias { ", bias" } else { "" };
-                format!("{{n = {}, k = {}, weight = {}{bias}}}", l.n, l.k, l.weight)
+                match l.quant {
+                    Some(q) => format!("{{n = {}, k = {}, weight = {q} (from {}){bias}}}", l.n, l.k, l.weight),
+                    None => format!("{{n = {}, k = {}, weight = {}{bias}}}", l.n, l.k, l.weight),
+                }
             }
             Family::RowReduce(r) => r.to_string(),
             Family::Rope(r) => format!("{{heads = {}, head_dim = {}}}", r.heads, r.head_dim),
@@ -428,6 +481,16 @@ pub fn operand_dtypes(spec: &KernelSpec) -> Vec<DType> {
         }
         f => vec![act; f.operands()],
     }
+}
+
+/// How each operand is stored: [`operand_dtypes`], dense, except a
+/// quantised Linear's weight (its bias stays dense).
+pub fn operand_encodings(spec: &KernelSpec) -> Vec<Encoding> {
+    let mut e: Vec<Encoding> = operand_dtypes(spec).into_iter().map(Encoding::Dense).collect();
+    if let Family::Linear(LinearSpec { quant: Some(q), .. }) = &spec.family {
+        e[1] = Encoding::Quant(*q);
+    }
+    e
 }
 
 impl fmt::Display for KernelSpec {

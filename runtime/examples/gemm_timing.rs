@@ -190,6 +190,7 @@ fn main() {
                         k,
                         weight,
                         bias: false,
+                        quant: None,
                     }),
                 };
                 let id = jit.compile(&spec).expect("compile");

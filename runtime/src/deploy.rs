@@ -26,8 +26,8 @@
 //! Blobs linked into the executable are `u64 LE length | bytes`.
 
 use crate::cpu::ResidentWeights;
-use ouroc_ir::DType;
 use ouroc_kernels::Program;
+use ouroc_kernels::spec::Encoding;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 
@@ -247,7 +247,7 @@ pub fn write_weights(out: &mut dyn Write, header: &WeightsHeader, weights: &Resi
 }
 
 /// One encoded weight of an image: (weight id, dtype) and its bytes.
-pub type WeightSlice<'a> = ((u32, DType), &'a [u8]);
+pub type WeightSlice<'a> = ((u32, Encoding), &'a [u8]);
 
 /// Bytes before a weights image's header: the magic and the header length.
 const PREFIX: usize = WEIGHTS_MAGIC.len() + 8;
@@ -323,7 +323,7 @@ pub fn read_weights<'a>(image: &'a [u8], want: &Fingerprint, what: &str) -> Resu
         .entries
         .iter()
         .map(|e| {
-            let d = DType::parse(&e.dtype).ok_or_else(|| format!("{what}: unknown dtype `{}`", e.dtype))?;
+            let d = Encoding::parse(&e.dtype).ok_or_else(|| format!("{what}: unknown weight encoding `{}`", e.dtype))?;
             let range = entry_range(e, data.len() as u64).map_err(|m| format!("{what} is corrupt: {m}"))?;
             Ok(((e.id, d), &data[range]))
         })
@@ -453,8 +453,8 @@ mod tests {
         let img = image(&fp("a"));
         assert_eq!(img.len(), DATA_ALIGN + 68);
         let e = read_weights(&img, &fp("a"), "w").unwrap();
-        assert_eq!(e[0], ((3, DType::F32), &[1u8, 2, 3, 4, 5, 6, 7, 8][..]));
-        assert_eq!(e[1], ((5, DType::BF16), &[9u8, 9, 9, 9][..]));
+        assert_eq!(e[0], ((3, Encoding::Dense(ouroc_ir::DType::F32)), &[1u8, 2, 3, 4, 5, 6, 7, 8][..]));
+        assert_eq!(e[1], ((5, Encoding::Dense(ouroc_ir::DType::BF16)), &[9u8, 9, 9, 9][..]));
         let err = read_weights(&img, &fp("b"), "w").unwrap_err();
         assert!(
             err.contains("does not belong") && err.contains("checkpoint fingerprint a"),

@@ -27,6 +27,11 @@ impl<'g> InterpForward<'g> {
         let interp = Interpreter::new(graph, weights, opts).map_err(|e| e.to_string())?;
         Ok(InterpForward { interp, steps })
     }
+
+    /// Forget the KV cache: the next call starts a new sequence.
+    pub fn reset(&mut self) {
+        self.interp.reset();
+    }
 }
 
 impl Forward for InterpForward<'_> {

@@ -31,6 +31,7 @@ pub mod generate;
 pub mod gpu;
 pub mod interp;
 pub mod memory;
+pub mod qlinear;
 pub mod sampling;
 pub mod speculate;
 pub mod threads;

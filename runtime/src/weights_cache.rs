@@ -12,6 +12,7 @@
 use crate::deploy::{self, Fingerprint, Hasher, WeightsHeader, read_weights};
 use ouroc_driver::ResidentWeights;
 use ouroc_kernels::Program;
+use ouroc_kernels::spec::Encoding;
 use std::path::{Path, PathBuf};
 
 /// A cache directory.
@@ -88,17 +89,17 @@ impl WeightsCache {
         };
         // Every weight a kernel reads, with its full length.
         for (w, d) in ResidentWeights::required(program) {
-            let n: usize = program.weight(w).map_or(0, |e| e.shape.iter().product());
+            let n = program.weight(w).and_then(|e| d.bytes(&e.shape)).unwrap_or(0);
             if !slices
                 .iter()
-                .any(|((id, dt), b)| (*id, *dt) == (w, d) && b.len() == n * d.size_bytes())
+                .any(|((id, dt), b)| (*id, *dt) == (w, d) && b.len() == n)
             {
                 return Lookup::Invalid(format!("{what} lacks weight %{w} in {d}"));
             }
         }
         // The slices point into `map`, which the weights then own.
-        let entries: Vec<((u32, ouroc_ir::DType), &[u8])> = slices;
-        let table: Vec<((u32, ouroc_ir::DType), (usize, usize))> = entries
+        let entries: Vec<((u32, Encoding), &[u8])> = slices;
+        let table: Vec<((u32, Encoding), (usize, usize))> = entries
             .iter()
             .map(|(k, b)| (*k, (b.as_ptr() as usize - map.as_ptr() as usize, b.len())))
             .collect();

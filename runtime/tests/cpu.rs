@@ -398,6 +398,7 @@ fn split_in_place_linear_reads_its_input_whole() {
                         k,
                         weight: DType::F32,
                         bias: false,
+                        quant: None,
                     }),
                 },
                 inputs: vec![Operand::Act(ActRef::whole(2, k)), Operand::Weight(11)],

@@ -72,6 +72,7 @@ pub fn run(args: &AblateArgs) -> Result<()> {
         loops: None,
         unrolled: false,
         pipeline: PipelineFlags::default(),
+        weights: crate::cli::Weights::Dense,
     };
     let graph = build(&ckpt, &flags)?;
     let ids = random_ids(args.prefill_tokens, ckpt.config.vocab_size);

@@ -66,6 +66,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         loops: args.loops,
         unrolled: false,
         pipeline: args.pipeline.clone(),
+        weights: args.weights,
     };
     model_flags(Precision::F32)
         .pipeline(false)
@@ -107,11 +108,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let flags = model_flags(precision);
         let passes = flags.pipeline(false).map_err(anyhow::Error::msg)?;
         let t0 = Instant::now();
-        let name = format!("{precision:?}").to_lowercase();
+        let name = match args.weights {
+            crate::cli::Weights::Dense => format!("{precision:?}").to_lowercase(),
+            w => format!("{precision:?}+{w:?}").to_lowercase(),
+        };
         eprintln!("[{name}] compiling...");
         let graph = build(&ckpt, &flags)?;
         super::check_memory("ouroc bench", &ckpt, &graph, precision, positions)?;
-        let program = ouroc_compile::compile_with(graph, &passes)?.program;
+        let program = super::lower(graph, &passes, &flags)?;
         let (outside, per_step) = program.weight_bytes_read();
         eprintln!("[{name}] loading weights and JIT-compiling kernels...");
         let mut model = super::prepare::cpu_forward(program, &ckpt, &opts, &args.cpu.cache)?;

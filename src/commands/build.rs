@@ -260,7 +260,7 @@ pub fn run(args: &BuildArgs) -> Result<()> {
     super::check_memory("ouroc build", &ckpt, &graph, args.model.precision, 0)?;
     let steps = graph.exit_control().map_or(1, |(steps, _)| steps);
     let policy = graph.exit_control().map(|(_, p)| p.to_string()).unwrap_or_default();
-    let program = ouroc_compile::compile_with(graph, &passes)?.program;
+    let program = super::lower(graph, &passes, &args.model)?;
     let launches = program.kernels().count();
     eprintln!(
         "[1/5] {}: {} layers x {steps} loop steps, exit policy {policy}: {launches} kernel launches ({:.1} s)",

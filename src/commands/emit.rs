@@ -15,7 +15,7 @@ pub fn ir(source: &SourceArgs, flags: &ModelFlags, after: Option<&str>) -> Resul
 /// The optimised graph of `source` lowered to a Program.
 pub fn program(source: &SourceArgs, flags: &ModelFlags) -> Result<Program> {
     let passes = flags.pipeline(false).map_err(anyhow::Error::msg)?;
-    Ok(ouroc_compile::compile_with(build_source(source, flags)?, &passes)?.program)
+    super::lower(build_source(source, flags)?, &passes, flags)
 }
 
 /// The kernel of `program` named `name`, or an error listing the names.

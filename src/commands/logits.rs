@@ -54,6 +54,7 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
     };
     match args.backend {
         LogitsBackend::Interp => {
+            super::refuse_quantised_interp(&args.model)?;
             let opts = Options {
                 round_low_precision: true,
                 max_positions: Some(cfg.max_position_embeddings),
@@ -75,7 +76,7 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
             // The research interface traces every step and gate under every
             // policy: the Program keeps them (no policy-dce), and, like the
             // reference, every step runs for every token.
-            let program = ouroc_compile::compile_with(graph.clone(), &passes)?.program;
+            let program = super::lower(graph.clone(), &passes, &args.model)?;
             let max = cfg.max_position_embeddings;
             let mut model: TraceFn = match backend {
                 LogitsBackend::Cpu => {

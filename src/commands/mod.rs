@@ -5,6 +5,7 @@ mod bench;
 mod build;
 mod compile;
 mod emit;
+mod eval;
 mod inspect;
 mod logits;
 mod output;
@@ -44,6 +45,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench::run(&args),
         Command::Ablate(args) => ablate::run(&args),
         Command::Build(args) => build::run(&args),
+        Command::Eval(args) => eval::run(&args),
     }
 }
 
@@ -115,6 +117,27 @@ pub fn check_memory(
 }
 
 /// Build the graph the flags ask for.
+/// `graph` optimised by `passes` and lowered to a Program whose Linears
+/// read their weights in the `--weights` format.
+pub fn lower(graph: Graph, passes: &ouroc_passes::PassManager, flags: &ModelFlags) -> Result<ouroc_kernels::Program> {
+    let mut program = ouroc_compile::compile_with(graph, passes)?.program;
+    flags.weights.scheme().apply(&mut program);
+    Ok(program)
+}
+
+/// Quantised weights are a property of the compiled Program: the IR
+/// interpreter, which runs the graph, has none.
+pub fn refuse_quantised_interp(flags: &ModelFlags) -> Result<()> {
+    if flags.weights != crate::cli::Weights::Dense {
+        anyhow::bail!(
+            "--weights {:?} needs a compiled backend (the IR interpreter runs the graph's dense weights): \
+             use --backend cpu",
+            flags.weights
+        );
+    }
+    Ok(())
+}
+
 pub fn build(ckpt: &Checkpoint, flags: &ModelFlags) -> Result<Graph> {
     build_from(&ckpt.config, ckpt.head_tensor_name(), flags)
 }

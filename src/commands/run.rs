@@ -10,7 +10,7 @@ use ouroc_runtime::{Sampler, SamplingParams, Tokenizer, chat, generate_with};
 use std::path::PathBuf;
 
 /// The built-in demo model (see models/demo/README.md).
-fn builtin_model() -> PathBuf {
+pub(super) fn builtin_model() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/models/demo"))
 }
 
@@ -77,10 +77,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let mut model: Box<dyn Forward + '_> = match args.backend {
         Backend::Interp => {
+            super::refuse_quantised_interp(&args.model)?;
             Box::new(InterpForward::new(&graph, &ckpt, max_positions, early_exit).map_err(anyhow::Error::msg)?)
         }
         Backend::Cpu => {
-            let program = ouroc_compile::compile_with(graph.clone(), &passes)?.program;
+            let program = super::lower(graph.clone(), &passes, &args.model)?;
             let opts = cpu_opts.expect("parsed for the cpu backend");
             if args.device == Device::Cuda {
                 let mut g = ouroc_runtime::gpu::GpuOptions::new(max_positions);

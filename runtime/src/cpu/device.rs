@@ -7,7 +7,7 @@ use super::source::KernelSource;
 use crate::threads::{Pool, resolve_threads};
 use ouroc_driver::codec;
 use ouroc_driver::{CallShape, Device, DeviceError, KvArg, KvLayout, KvStore, ResidentWeights, Span};
-use ouroc_ir::DType;
+use ouroc_kernels::spec::Encoding;
 use ouroc_kernels::{ActValue, Kernel, Program};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -30,7 +30,7 @@ impl CpuStore {
 pub struct CpuDevice {
     pub(super) values: HashMap<u32, ActValue>,
     /// Encoded weights by (id, dtype), pointing into the driver's weights.
-    pub(super) weights: HashMap<(u32, DType), *const u8>,
+    pub(super) weights: HashMap<(u32, Encoding), *const u8>,
     pub(super) microkernels: bool,
     /// The arena, as u64 cells (8-byte aligned); grown per call.
     pub(super) arena: Vec<u64>,
@@ -39,6 +39,8 @@ pub struct CpuDevice {
     pub(super) scratch: Vec<f32>,
     /// Copies of `x` for split in-place linears.
     pub(super) x_copy: Vec<u64>,
+    /// The quantised activations of a quantised Linear's launch.
+    pub(super) xq: crate::qlinear::QuantRows,
     /// Launches split over the threads by tokens (prompts).
     pub token_split_launches: usize,
     /// Launches on a subset of a call's rows (`Device::launch_rows`).
@@ -63,6 +65,7 @@ impl CpuDevice {
             stores: Vec::new(),
             scratch: Vec::new(),
             x_copy: Vec::new(),
+            xq: Default::default(),
             token_split_launches: 0,
             row_launches: 0,
             microkernel_kernels: 0,

@@ -9,7 +9,9 @@ use crate::gemm;
 use ouroc_driver::{CallShape, DeviceError, KvArg};
 use ouroc_ir::DType;
 use ouroc_kernels::abi::{AttentionPhase, KvSeq, RawKernel, extra_args};
-use ouroc_kernels::spec::{Family, LinearSpec, operand_dtypes};
+use crate::qlinear::{self, QLinearArgs};
+use ouroc_kernels::quant::QuantFormat;
+use ouroc_kernels::spec::{Family, LinearSpec, operand_dtypes, operand_encodings};
 use ouroc_kernels::{ActValue, Kernel, Operand};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -61,6 +63,18 @@ struct Gemm {
     tile: usize,
 }
 
+/// A quantised `Linear`, run by [`crate::qlinear`] (it has no kernel of
+/// its own: the format's arithmetic is the runtime's).
+#[derive(Clone, Copy)]
+struct QLin {
+    n: usize,
+    k: usize,
+    format: QuantFormat,
+    act: DType,
+    /// The bias's dtype, if it has one.
+    bias: Option<DType>,
+}
+
 /// The shape of an `Attention` attended by [`crate::attention`].
 #[derive(Clone, Copy)]
 struct Attend {
@@ -73,8 +87,10 @@ struct Attend {
 
 /// One pre-bound kernel launch (the CPU device's bound kernel).
 pub struct Launch {
-    f: RawKernel,
+    /// None for a quantised Linear ([`QLin`]).
+    f: Option<RawKernel>,
     gemm: Option<Gemm>,
+    qlin: Option<QLin>,
     /// Operands then results.
     args: Vec<Arg>,
     /// An `Attention` (takes the KV arguments).
@@ -92,7 +108,7 @@ pub struct Launch {
 impl Launch {
     /// Run by a std::arch microkernel.
     pub(super) fn on_microkernel(&self) -> bool {
-        self.gemm.is_some()
+        self.gemm.is_some() || self.qlin.is_some()
     }
 
     /// Split over the threads by output rows.
@@ -105,7 +121,18 @@ impl CpuDevice {
     pub(super) fn bind_kernel(&mut self, k: &Kernel) -> Result<Launch, DeviceError> {
         let threads = self.pool.threads();
         let values = &self.values;
+        let qlin = match &k.spec.family {
+            Family::Linear(l) => l.quant.map(|format| QLin {
+                n: l.n,
+                k: l.k,
+                format,
+                act: k.spec.act,
+                bias: l.bias.then_some(l.weight),
+            }),
+            _ => None,
+        };
         let gemm = match &k.spec.family {
+            _ if qlin.is_some() => None,
             Family::Linear(l) if self.microkernels && gemm::microkernel(k.spec.act, l.weight) => Some(Gemm {
                 n: l.n,
                 k: l.k,
@@ -117,14 +144,19 @@ impl CpuDevice {
             _ => None,
         };
         let (split, rows) = match &k.spec.family {
+            Family::Linear(l) if qlin.is_some() => (None, Some(l.n)),
             Family::Linear(l) if gemm.is_none() => (split_linear(k, l, values, threads), Some(l.n)),
             Family::Linear(l) => (None, Some(l.n)),
             _ => (None, None),
         };
-        let f = self.kernels.raw_kernel(&k.spec).map_err(DeviceError::Program)?;
+        let f = match qlin {
+            Some(_) => None,
+            None => Some(self.kernels.raw_kernel(&k.spec).map_err(DeviceError::Program)?),
+        };
         let dtypes = operand_dtypes(&k.spec);
+        let encodings = operand_encodings(&k.spec);
         let mut args = Vec::new();
-        for (op, d) in k.inputs.iter().zip(&dtypes) {
+        for ((op, d), e) in k.inputs.iter().zip(&dtypes).zip(&encodings) {
             args.push(match op {
                 Operand::Act(r) => {
                     let v = &values[&r.value];
@@ -141,9 +173,9 @@ impl CpuDevice {
                         elem: v.dtype.size_bytes(),
                     }
                 }
-                Operand::Weight(w) => Arg::Weight(*self.weights.get(&(*w, *d)).ok_or_else(|| {
+                Operand::Weight(w) => Arg::Weight(*self.weights.get(&(*w, *e)).ok_or_else(|| {
                     DeviceError::Program(format!(
-                        "kernel {} reads weight %{w} as {d}, which is not loaded",
+                        "kernel {} reads weight %{w} as {e}, which is not loaded",
                         k.spec.name
                     ))
                 })?),
@@ -183,6 +215,7 @@ impl CpuDevice {
         Ok(Launch {
             f,
             gemm,
+            qlin,
             args,
             attention,
             attend,
@@ -234,7 +267,35 @@ impl CpuDevice {
                 }
             }
         }
-        let f = l.f;
+        if let Some(q) = l.qlin {
+            // Activations quantised once for every thread (and before y,
+            // which may share x's rows, is written).
+            // SAFETY: x is the launch's arena rows for `tokens` tokens.
+            unsafe { self.xq.fill(args[0], q.act, strides[0], tokens, q.k) };
+            let res = 2 + q.bias.is_some() as usize;
+            let p = QLinearArgs {
+                tokens,
+                n: q.n,
+                k: q.k,
+                format: q.format,
+                x: &self.xq,
+                w: args[1],
+                bias: if q.bias.is_some() { args[2] } else { std::ptr::null() },
+                bias_dtype: q.bias.unwrap_or(DType::F32),
+                act: q.act,
+                y: args[res],
+                y_stride: strides[res],
+            };
+            let parts = self.pool.threads().min(q.n).max(1);
+            let per = q.n.div_ceil(parts);
+            self.pool.run(q.n.div_ceil(per), &|c| {
+                // SAFETY: the launch's arena rows and encoded weights; chunks
+                // write disjoint output columns.
+                unsafe { qlinear::qlinear(&p, c * per..((c + 1) * per).min(q.n)) }
+            });
+            return Ok(());
+        }
+        let f = l.f.ok_or_else(|| DeviceError::Program("a launch without its kernel".into()))?;
         if let Some(g) = l.gemm {
             let res = 2 + g.bias as usize;
             let p = gemm::LinearArgs {
@@ -498,7 +559,9 @@ impl CpuDevice {
         let base: Vec<usize> = args.iter().map(|&p| p as usize).collect();
         let descs: Vec<(usize, usize, usize)> = seqs.iter().map(|s| (s.k as usize, s.v as usize, s.past)).collect();
         let row_bytes: Vec<usize> = l.args.iter().map(Arg::row_bytes).collect();
-        let f = l.f;
+        let Some(f) = l.f else {
+            return;
+        };
         self.pool.run(tokens.div_ceil(per), &|c| {
             let (t0, n) = if chunks == 1 {
                 (0, tokens)

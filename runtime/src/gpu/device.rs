@@ -8,7 +8,7 @@ use ouroc_driver::codec;
 use ouroc_driver::{CallShape, Device, DeviceError, DriverError, KvArg, KvLayout, KvStore, ResidentWeights, Span};
 use ouroc_ir::DType;
 use ouroc_kernels::abi::ptx::{self, KernelAbi, ParamDesc, ParamRole, ParamTy, PtxEntry, PtxModule};
-use ouroc_kernels::spec::{AttentionSpec, Family};
+use ouroc_kernels::spec::{AttentionSpec, Encoding, Family};
 use ouroc_kernels::{ActValue, Kernel, Operand, Program};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -369,8 +369,15 @@ impl<G: Gpu> PtxDevice<G> {
         let kvm = self.gpu.load_module(&self.module.runtime_text)?;
         let kv_copy = self.gpu.function(kvm, ptx::KV_COPY_ENTRY)?;
         self.modules = Some((m, kv_copy));
-        for key in ResidentWeights::required(program) {
-            let bytes = weights.get(key.0, key.1).ok_or_else(|| {
+        for (id, enc) in ResidentWeights::required(program) {
+            let Encoding::Dense(d) = enc else {
+                return Err(GpuError::Program(format!(
+                    "weight %{id} is read quantised ({enc}): the GPU backend has no quantised kernels yet \
+                     (use --weights dense there)"
+                )));
+            };
+            let key = (id, d);
+            let bytes = weights.get(id, enc).ok_or_else(|| {
                 GpuError::Program(format!(
                     "weight %{} in {} is missing from the weights given",
                     key.0, key.1

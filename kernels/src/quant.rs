@@ -1,0 +1,402 @@
+//! Quantised weight formats of a `Linear`: the byte layout, quantisation
+//! and the exact arithmetic every backend implements (this file is the
+//! reference: the runtime's microkernels are checked bit for bit against
+//! [`dot_row`], and the reference device runs [`linear`]).
+//!
+//! Both formats quantise each weight row in blocks of [`BLOCK`] = 32
+//! values along `k` with one f16 scale per block (llama.cpp's Q8_0 and
+//! Q4_0 numerics: 8.5 and 4.5 bits per weight); a row whose `k` is not a
+//! multiple of 32 is padded with zero weights to whole blocks. The layout
+//! is ouroc's own, chosen for the microkernels:
+//!
+//! - a row is its quants, then its `nb = ceil(k / 32)` scales (f16, little
+//!   endian); rows follow each other ([`row_bytes`] each);
+//! - `q8_0`: one byte per weight, `q + 128` (q in -127..=127), so an
+//!   unsigned-by-signed byte dot product (`vpdpbusd`) reads it directly;
+//! - `q4_0`: one nibble per weight, `q + 8` (q in -8..=7); each run of four
+//!   blocks (128 weights) is 64 bytes whose byte i holds weight i (low
+//!   nibble) and weight 64 + i (high nibble), so one 64-byte load splits
+//!   into two 64-weight halves by masking and shifting; the last `nb % 4`
+//!   blocks are 16 bytes each, byte i holding weights i and 16 + i.
+//!
+//! The product (as llama.cpp's CPU path computes it): each token's
+//! activation row is quantised to int8 per block ([`quantise_acts`]:
+//! scale `amax / 127`, round half to even), each block's integer dot
+//! product is exact, and the f32 part runs in a fixed order: block b's
+//! term `(d_w * d_x) * isum` (two f32 products) is added to lane `b % 8`
+//! of eight f32 accumulators in block order, and the lanes are summed as
+//! `((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))`. The bias is then
+//! added and the sum rounded to the activation dtype, as for a dense Linear.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Weights per block (one scale each).
+pub const BLOCK: usize = 32;
+
+/// Lanes of the f32 accumulation (see the module docs).
+pub const LANES: usize = 8;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuantFormat {
+    Q8_0,
+    Q4_0,
+}
+
+impl QuantFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantFormat::Q8_0 => "q8_0",
+            QuantFormat::Q4_0 => "q4_0",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<QuantFormat> {
+        match s {
+            "q8_0" => Some(QuantFormat::Q8_0),
+            "q4_0" => Some(QuantFormat::Q4_0),
+            _ => None,
+        }
+    }
+
+    /// Bytes of one block's quants.
+    pub fn quant_bytes(self) -> usize {
+        match self {
+            QuantFormat::Q8_0 => BLOCK,
+            QuantFormat::Q4_0 => BLOCK / 2,
+        }
+    }
+
+    /// What is added to a quant to store it unsigned.
+    pub fn offset(self) -> i32 {
+        match self {
+            QuantFormat::Q8_0 => 128,
+            QuantFormat::Q4_0 => 8,
+        }
+    }
+
+    /// The smallest and largest quant.
+    fn range(self) -> (i32, i32) {
+        match self {
+            QuantFormat::Q8_0 => (-127, 127),
+            QuantFormat::Q4_0 => (-8, 7),
+        }
+    }
+}
+
+impl fmt::Display for QuantFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Which Linears a model reads quantised, and how (`--weights`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightScheme {
+    /// Every weight in the model's dtype.
+    Dense,
+    /// Every Linear in q8_0.
+    Q8,
+    /// The layers' Linears in q4_0, the LM head in q8_0 (as llama.cpp keeps
+    /// its output matrix at higher precision: it is read once per token,
+    /// the layers R times, so it costs little and its errors reach every
+    /// logit directly).
+    Q4,
+}
+
+impl WeightScheme {
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightScheme::Dense => "dense",
+            WeightScheme::Q8 => "q8",
+            WeightScheme::Q4 => "q4",
+        }
+    }
+
+    /// Set the Linears' formats of `program` (a freshly lowered, dense
+    /// one). Embeddings, norms and the exit gate (inside `step_end`) stay
+    /// in the model's dtype: they are a small share of the bytes read per
+    /// token and the gate's decision is sensitive to its rounding.
+    /// Returns the Linears changed.
+    pub fn apply(self, program: &mut crate::Program) -> usize {
+        match self {
+            WeightScheme::Dense => 0,
+            WeightScheme::Q8 => program.quantise(QuantFormat::Q8_0, Some(QuantFormat::Q8_0)),
+            WeightScheme::Q4 => program.quantise(QuantFormat::Q4_0, Some(QuantFormat::Q8_0)),
+        }
+    }
+}
+
+/// Blocks of a row of `k` weights.
+pub fn blocks(k: usize) -> usize {
+    k.div_ceil(BLOCK)
+}
+
+/// Bytes of one quantised row of `k` weights: quants, then scales.
+pub fn row_bytes(format: QuantFormat, k: usize) -> usize {
+    blocks(k) * (format.quant_bytes() + 2)
+}
+
+/// Bytes of an `[n, k]` weight in `format`.
+pub fn matrix_bytes(format: QuantFormat, n: usize, k: usize) -> usize {
+    n * row_bytes(format, k)
+}
+
+/// Where weight `i` of a row sits among the row's quant bytes: (byte, high nibble).
+pub fn nibble_at(nb: usize, i: usize) -> (usize, bool) {
+    let full = nb / 4 * 4 * BLOCK;
+    if i < full {
+        let (chunk, j) = (i / 128, i % 128);
+        (chunk * 64 + j % 64, j >= 64)
+    } else {
+        let (b, j) = ((i - full) / BLOCK, (i - full) % BLOCK);
+        (full / 2 + b * 16 + j % 16, j >= 16)
+    }
+}
+
+fn f16_bits(x: f32) -> u16 {
+    half::f16::from_f32(x).to_bits()
+}
+
+/// An f16 scale (its little-endian bits) as f32 (exact).
+pub fn f16_value(bits: u16) -> f32 {
+    half::f16::from_bits(bits).to_f32()
+}
+
+/// Quantise an `[n, k]` matrix (row-major f32) into `format`.
+pub fn quantise(format: QuantFormat, w: &[f32], n: usize, k: usize) -> Vec<u8> {
+    assert_eq!(w.len(), n * k, "quantise: {} values for [{n}, {k}]", w.len());
+    let (nb, rb) = (blocks(k), row_bytes(format, k));
+    let mut out = vec![0u8; n * rb];
+    let mut q = vec![0i32; nb * BLOCK];
+    for (row, dst) in w.chunks_exact(k.max(1)).take(n).zip(out.chunks_exact_mut(rb)) {
+        let (quants, scales) = dst.split_at_mut(nb * format.quant_bytes());
+        for b in 0..nb {
+            let vals = &row[b * BLOCK..((b + 1) * BLOCK).min(k)];
+            let (d, qs) = quantise_block(format, vals);
+            scales[2 * b..2 * b + 2].copy_from_slice(&f16_bits(d).to_le_bytes());
+            q[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(&qs);
+        }
+        pack(format, &q, quants);
+    }
+    out
+}
+
+/// One block: its scale (an f16 value) and quants (zero past `vals`).
+fn quantise_block(format: QuantFormat, vals: &[f32]) -> (f32, [i32; BLOCK]) {
+    let (lo, hi) = format.range();
+    let mut q = [0i32; BLOCK];
+    // The signed value of largest magnitude (the first such).
+    let big = vals.iter().fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+    let d = match format {
+        QuantFormat::Q8_0 => big.abs() / 127.0,
+        // As Q4_0: the largest magnitude maps to -8, the end with one more step.
+        QuantFormat::Q4_0 => big / -8.0,
+    };
+    let d = f16_value(f16_bits(d));
+    if d == 0.0 || !d.is_finite() {
+        return (if d.is_finite() { d } else { 0.0 }, q);
+    }
+    for (qi, &v) in q.iter_mut().zip(vals) {
+        *qi = ((v / d).round_ties_even() as i32).clamp(lo, hi);
+    }
+    (d, q)
+}
+
+fn pack(format: QuantFormat, q: &[i32], out: &mut [u8]) {
+    let off = format.offset();
+    match format {
+        QuantFormat::Q8_0 => {
+            for (o, &v) in out.iter_mut().zip(q) {
+                *o = (v + off) as u8;
+            }
+        }
+        QuantFormat::Q4_0 => {
+            let nb = q.len() / BLOCK;
+            out.fill(0);
+            for (i, &v) in q.iter().enumerate() {
+                let (byte, high) = nibble_at(nb, i);
+                let u = (v + off) as u8;
+                out[byte] |= if high { u << 4 } else { u };
+            }
+        }
+    }
+}
+
+/// The quants of one row (`nb * 32` signed values) and its scales.
+pub fn unpack_row(format: QuantFormat, row: &[u8], nb: usize) -> (Vec<i32>, Vec<f32>) {
+    let (quants, scales) = row.split_at(nb * format.quant_bytes());
+    let off = format.offset();
+    let q = (0..nb * BLOCK)
+        .map(|i| match format {
+            QuantFormat::Q8_0 => quants[i] as i32 - off,
+            QuantFormat::Q4_0 => {
+                let (byte, high) = nibble_at(nb, i);
+                let u = if high { quants[byte] >> 4 } else { quants[byte] & 15 };
+                u as i32 - off
+            }
+        })
+        .collect();
+    let d = scales
+        .chunks_exact(2)
+        .map(|c| f16_value(u16::from_le_bytes([c[0], c[1]])))
+        .collect();
+    (q, d)
+}
+
+/// The f32 values an `[n, k]` quantised matrix stands for (`q * d`, exact).
+pub fn dequantise(format: QuantFormat, bytes: &[u8], n: usize, k: usize) -> Vec<f32> {
+    let (nb, rb) = (blocks(k), row_bytes(format, k));
+    let mut out = Vec::with_capacity(n * k);
+    for row in bytes.chunks_exact(rb).take(n) {
+        let (q, d) = unpack_row(format, row, nb);
+        out.extend((0..k).map(|i| q[i] as f32 * d[i / BLOCK]));
+    }
+    out
+}
+
+/// A token's activation row quantised per block: `nb * 32` quants (zero
+/// padded), and per block its scale and the sum of its quants.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct QuantActs {
+    pub q: Vec<i8>,
+    pub d: Vec<f32>,
+    pub sum: Vec<i32>,
+}
+
+/// Append the quantised row `x` (its `k` values) to `out`: per block,
+/// `d = amax / 127`, `q = round_half_even(x * (1 / d))` (0 when d is 0).
+pub fn quantise_acts(x: &[f32], out: &mut QuantActs) {
+    for vals in x.chunks(BLOCK) {
+        let amax = vals.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0;
+        for i in 0..BLOCK {
+            let q = vals.get(i).map_or(0, |&v| (v * id).round_ties_even().clamp(-127.0, 127.0) as i8);
+            out.q.push(q);
+            sum += q as i32;
+        }
+        out.d.push(d);
+        out.sum.push(sum);
+    }
+}
+
+/// The f32 sum of block terms in the fixed order (module docs), before the bias.
+pub fn dot_row(format: QuantFormat, row: &[u8], xq: &[i8], xd: &[f32], nb: usize) -> f32 {
+    let (q, d) = unpack_row(format, row, nb);
+    let mut acc = [0.0f32; LANES];
+    for b in 0..nb {
+        let isum: i32 = (0..BLOCK).map(|i| q[b * BLOCK + i] * xq[b * BLOCK + i] as i32).sum();
+        acc[b % LANES] += (d[b] * xd[b]) * isum as f32;
+    }
+    reduce_lanes(&acc)
+}
+
+/// The fixed sum of the eight lanes.
+pub fn reduce_lanes(a: &[f32; LANES]) -> f32 {
+    ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+}
+
+/// The reference `Linear` on quantised weights: `x` is `tokens` rows of
+/// `k` values (already in the activation dtype), `bias` in f32; returns
+/// `tokens x n` sums (bias added, not yet rounded).
+pub fn linear(format: QuantFormat, x: &[f32], w: &[u8], bias: Option<&[f32]>, n: usize, k: usize) -> Vec<f32> {
+    let (nb, rb) = (blocks(k), row_bytes(format, k));
+    let mut y = Vec::with_capacity(x.len() / k.max(1) * n);
+    for row in x.chunks_exact(k.max(1)) {
+        let mut qa = QuantActs::default();
+        quantise_acts(row, &mut qa);
+        for o in 0..n {
+            let s = dot_row(format, &w[o * rb..(o + 1) * rb], &qa.q, &qa.d, nb);
+            y.push(s + bias.map_or(0.0, |b| b[o]));
+        }
+    }
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn quants_round_trip_within_half_a_step() {
+        for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+            for (n, k) in [(3, 32), (2, 88), (4, 256), (1, 200), (2, 160)] {
+                let w = values(n * k, 7 + k as u32);
+                let q = quantise(format, &w, n, k);
+                assert_eq!(q.len(), matrix_bytes(format, n, k));
+                let back = dequantise(format, &q, n, k);
+                let nb = blocks(k);
+                for r in 0..n {
+                    let (_, d) = unpack_row(format, &q[r * row_bytes(format, k)..], nb);
+                    for i in 0..k {
+                        let err = (back[r * k + i] - w[r * k + i]).abs();
+                        // Half a step, plus the f16 rounding of the scale at the
+                        // ends; q4_0's range is one step short at the end
+                        // opposite the largest value (-8..=7 steps).
+                        let step = d[i / BLOCK].abs();
+                        let tol = match format {
+                            QuantFormat::Q8_0 => 0.5 * step + 127.0 * step * 1e-3,
+                            QuantFormat::Q4_0 => step + 8.0 * step * 1e-3,
+                        };
+                        assert!(err <= tol, "{format} [{n},{k}] ({r},{i}): {err} > {tol}");
+                    }
+                }
+                // Quantising the dequantised values gives the same bytes.
+                assert_eq!(quantise(format, &back, n, k), q, "{format} [{n},{k}]");
+            }
+        }
+    }
+
+    #[test]
+    fn the_layout_is_the_documented_one() {
+        // Block 0 of a q4_0 row of 4 blocks: weight 0 in the low nibble of
+        // byte 0, weight 64 in its high nibble.
+        let mut w = vec![0.0f32; 128];
+        w[0] = 1.0; // block 0's largest: d = -1/8, q = -8
+        w[64] = -0.5; // block 2: d = -1/8 (from w[65]), q = 4
+        w[65] = 1.0;
+        w[100] = 0.25;
+        let q = quantise(QuantFormat::Q4_0, &w, 1, 128);
+        assert_eq!(q[0], ((-8 + 8) as u8) | (((4 + 8) as u8) << 4));
+        assert_eq!(f16_value(u16::from_le_bytes([q[64], q[65]])), -0.125);
+        let q8 = quantise(QuantFormat::Q8_0, &w[..32], 1, 32);
+        assert_eq!((q8[0], q8[1]), (255, 128));
+        assert_eq!(q8.len(), 34);
+        // A padded row: k = 40 is two blocks, the second zero past 8 values.
+        let q8 = quantise(QuantFormat::Q8_0, &[1.0; 40], 1, 40);
+        assert_eq!(q8.len(), 68);
+        assert_eq!(&q8[40..64], &[128u8; 24][..]);
+    }
+
+    #[test]
+    fn the_linear_is_close_to_the_dense_product() {
+        for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+            let (n, k) = (5, 200);
+            let (w, x) = (values(n * k, 3), values(2 * k, 4));
+            let q = quantise(format, &w, n, k);
+            let deq = dequantise(format, &q, n, k);
+            let y = linear(format, &x, &q, None, n, k);
+            for t in 0..2 {
+                for o in 0..n {
+                    let dense: f32 = (0..k).map(|i| x[t * k + i] * deq[o * k + i]).sum();
+                    // Only the activations' int8 rounding separates them.
+                    let tol = 0.02 * (k as f32).sqrt() * 0.5;
+                    assert!((y[t * n + o] - dense).abs() < tol, "{format}: {} vs {dense}", y[t * n + o]);
+                }
+            }
+        }
+    }
+}
