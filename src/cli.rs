@@ -378,6 +378,16 @@ pub enum Emit {
         #[arg(long, value_name = "PASS")]
         after: Option<String>,
     },
+    /// The Program the optimised model lowers to: its kernels in launch order with their specs
+    /// (a quantised Linear shows `weight = q4_0 (from bf16)`), the loop, the weight table with
+    /// its load-time recipes and the encodings the kernels read, the activation arena and the
+    /// KV slots
+    Program {
+        #[command(flatten)]
+        source: SourceArgs,
+        #[command(flatten)]
+        model: ModelFlags,
+    },
     /// The Cranelift IR (CLIF) of the CPU kernels of the optimised model, before
     /// Cranelift's own optimisations, one function per distinct kernel
     Clif {

@@ -178,6 +178,18 @@ fn built_executables_generate_what_ouroc_run_does_and_refuse_bad_weights() {
     ];
     let runs_gqa: Vec<&[&str]> = runs_gqa.iter().map(|v| v.as_slice()).collect();
     same_as_ouroc_run(&gqa, "tests/fixtures/gqa-hd", &gqa_flags, &runs_gqa);
+    // Quantised weights: the built executable reads the q4 weights file and
+    // computes what `ouroc run --weights q4` does.
+    let q4_flags = ["--precision", "bf16", "--weights", "q4"];
+    let q4 = build(dir.path(), "q4", "tests/fixtures/mha-r4", &q4_flags);
+    let runs_q4 = [
+        g("16", &["--threads", "2"]),
+        g("12", &["--threads", "1", "--linear", "cranelift"]),
+    ];
+    let runs_q4: Vec<&[&str]> = runs_q4.iter().map(|v| v.as_slice()).collect();
+    same_as_ouroc_run(&q4, "tests/fixtures/mha-r4", &q4_flags, &runs_q4);
+    let help = text(&run_app(&q4, &["--help"]).stdout);
+    assert!(help.contains("bf16, q4 weights"), "{help}");
     // Speculation changes no greedy token.
     let spec = run_app(&mha, &g("24", &["--draft-tokens", "4", "--draft-steps", "2"]));
     let plain = run_app(&mha, &g("24", &["--draft-tokens", "off"]));

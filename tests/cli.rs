@@ -133,6 +133,48 @@ fn emit_ir_prints_the_loop() {
     assert_eq!(ouroc_ir::print(&ouroc_ir::parse(&text).unwrap()), text);
 }
 
+/// `--weights`: the Program shows the format, `compile` counts the bytes it
+/// saves, `run` generates with it, and what cannot run it says so.
+#[test]
+fn weights_flag_quantises_the_linears_and_refuses_what_it_cannot() {
+    let dir = fixture("mha-r4");
+    let d = dir.to_str().unwrap();
+    let o = ouroc(&["emit", "program", d, "--weights", "q4", "--precision", "bf16"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains("weight = q4_0 (from bf16)") && text.contains("(read as q8_0)"),
+        "{text}"
+    );
+    let o = ouroc(&["compile", d, "--weights", "q8_0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("--weights q8:") && stdout(&o).contains("saved"),
+        "{}",
+        stdout(&o)
+    );
+    let o = ouroc(&[
+        "run",
+        d,
+        "--weights",
+        "q8",
+        "--prompt",
+        "The loop",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stdout(&o).trim().is_empty());
+    fails_with(&["run", d, "--weights", "q3"], &["--weights", "q3", "q8", "q4"]);
+    fails_with(
+        &["run", d, "--weights", "q4", "--backend", "interp", "--prompt", "x"],
+        &["--weights q4", "--backend cpu"],
+    );
+    fails_with(&["emit", "ptx", d, "--weights", "q8"], &["q8_0", "--weights dense"]);
+}
+
 #[test]
 fn loops_flag_changes_the_step_count() {
     let dir = fixture("mha-r4");

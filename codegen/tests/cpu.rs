@@ -85,7 +85,17 @@ fn spec(name: &str, act: DType, family: Family) -> KernelSpec {
 }
 
 fn linear(n: usize, k: usize, weight: DType, bias: bool, act: DType) -> KernelSpec {
-    spec("lin", act, Family::Linear(LinearSpec { n, k, weight, bias, quant: None }))
+    spec(
+        "lin",
+        act,
+        Family::Linear(LinearSpec {
+            n,
+            k,
+            weight,
+            bias,
+            quant: None,
+        }),
+    )
 }
 
 /// The reference linear (exec's loop): sequential f32 sum, bias, one rounding.

@@ -295,7 +295,17 @@ fn run(s: &KernelSpec, operands: &[Vec<f32>], tokens: usize, pad: usize) -> Vec<
 // ---------------------------------------------------------------- Linear
 
 fn linear(n: usize, k: usize, weight: DType, bias: bool, act: DType) -> KernelSpec {
-    spec("lin", act, Family::Linear(LinearSpec { n, k, weight, bias, quant: None }))
+    spec(
+        "lin",
+        act,
+        Family::Linear(LinearSpec {
+            n,
+            k,
+            weight,
+            bias,
+            quant: None,
+        }),
+    )
 }
 
 /// The reference (exec's loop): the f32 dot product, plus the bias,
@@ -372,7 +382,19 @@ fn linear_gemv_every_dtype_bias_and_odd_shape() {
             for bias in [false, true] {
                 for (tokens, pad) in [(1, 0), (3, 5)] {
                     seed += 1;
-                    let ran = check_linear(LinearSpec { n, k, weight, bias, quant: None }, act, tokens, pad, seed);
+                    let ran = check_linear(
+                        LinearSpec {
+                            n,
+                            k,
+                            weight,
+                            bias,
+                            quant: None,
+                        },
+                        act,
+                        tokens,
+                        pad,
+                        seed,
+                    );
                     assert!(ran.iter().all(|e| !e.ends_with("_gemm")), "{ran:?}");
                 }
             }

@@ -147,7 +147,9 @@ impl Device for HostDevice {
         for (op, e) in k.inputs.iter().zip(operand_encodings(&k.spec)) {
             if let Operand::Weight(w) = op {
                 let loaded = match e {
-                    Encoding::Dense(d) => self.weights.contains_key(&(*w, if self.round { d } else { DType::F32 })),
+                    Encoding::Dense(d) => self
+                        .weights
+                        .contains_key(&(*w, if self.round { d } else { DType::F32 })),
                     Encoding::Quant(q) => self.quant.contains_key(&(*w, q)),
                 };
                 if !loaded {
@@ -219,7 +221,10 @@ impl Device for HostDevice {
             match &k.spec.family {
                 Family::Linear(l @ LinearSpec { quant: Some(q), .. }) => {
                     let Operand::Weight(w) = &k.inputs[1] else {
-                        return Err(DeviceError::Program(format!("kernel {}: its weight is not a weight", k.spec.name)));
+                        return Err(DeviceError::Program(format!(
+                            "kernel {}: its weight is not a weight",
+                            k.spec.name
+                        )));
                     };
                     let bias = l.bias.then(|| input(2));
                     let y = quant::linear(*q, input(0), &self.quant[&(*w, *q)], bias, l.n, l.k);

@@ -274,7 +274,9 @@ pub fn quantise_acts(x: &[f32], out: &mut QuantActs) {
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0;
         for i in 0..BLOCK {
-            let q = vals.get(i).map_or(0, |&v| (v * id).round_ties_even().clamp(-127.0, 127.0) as i8);
+            let q = vals
+                .get(i)
+                .map_or(0, |&v| (v * id).round_ties_even().clamp(-127.0, 127.0) as i8);
             out.q.push(q);
             sum += q as i32;
         }
@@ -394,7 +396,11 @@ mod tests {
                     let dense: f32 = (0..k).map(|i| x[t * k + i] * deq[o * k + i]).sum();
                     // Only the activations' int8 rounding separates them.
                     let tol = 0.02 * (k as f32).sqrt() * 0.5;
-                    assert!((y[t * n + o] - dense).abs() < tol, "{format}: {} vs {dense}", y[t * n + o]);
+                    assert!(
+                        (y[t * n + o] - dense).abs() < tol,
+                        "{format}: {} vs {dense}",
+                        y[t * n + o]
+                    );
                 }
             }
         }

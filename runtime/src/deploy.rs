@@ -323,7 +323,8 @@ pub fn read_weights<'a>(image: &'a [u8], want: &Fingerprint, what: &str) -> Resu
         .entries
         .iter()
         .map(|e| {
-            let d = Encoding::parse(&e.dtype).ok_or_else(|| format!("{what}: unknown weight encoding `{}`", e.dtype))?;
+            let d =
+                Encoding::parse(&e.dtype).ok_or_else(|| format!("{what}: unknown weight encoding `{}`", e.dtype))?;
             let range = entry_range(e, data.len() as u64).map_err(|m| format!("{what} is corrupt: {m}"))?;
             Ok(((e.id, d), &data[range]))
         })
@@ -453,7 +454,13 @@ mod tests {
         let img = image(&fp("a"));
         assert_eq!(img.len(), DATA_ALIGN + 68);
         let e = read_weights(&img, &fp("a"), "w").unwrap();
-        assert_eq!(e[0], ((3, Encoding::Dense(ouroc_ir::DType::F32)), &[1u8, 2, 3, 4, 5, 6, 7, 8][..]));
+        assert_eq!(
+            e[0],
+            (
+                (3, Encoding::Dense(ouroc_ir::DType::F32)),
+                &[1u8, 2, 3, 4, 5, 6, 7, 8][..]
+            )
+        );
         assert_eq!(e[1], ((5, Encoding::Dense(ouroc_ir::DType::BF16)), &[9u8, 9, 9, 9][..]));
         let err = read_weights(&img, &fp("b"), "w").unwrap_err();
         assert!(

@@ -56,7 +56,9 @@ impl QVariant {
                     && std::arch::is_x86_feature_detected!("f16c")
             }
             #[cfg(target_arch = "x86_64")]
-            QVariant::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c"),
+            QVariant::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c")
+            }
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -160,7 +162,10 @@ pub unsafe fn qlinear(p: &QLinearArgs, rows: Range<usize>) {
 /// As [`qlinear`].
 pub unsafe fn qlinear_with(v: QVariant, p: &QLinearArgs, rows: Range<usize>) {
     assert!(v.supported(), "variant {} is not supported by this CPU", v.name());
-    assert!(rows.end <= p.n && p.x.nb == quant::blocks(p.k), "qlinear: rows or activations do not fit");
+    assert!(
+        rows.end <= p.n && p.x.nb == quant::blocks(p.k),
+        "qlinear: rows or activations do not fit"
+    );
     let (nb, rb) = (p.x.nb, quant::row_bytes(p.format, p.k));
     let a = &p.x.acts;
     for o in rows {
@@ -265,12 +270,23 @@ mod tests {
         let variants: Vec<QVariant> = QVariant::ALL.into_iter().filter(|v| v.supported()).collect();
         eprintln!("qlinear variants on this CPU: {variants:?}");
         for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
-            for (n, k, tokens) in [(5, 256, 1), (3, 688, 3), (4, 32, 2), (2, 40, 1), (3, 512, 2), (2, 2048, 1), (2, 416, 2)] {
+            for (n, k, tokens) in [
+                (5, 256, 1),
+                (3, 688, 3),
+                (4, 32, 2),
+                (2, 40, 1),
+                (3, 512, 2),
+                (2, 2048, 1),
+                (2, 416, 2),
+            ] {
                 let w = values(n * k, (k + n) as u32);
                 let wq = quant::quantise(format, &w, n, k);
                 let bias = values(n, 99);
                 for act in [DType::F32, DType::BF16] {
-                    let x: Vec<f32> = values(tokens * k, k as u32 ^ 5).into_iter().map(|v| act.round(v)).collect();
+                    let x: Vec<f32> = values(tokens * k, k as u32 ^ 5)
+                        .into_iter()
+                        .map(|v| act.round(v))
+                        .collect();
                     let want: Vec<f32> = quant::linear(format, &x, &wq, Some(&bias), n, k)
                         .into_iter()
                         .map(|v| act.round(v))

@@ -90,10 +90,7 @@ impl WeightsCache {
         // Every weight a kernel reads, with its full length.
         for (w, d) in ResidentWeights::required(program) {
             let n = program.weight(w).and_then(|e| d.bytes(&e.shape)).unwrap_or(0);
-            if !slices
-                .iter()
-                .any(|((id, dt), b)| (*id, *dt) == (w, d) && b.len() == n)
-            {
+            if !slices.iter().any(|((id, dt), b)| (*id, *dt) == (w, d) && b.len() == n) {
                 return Lookup::Invalid(format!("{what} lacks weight %{w} in {d}"));
             }
         }

@@ -292,6 +292,10 @@ pub fn run(args: &BuildArgs) -> Result<()> {
     let t = Instant::now();
     let mut obj = ObjectWriter::new(&args.cpu_features)?;
     for k in program.kernels() {
+        // A quantised Linear runs on the runtime's quantised microkernels.
+        if matches!(&k.spec.family, ouroc_kernels::Family::Linear(l) if l.quant.is_some()) {
+            continue;
+        }
         obj.add_kernel(&k.spec)?;
     }
     let kernels = obj.kernels();
@@ -335,7 +339,10 @@ pub fn run(args: &BuildArgs) -> Result<()> {
         layers: ckpt.config.num_hidden_layers,
         steps,
         policy: policy.clone(),
-        precision: precision.to_string(),
+        precision: match args.model.weights {
+            crate::cli::Weights::Dense => precision.to_string(),
+            w => format!("{precision}, {} weights", w.scheme().name()),
+        },
         max_positions: ckpt.config.max_position_embeddings,
         target: args.target.clone(),
         cpu_level: args.cpu_features.clone(),

@@ -42,5 +42,23 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         first.activation_bytes_per_token,
         last.activation_bytes_per_token
     );
+    if args.model.weights != crate::cli::Weights::Dense {
+        // The weight format is a property of the Program's Linears: lower
+        // and count the bytes its kernels read per token, every step run.
+        let mut program = ouroc_kernels::lower(&optimised).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let per_token = |p: &ouroc_kernels::Program| {
+            let (outside, step) = p.weight_bytes_read();
+            outside + step * p.loop_.as_ref().map_or(0, |l| l.steps as u64)
+        };
+        let dense = per_token(&program);
+        let scheme = args.model.weights.scheme();
+        let n = scheme.apply(&mut program);
+        let quant = per_token(&program);
+        outln!(
+            "--weights {}: {n} Linears quantised; weight bytes read per token {dense} -> {quant} ({:.1}% saved)",
+            scheme.name(),
+            100.0 * (dense - quant) as f64 / dense.max(1) as f64
+        );
+    }
     Ok(())
 }

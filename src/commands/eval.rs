@@ -86,14 +86,16 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let ckpt = open(&dir)?;
     let context = ckpt.config.max_position_embeddings;
     let ctx = match args.ctx {
-        Some(n) if n > context => bail!(
-            "--ctx {n} exceeds the model's context of {context} positions (max_position_embeddings)"
-        ),
+        Some(n) if n > context => {
+            bail!("--ctx {n} exceeds the model's context of {context} positions (max_position_embeddings)")
+        }
         Some(n) => n,
         None => DEFAULT_CTX.min(context),
     };
     if ctx < MIN_CTX {
-        bail!("the model's context of {context} positions is too short to score: a window needs at least {MIN_CTX} tokens");
+        bail!(
+            "the model's context of {context} positions is too short to score: a window needs at least {MIN_CTX} tokens"
+        );
     }
     if args.max_tokens < ctx {
         bail!(
@@ -137,7 +139,10 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         }
         None => None,
     };
-    let cpu_opts = cpu_opts.map(|o| CpuOptions { max_positions: ctx, ..o });
+    let cpu_opts = cpu_opts.map(|o| CpuOptions {
+        max_positions: ctx,
+        ..o
+    });
     let t0 = Instant::now();
     let mut model = Engine::new(&graph, &ckpt, &passes, cpu_opts.as_ref(), args, ctx)?;
     let mut base = match &base_graph {
@@ -336,7 +341,8 @@ fn read_text(args: &EvalArgs, dir: &Path, is_demo: bool, demo: &Path) -> Result<
             Ok(s)
         })
         .collect::<Result<Vec<_>>>()?;
-    let tok = Tokenizer::load(dir).context("ouroc eval tokenises --file with the checkpoint's tokenizer (--ids-file takes token ids)")?;
+    let tok = Tokenizer::load(dir)
+        .context("ouroc eval tokenises --file with the checkpoint's tokenizer (--ids-file takes token ids)")?;
     let eot = tok.token_to_id("<|endoftext|>");
     let mut ids = vec![];
     let mut read = vec![];
@@ -344,7 +350,11 @@ fn read_text(args: &EvalArgs, dir: &Path, is_demo: bool, demo: &Path) -> Result<
         if ids.len() >= args.max_tokens {
             break;
         }
-        ids.extend(tok.encode(s).map_err(anyhow::Error::msg).with_context(|| p.display().to_string())?);
+        ids.extend(
+            tok.encode(s)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| p.display().to_string())?,
+        );
         ids.extend(eot);
         read.push(p.clone());
     }
@@ -369,13 +379,13 @@ fn read_ids(paths: &[PathBuf], max_tokens: usize) -> Result<Text> {
     for p in paths {
         let s = std::fs::read_to_string(p).with_context(|| format!("cannot read the ids file {}", p.display()))?;
         let before = ids.len();
-        for item in s.split(|c: char| c == ',' || c.is_whitespace()).filter(|s| !s.is_empty()) {
-            let id = item.parse::<u32>().with_context(|| {
-                format!(
-                    "{}: `{item}` is not a token id (a non-negative integer)",
-                    p.display()
-                )
-            })?;
+        for item in s
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|s| !s.is_empty())
+        {
+            let id = item
+                .parse::<u32>()
+                .with_context(|| format!("{}: `{item}` is not a token id (a non-negative integer)", p.display()))?;
             ids.push(id);
         }
         if ids.len() == before {
@@ -501,7 +511,9 @@ impl<'g> Engine<'g> {
                     &args.cpu.cache,
                 )?))
             }
-            None => Engine::Interp(InterpForward::new(graph, ckpt, ctx, !args.no_early_exit).map_err(anyhow::Error::msg)?),
+            None => {
+                Engine::Interp(InterpForward::new(graph, ckpt, ctx, !args.no_early_exit).map_err(anyhow::Error::msg)?)
+            }
         })
     }
 
@@ -676,13 +688,14 @@ fn print_report(r: &Report, model_label: &str, base_label: Option<&str>) -> Resu
     };
     let base = r.base.as_ref();
     outln!("{} positions scored", r.scored);
+    outln!("{}", cols("", "model".into(), base_label.map(|_| "base".to_string())));
     outln!(
         "{}",
-        cols("", "model".into(), base_label.map(|_| "base".to_string()))
-    );
-    outln!(
-        "{}",
-        cols("precision, exit", model_label.to_string(), base_label.map(str::to_string))
+        cols(
+            "precision, exit",
+            model_label.to_string(),
+            base_label.map(str::to_string)
+        )
     );
     outln!(
         "{}",
@@ -803,7 +816,13 @@ fn kl_divergence(log_p: &[f64], log_q: &[f64]) -> f64 {
     log_p
         .iter()
         .zip(log_q)
-        .map(|(&lp, &lq)| if lp == f64::NEG_INFINITY { 0.0 } else { lp.exp() * (lp - lq) })
+        .map(|(&lp, &lq)| {
+            if lp == f64::NEG_INFINITY {
+                0.0
+            } else {
+                lp.exp() * (lp - lq)
+            }
+        })
         .sum()
 }
 

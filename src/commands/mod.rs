@@ -25,6 +25,12 @@ pub fn run(cli: Cli) -> Result<()> {
             what: Emit::Ir { source, model, after },
         } => emit::ir(&source, &model, after.as_deref()),
         Command::Emit {
+            what: Emit::Program { source, model },
+        } => {
+            outln!("{}", emit::program(&source, &model)?);
+            Ok(())
+        }
+        Command::Emit {
             what: Emit::Clif { source, model, kernel },
         } => emit::clif(&source, &model, kernel.as_deref()),
         Command::Emit {
@@ -130,9 +136,9 @@ pub fn lower(graph: Graph, passes: &ouroc_passes::PassManager, flags: &ModelFlag
 pub fn refuse_quantised_interp(flags: &ModelFlags) -> Result<()> {
     if flags.weights != crate::cli::Weights::Dense {
         anyhow::bail!(
-            "--weights {:?} needs a compiled backend (the IR interpreter runs the graph's dense weights): \
+            "--weights {} needs a compiled backend (the IR interpreter runs the graph's dense weights): \
              use --backend cpu",
-            flags.weights
+            flags.weights.scheme().name()
         );
     }
     Ok(())

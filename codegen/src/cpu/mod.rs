@@ -168,10 +168,12 @@ pub use ouroc_kernels::spec::operand_dtypes;
 
 /// Whether this backend emits kernels of this family (every family now;
 /// dtypes and shapes are checked by [`clif_text`] / [`Jit::compile`]).
+/// A quantised Linear is not one of them: it runs on the runtime's
+/// quantised microkernels (`ouroc_runtime::qlinear`), whatever the target.
 pub fn supported(spec: &KernelSpec) -> bool {
     matches!(
         spec.family,
-        Family::Linear(_)
+        Family::Linear(ouroc_kernels::spec::LinearSpec { quant: None, .. })
             | Family::Elementwise(_)
             | Family::RowReduce(_)
             | Family::Gather(_)

@@ -319,6 +319,12 @@ pub(crate) fn unsupported(spec: &KernelSpec, msg: impl Into<String>) -> PtxError
 
 fn check(spec: &KernelSpec) -> Result<(), PtxError> {
     let fl = |d: DType| matches!(d, DType::F32 | DType::BF16);
+    if let Family::Linear(ouroc_kernels::spec::LinearSpec { quant: Some(q), .. }) = &spec.family {
+        return Err(unsupported(
+            spec,
+            format!("weights in {q}: the PTX backend has no quantised Linear yet (use --weights dense)"),
+        ));
+    }
     if !fl(spec.act) {
         return Err(unsupported(
             spec,

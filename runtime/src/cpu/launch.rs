@@ -6,10 +6,10 @@
 use super::device::CpuDevice;
 use crate::attention::{self, AttendArgs};
 use crate::gemm;
+use crate::qlinear::{self, QLinearArgs};
 use ouroc_driver::{CallShape, DeviceError, KvArg};
 use ouroc_ir::DType;
 use ouroc_kernels::abi::{AttentionPhase, KvSeq, RawKernel, extra_args};
-use crate::qlinear::{self, QLinearArgs};
 use ouroc_kernels::quant::QuantFormat;
 use ouroc_kernels::spec::{Family, LinearSpec, operand_dtypes, operand_encodings};
 use ouroc_kernels::{ActValue, Kernel, Operand};
@@ -295,7 +295,8 @@ impl CpuDevice {
             });
             return Ok(());
         }
-        let f = l.f.ok_or_else(|| DeviceError::Program("a launch without its kernel".into()))?;
+        let f =
+            l.f.ok_or_else(|| DeviceError::Program("a launch without its kernel".into()))?;
         if let Some(g) = l.gemm {
             let res = 2 + g.bias as usize;
             let p = gemm::LinearArgs {

@@ -147,19 +147,27 @@ pub(super) unsafe fn groups_avx2(
                     // Signed weights (q + 128 with its top bit flipped); the
                     // product of |w| and x with w's sign fits maddubs.
                     let block = |b: usize| {
-                        let ws = _mm256_xor_si256(
-                            _mm256_loadu_si256(wp.add((i * 8 + b) * BLOCK) as *const __m256i),
-                            flip,
-                        );
+                        let ws =
+                            _mm256_xor_si256(_mm256_loadu_si256(wp.add((i * 8 + b) * BLOCK) as *const __m256i), flip);
                         let p = _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(x(b), ws));
                         _mm256_madd_epi16(p, ones)
                     };
-                    reduce8([block(0), block(1), block(2), block(3), block(4), block(5), block(6), block(7)])
+                    reduce8([
+                        block(0),
+                        block(1),
+                        block(2),
+                        block(3),
+                        block(4),
+                        block(5),
+                        block(6),
+                        block(7),
+                    ])
                 }
                 QuantFormat::Q4_0 => {
                     // A 32-byte half h of chunk c: low nibbles block 4c + h,
                     // high nibbles block 4c + 2 + h.
-                    let half = |c: usize, h: usize| _mm256_loadu_si256(wp.add(i * 128 + c * 64 + h * 32) as *const __m256i);
+                    let half =
+                        |c: usize, h: usize| _mm256_loadu_si256(wp.add(i * 128 + c * 64 + h * 32) as *const __m256i);
                     let lo = |v: __m256i| _mm256_and_si256(v, nib);
                     let hi = |v: __m256i| _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
                     let dot = |q: __m256i, b: usize| _mm256_madd_epi16(_mm256_maddubs_epi16(q, x(b)), ones);
