@@ -174,60 +174,63 @@ fn a_model_against_itself_has_zero_divergence() {
 }
 
 #[test]
-fn bf16_against_the_f32_base_matches_kl_divergence_computed_from_logits() {
+fn bf16_and_q8_against_the_f32_base_match_kl_divergence_computed_from_logits() {
     let tmp = tempfile::tempdir().unwrap();
     let ids = ids();
     let f = write_ids(tmp.path(), &ids);
-    // The default base: f32, --exit last.
-    let json = eval(
-        &f,
-        &tmp.path().join("e.json"),
-        &["--precision", "bf16", "--exit", "last"],
-    );
-    assert_eq!(json["base"]["model"], "f32, last");
-    assert_eq!(json["model"]["model"], "bf16, last");
-    let model = scored(
-        &ids,
-        tmp.path(),
-        &["--backend", "cpu", "--precision", "bf16", "--exit", "last"],
-    );
+    // The default base: f32, --exit last, dense weights, whatever the model's.
     let base = scored(&ids, tmp.path(), &["--backend", "cpu", "--exit", "last"]);
-    let mut kld: Vec<f64> = model
-        .iter()
-        .zip(&base)
-        .map(|((q, ..), (p, ..))| p.iter().zip(q).map(|(lp, lq)| lp.exp() * (lp - lq)).sum())
-        .collect();
-    let am = |v: &[f64]| (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b });
-    let agree = model
-        .iter()
-        .zip(&base)
-        .filter(|((q, ..), (p, ..))| am(q) == am(p))
-        .count();
-    let mean = kld.iter().sum::<f64>() / kld.len() as f64;
-    kld.sort_by(f64::total_cmp);
-    assert!(
-        mean > 0.0 && mean < 0.01,
-        "bf16's KLD should be small and positive: {mean}"
-    );
-    close(num(&json, &["kld", "mean"]), mean, 1e-3, "mean KLD");
-    close(num(&json, &["kld", "max"]), *kld.last().unwrap(), 1e-3, "max KLD");
-    // 14 values: the 99th percentile lies 87% of the way from the 13th to the 14th.
-    let p99 = kld[12] + 0.87 * (kld[13] - kld[12]);
-    close(num(&json, &["kld", "p99"]), p99, 1e-3, "99th percentile KLD");
-    close(
-        num(&json, &["top1_agreement"]),
-        agree as f64 / kld.len() as f64,
-        1e-12,
-        "top-1",
-    );
-    let ce = |s: &[(Vec<f64>, usize, i32)]| s.iter().map(|(lp, n, _)| -lp[*n]).sum::<f64>() / s.len() as f64;
-    close(num(&json, &["base", "mean_ce"]), ce(&base), 1e-5, "base CE");
-    close(
-        num(&json, &["ln_ppl_ratio"]),
-        ce(&model) - ce(&base),
-        1e-2,
-        "ln(PPL ratio)",
-    );
+    for (flags, name, weights) in [
+        (["--precision", "bf16"], "bf16, last", "dense"),
+        (["--weights", "q8"], "f32 q8, last", "q8"),
+    ] {
+        let mut eval_flags = flags.to_vec();
+        eval_flags.extend(["--exit", "last"]);
+        let json = eval(&f, &tmp.path().join("e.json"), &eval_flags);
+        assert_eq!(json["base"]["model"], "f32, last");
+        assert_eq!(json["base"]["weights"], "dense");
+        assert_eq!(json["model"]["model"], name);
+        assert_eq!(json["model"]["weights"], weights);
+        eval_flags.extend(["--backend", "cpu"]);
+        let model = scored(&ids, tmp.path(), &eval_flags);
+        let mut kld: Vec<f64> = model
+            .iter()
+            .zip(&base)
+            .map(|((q, ..), (p, ..))| p.iter().zip(q).map(|(lp, lq)| lp.exp() * (lp - lq)).sum())
+            .collect();
+        let am = |v: &[f64]| (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b });
+        let agree = model
+            .iter()
+            .zip(&base)
+            .filter(|((q, ..), (p, ..))| am(q) == am(p))
+            .count();
+        let mean = kld.iter().sum::<f64>() / kld.len() as f64;
+        kld.sort_by(f64::total_cmp);
+        assert!(
+            mean > 0.0 && mean < 0.01,
+            "{name}: the KLD should be small and positive: {mean}"
+        );
+        close(num(&json, &["kld", "mean"]), mean, 1e-3, "mean KLD");
+        close(num(&json, &["kld", "max"]), *kld.last().unwrap(), 1e-3, "max KLD");
+        // 14 values: the 99th percentile lies 87% of the way from the 13th to the 14th.
+        let p99 = kld[12] + 0.87 * (kld[13] - kld[12]);
+        close(num(&json, &["kld", "p99"]), p99, 1e-3, "99th percentile KLD");
+        close(
+            num(&json, &["top1_agreement"]),
+            agree as f64 / kld.len() as f64,
+            1e-12,
+            "top-1",
+        );
+        let ce = |s: &[(Vec<f64>, usize, i32)]| s.iter().map(|(lp, n, _)| -lp[*n]).sum::<f64>() / s.len() as f64;
+        close(num(&json, &["base", "mean_ce"]), ce(&base), 1e-5, "base CE");
+        close(num(&json, &["model", "mean_ce"]), ce(&model), 1e-5, "model CE");
+        close(
+            num(&json, &["ln_ppl_ratio"]),
+            ce(&model) - ce(&base),
+            1e-2,
+            "ln(PPL ratio)",
+        );
+    }
 }
 
 #[test]
@@ -345,6 +348,17 @@ fn bad_input_is_refused_by_name() {
             vec!["--base-exit".into()],
         ),
         (vec![], vec!["give --file PATH".into()]),
+        (
+            vec![
+                "--ids-file".into(),
+                ids_file.into(),
+                "--weights".into(),
+                "q8".into(),
+                "--backend".into(),
+                "interp".into(),
+            ],
+            vec!["--weights q8 needs a compiled backend".into()],
+        ),
     ];
     for (extra, needles) in cases {
         let mut args = vec!["eval", d];

@@ -21,6 +21,8 @@ use std::time::Instant;
 /// One precision's medians.
 struct Measured {
     precision: Precision,
+    /// The precision, with `+q8` / `+q4` for quantised weights.
+    label: String,
     prefill_tps: f64,
     decode_tps: f64,
     /// Mean loop steps a decode token ran.
@@ -184,6 +186,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             spec: (!accept.is_empty()).then(|| (median(&mut accept), median(&mut per_round))),
             mechanism,
             precision,
+            label: name.clone(),
             prefill_tps: median(&mut prefill),
             decode_tps: median(&mut decode),
             decode_steps,
@@ -223,7 +226,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let gbs = m.decode_bytes_per_token * m.decode_tps / 1e9;
         outln!(
             "{:<9} {:>10.2} {:>10.2} {:>11.2} {:>13.3} {:>12.1} {:>9.0}% {:>8.1}",
-            format!("{:?}", m.precision).to_lowercase(),
+            m.label.clone(),
             m.prefill_tps,
             m.decode_tps,
             m.decode_steps,
@@ -237,7 +240,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         if let Some((a, t)) = m.spec {
             outln!(
                 "{}: speculation (--draft-tokens {}): acceptance {:.0}%, {:.2} tokens per round",
-                format!("{:?}", m.precision).to_lowercase(),
+                m.label.clone(),
                 spec.tokens,
                 100.0 * a,
                 t
@@ -247,7 +250,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             outln!(
                 "{}: verifying {} drafted tokens (steps {}..{} of {}) in one pass: {:.2} ms; {} single-token passes: {:.2} ms \
                  ({:.2}x); a draft of {} steps {:.2} ms, a plain decode pass {:.2} ms",
-                format!("{:?}", m.precision).to_lowercase(),
+                m.label.clone(),
                 x.k,
                 x.depth + 1,
                 x.steps,
@@ -274,6 +277,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .map(|m| {
                 json!({
                     "precision": format!("{:?}", m.precision).to_lowercase(),
+                    "weights": args.weights.scheme().name(),
                     "prefill_tokens_per_s": m.prefill_tps,
                     "decode_tokens_per_s": m.decode_tps,
                     "decode_loop_steps_per_token": m.decode_steps,

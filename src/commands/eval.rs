@@ -66,6 +66,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             if args.cpu.threads.is_some() || args.cpu.kv != "full" {
                 bail!("--threads and --kv apply to --backend cpu only");
             }
+            super::refuse_quantised_interp(&args.model)?;
             None
         }
     };
@@ -144,7 +145,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         ..o
     });
     let t0 = Instant::now();
-    let mut model = Engine::new(&graph, &ckpt, &passes, cpu_opts.as_ref(), args, ctx)?;
+    let mut model = Engine::new(&graph, &ckpt, &passes, &args.model, cpu_opts.as_ref(), args, ctx)?;
     let mut base = match &base_graph {
         Some(g) => {
             // The base is the reference: every slot of the KV cache its own.
@@ -152,12 +153,16 @@ pub fn run(args: &EvalArgs) -> Result<()> {
                 kv: KvMode::Full,
                 ..o.clone()
             });
-            Some(Engine::new(g, &ckpt, &passes, opts.as_ref(), args, ctx).context("the base model")?)
+            let flags = base_flags.as_ref().expect("a base graph has base flags");
+            Some(Engine::new(g, &ckpt, &passes, flags, opts.as_ref(), args, ctx).context("the base model")?)
         }
         None => None,
     };
-    let model_label = label(&graph, args.model.precision);
-    let base_label = base_graph.as_ref().map(|g| label(g, args.base_precision));
+    let model_label = Label::new(&graph, &args.model);
+    let base_label = base_graph
+        .as_ref()
+        .zip(base_flags.as_ref())
+        .map(|(g, f)| Label::new(g, f));
     let engine = match &cpu_opts {
         Some(o) => {
             let threads = if o.threads == 0 {
@@ -233,7 +238,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             mean_sem(&d)
         }),
     };
-    print_report(&report, &model_label, base_label.as_deref())?;
+    print_report(&report, &model_label, base_label.as_ref())?;
     if let Some(path) = &args.json {
         let json = serde_json::json!({
             "checkpoint": dir.display().to_string(),
@@ -246,9 +251,9 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             "tokens_scored": report.scored,
             "backend": format!("{:?}", args.backend).to_lowercase(),
             "early_exit": !args.no_early_exit,
-            "model": report.model.json(&model_label, args.model.precision),
+            "model": report.model.json(&model_label),
             "base": match (&report.base, &base_label) {
-                (Some(s), Some(l)) => s.json(l, args.base_precision),
+                (Some(s), Some(l)) => s.json(l),
                 _ => serde_json::Value::Null,
             },
             "kld": report.kld.as_ref().map(|k| serde_json::json!({
@@ -283,10 +288,32 @@ fn base_flags(model: &ModelFlags, precision: Precision, exit: &str) -> ModelFlag
     }
 }
 
-/// "f32, threshold:0.5": a model's precision and exit policy.
-fn label(graph: &Graph, precision: Precision) -> String {
-    let policy = graph.exit_control().map(|(_, p)| p.to_string()).unwrap_or_default();
-    format!("{}, {policy}", format!("{precision:?}").to_lowercase())
+/// A model's precision, weights format and exit policy.
+struct Label {
+    precision: String,
+    /// `dense`, `q8`, `q4`.
+    weights: &'static str,
+    exit: String,
+}
+
+impl Label {
+    fn new(graph: &Graph, flags: &ModelFlags) -> Label {
+        Label {
+            precision: format!("{:?}", flags.precision).to_lowercase(),
+            weights: flags.weights.scheme().name(),
+            exit: graph.exit_control().map(|(_, p)| p.to_string()).unwrap_or_default(),
+        }
+    }
+}
+
+/// "f32, threshold:0.5"; "bf16 q8, last" with quantised weights.
+impl std::fmt::Display for Label {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self.weights {
+            "dense" => write!(f, "{}, {}", self.precision, self.exit),
+            w => write!(f, "{} {w}, {}", self.precision, self.exit),
+        }
+    }
 }
 
 fn loop_steps(g: &Graph) -> usize {
@@ -497,13 +524,14 @@ impl<'g> Engine<'g> {
         graph: &'g Graph,
         ckpt: &Checkpoint,
         passes: &ouroc_passes::PassManager,
+        flags: &ModelFlags,
         cpu: Option<&CpuOptions>,
         args: &EvalArgs,
         ctx: usize,
     ) -> Result<Engine<'g>> {
         Ok(match cpu {
             Some(opts) => {
-                let program = ouroc_compile::compile_with(graph.clone(), passes)?.program;
+                let program = super::lower(graph.clone(), passes, flags)?;
                 Engine::Cpu(Box::new(super::prepare::cpu_forward(
                     program,
                     ckpt,
@@ -629,11 +657,12 @@ impl Summary {
         self.ppl() * self.ce_sem
     }
 
-    fn json(&self, label: &str, precision: Precision) -> serde_json::Value {
+    fn json(&self, label: &Label) -> serde_json::Value {
         serde_json::json!({
-            "model": label,
-            "precision": format!("{precision:?}").to_lowercase(),
-            "exit": label.split_once(", ").map_or("", |(_, p)| p),
+            "model": label.to_string(),
+            "precision": label.precision,
+            "weights": label.weights,
+            "exit": label.exit,
             "perplexity": self.ppl(),
             "perplexity_sem": self.ppl_sem(),
             "mean_ce": self.ce,
@@ -679,7 +708,7 @@ struct Report {
     ln_ratio: Option<(f64, f64)>,
 }
 
-fn print_report(r: &Report, model_label: &str, base_label: Option<&str>) -> Result<()> {
+fn print_report(r: &Report, model_label: &Label, base_label: Option<&Label>) -> Result<()> {
     let cols = |name: &str, m: String, b: Option<String>| -> String {
         match b {
             Some(b) => format!("{name:<22} {m:<26} {b}"),
@@ -694,7 +723,7 @@ fn print_report(r: &Report, model_label: &str, base_label: Option<&str>) -> Resu
         cols(
             "precision, exit",
             model_label.to_string(),
-            base_label.map(str::to_string)
+            base_label.map(Label::to_string)
         )
     );
     outln!(

@@ -64,30 +64,45 @@ pub(super) unsafe fn groups_vnni(
     // to the end of block 8i + 7) or its activation blocks.
     unsafe {
         let mut a = _mm256_loadu_ps(acc.as_ptr());
+        // Macros, not closures: a closure does not get this function's
+        // target features, so its intrinsics would not inline.
+        macro_rules! load {
+            ($p:expr) => {
+                _mm512_loadu_si512($p as *const _)
+            };
+        }
+        macro_rules! lo {
+            ($c:expr) => {
+                _mm512_and_si512($c, nib)
+            };
+        }
+        macro_rules! hi {
+            ($c:expr) => {
+                _mm512_and_si512(_mm512_srli_epi16::<4>($c), nib)
+            };
+        }
         for i in 0..g {
-            let x = |j: usize| _mm512_loadu_si512(xp.add(i * 8 * BLOCK + j * 64) as *const _);
+            let xg = xp.add(i * 8 * BLOCK);
+            let (x0, x1, x2, x3) = (load!(xg), load!(xg.add(64)), load!(xg.add(128)), load!(xg.add(192)));
             let (a0, a1, a2, a3) = match format {
                 QuantFormat::Q8_0 => {
-                    let q = |j: usize| _mm512_loadu_si512(wp.add(i * 8 * BLOCK + j * 64) as *const _);
+                    let wg = wp.add(i * 8 * BLOCK);
                     (
-                        _mm512_dpbusd_epi32(zero, q(0), x(0)),
-                        _mm512_dpbusd_epi32(zero, q(1), x(1)),
-                        _mm512_dpbusd_epi32(zero, q(2), x(2)),
-                        _mm512_dpbusd_epi32(zero, q(3), x(3)),
+                        _mm512_dpbusd_epi32(zero, load!(wg), x0),
+                        _mm512_dpbusd_epi32(zero, load!(wg.add(64)), x1),
+                        _mm512_dpbusd_epi32(zero, load!(wg.add(128)), x2),
+                        _mm512_dpbusd_epi32(zero, load!(wg.add(192)), x3),
                     )
                 }
                 QuantFormat::Q4_0 => {
                     // Two chunks of four blocks: low nibbles are its first
                     // 64 weights, high nibbles the next 64.
-                    let c0 = _mm512_loadu_si512(wp.add(i * 128) as *const _);
-                    let c1 = _mm512_loadu_si512(wp.add(i * 128 + 64) as *const _);
-                    let lo = |c: __m512i| _mm512_and_si512(c, nib);
-                    let hi = |c: __m512i| _mm512_and_si512(_mm512_srli_epi16::<4>(c), nib);
+                    let (c0, c1) = (load!(wp.add(i * 128)), load!(wp.add(i * 128 + 64)));
                     (
-                        _mm512_dpbusd_epi32(zero, lo(c0), x(0)),
-                        _mm512_dpbusd_epi32(zero, hi(c0), x(1)),
-                        _mm512_dpbusd_epi32(zero, lo(c1), x(2)),
-                        _mm512_dpbusd_epi32(zero, hi(c1), x(3)),
+                        _mm512_dpbusd_epi32(zero, lo!(c0), x0),
+                        _mm512_dpbusd_epi32(zero, hi!(c0), x1),
+                        _mm512_dpbusd_epi32(zero, lo!(c1), x2),
+                        _mm512_dpbusd_epi32(zero, hi!(c1), x3),
                     )
                 }
             };
@@ -140,47 +155,66 @@ pub(super) unsafe fn groups_avx2(
     // SAFETY: as in `groups_vnni`.
     unsafe {
         let mut a = _mm256_loadu_ps(acc.as_ptr());
+        // Macros, not closures (see `groups_vnni`).
+        macro_rules! load {
+            ($p:expr) => {
+                _mm256_loadu_si256($p as *const __m256i)
+            };
+        }
         for i in 0..g {
-            let x = |b: usize| _mm256_loadu_si256(xp.add((i * 8 + b) * BLOCK) as *const __m256i);
+            let xg = xp.add(i * 8 * BLOCK);
+            macro_rules! x {
+                ($b:expr) => {
+                    load!(xg.add($b * BLOCK))
+                };
+            }
             let isum = match format {
                 QuantFormat::Q8_0 => {
                     // Signed weights (q + 128 with its top bit flipped); the
                     // product of |w| and x with w's sign fits maddubs.
-                    let block = |b: usize| {
-                        let ws =
-                            _mm256_xor_si256(_mm256_loadu_si256(wp.add((i * 8 + b) * BLOCK) as *const __m256i), flip);
-                        let p = _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(x(b), ws));
-                        _mm256_madd_epi16(p, ones)
-                    };
+                    let wg = wp.add(i * 8 * BLOCK);
+                    macro_rules! block {
+                        ($b:expr) => {{
+                            let ws = _mm256_xor_si256(load!(wg.add($b * BLOCK)), flip);
+                            let p = _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(x!($b), ws));
+                            _mm256_madd_epi16(p, ones)
+                        }};
+                    }
                     reduce8([
-                        block(0),
-                        block(1),
-                        block(2),
-                        block(3),
-                        block(4),
-                        block(5),
-                        block(6),
-                        block(7),
+                        block!(0),
+                        block!(1),
+                        block!(2),
+                        block!(3),
+                        block!(4),
+                        block!(5),
+                        block!(6),
+                        block!(7),
                     ])
                 }
                 QuantFormat::Q4_0 => {
                     // A 32-byte half h of chunk c: low nibbles block 4c + h,
                     // high nibbles block 4c + 2 + h.
-                    let half =
-                        |c: usize, h: usize| _mm256_loadu_si256(wp.add(i * 128 + c * 64 + h * 32) as *const __m256i);
-                    let lo = |v: __m256i| _mm256_and_si256(v, nib);
-                    let hi = |v: __m256i| _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
-                    let dot = |q: __m256i, b: usize| _mm256_madd_epi16(_mm256_maddubs_epi16(q, x(b)), ones);
-                    let (c00, c01, c10, c11) = (half(0, 0), half(0, 1), half(1, 0), half(1, 1));
+                    let wg = wp.add(i * 128);
+                    let (c00, c01, c10, c11) = (load!(wg), load!(wg.add(32)), load!(wg.add(64)), load!(wg.add(96)));
+                    macro_rules! dot {
+                        ($q:expr, $b:expr) => {
+                            _mm256_madd_epi16(_mm256_maddubs_epi16($q, x!($b)), ones)
+                        };
+                    }
+                    macro_rules! hi {
+                        ($v:expr) => {
+                            _mm256_and_si256(_mm256_srli_epi16::<4>($v), nib)
+                        };
+                    }
                     let raw = reduce8([
-                        dot(lo(c00), 0),
-                        dot(lo(c01), 1),
-                        dot(hi(c00), 2),
-                        dot(hi(c01), 3),
-                        dot(lo(c10), 4),
-                        dot(lo(c11), 5),
-                        dot(hi(c10), 6),
-                        dot(hi(c11), 7),
+                        dot!(_mm256_and_si256(c00, nib), 0),
+                        dot!(_mm256_and_si256(c01, nib), 1),
+                        dot!(hi!(c00), 2),
+                        dot!(hi!(c01), 3),
+                        dot!(_mm256_and_si256(c10, nib), 4),
+                        dot!(_mm256_and_si256(c11, nib), 5),
+                        dot!(hi!(c10), 6),
+                        dot!(hi!(c11), 7),
                     ]);
                     let sums = _mm256_loadu_si256(xs.as_ptr().add(i * 8) as *const __m256i);
                     _mm256_sub_epi32(raw, _mm256_slli_epi32::<3>(sums))
