@@ -362,6 +362,19 @@ impl Program {
                     Operand::Weight(_) => {}
                 }
             }
+            // A Linear's kernels read exactly [n, k] (and [n]) of their weights.
+            if let Family::Linear(l) = fam {
+                let shape = |i: usize| match &k.inputs[i] {
+                    Operand::Weight(w) => self.weight(*w).map(|e| e.shape.clone()),
+                    Operand::Act(_) => None,
+                };
+                if shape(1) != Some(vec![l.n, l.k]) {
+                    return Err(format!("kernel {name}: its weight is not a [{}, {}] weight", l.n, l.k));
+                }
+                if l.bias && shape(2) != Some(vec![l.n]) {
+                    return Err(format!("kernel {name}: its bias is not a [{}] weight", l.n));
+                }
+            }
             for (o, width) in k.outputs.iter().zip(fam.result_widths()) {
                 match values.get(o) {
                     Some(v) if v.width == width => {}

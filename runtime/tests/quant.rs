@@ -172,3 +172,18 @@ fn the_gpu_backend_refuses_quantised_weights_by_name() {
         .to_string();
     assert!(e.contains("q8_0"), "{e}");
 }
+
+/// A Program read from a file whose quantised Linear does not match its
+/// weight's shape is refused before any kernel could read past the weight.
+#[test]
+fn a_program_whose_linear_and_weight_disagree_is_refused() {
+    let ckpt = Checkpoint::open(&fixture("mha-r4")).unwrap();
+    let p = program(&ckpt, DType::F32, "last", WeightScheme::Q4);
+    let mut bad = p.clone();
+    let head = bad.after.iter_mut().find(|k| k.spec.name == "lm_head").unwrap();
+    if let ouroc_kernels::Family::Linear(l) = &mut head.spec.family {
+        l.k *= 2;
+    }
+    let e = Program::from_json(&bad.to_json()).unwrap_err();
+    assert!(e.contains("lm_head") && e.contains("weight"), "{e}");
+}
