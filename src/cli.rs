@@ -181,8 +181,8 @@ pub struct EvalArgs {
     /// model's context [default: 256, or the context if smaller]
     #[arg(long, value_name = "N")]
     pub ctx: Option<usize>,
-    /// Most tokens to read from the text (a bound on the run time; the default scores the
-    /// demo model with its base in about a minute on 2 cores)
+    /// Most tokens to read from the text (a bound on the run time: the default scores the
+    /// demo model and its base in 15 to 60 s on 2 cores in a release build)
     #[arg(long, value_name = "N", default_value_t = EVAL_MAX_TOKENS)]
     pub max_tokens: usize,
     #[command(flatten)]

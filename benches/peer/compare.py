@@ -6,6 +6,7 @@ and print the ratios ouroc / PyTorch for prefill and decode (and ouroc / llama.c
     python benches/peer/compare.py --shape 1.4b --baseline OLD/ouroc   # before / after a change
     python benches/peer/compare.py CKPT --llama --llama-weights bf16,q8_0   # + llama.cpp peers
     python benches/peer/compare.py CKPT --llama --no-torch                  # llama.cpp only
+    python benches/peer/compare.py --shape 1.4b --weights q8 --llama --llama-weights q8_0 --no-torch
 
 A round is one `ouroc bench` (--runs runs) followed by one PyTorch run (--runs runs). On a
 shared machine the memory bandwidth drifts by tens of percent from minute to minute, so the
@@ -26,6 +27,9 @@ ratios ouroc / llama.cpp are reported per round and as the median, as for PyTorc
 runs under --llama-python (default /work/venv-llama/bin/python where it exists, else this
 interpreter), the PyTorch peer under this interpreter. --no-torch skips the PyTorch peer.
 Quantised llama.cpp weights read fewer bytes per token than the bf16 floor line assumes.
+--weights q8|q4 runs ouroc (and --baseline) with quantised Linears (`ouroc bench --weights`); the
+floor line then uses ouroc's own bytes per token, which match llama.cpp's Q8_0 / Q4_0 (8.5 / 4.5
+bits per weight) except that ouroc's q4 keeps the LM head in q8_0.
 """
 import argparse
 import json
@@ -52,6 +56,8 @@ def main():
     ap.add_argument("ckpt", nargs="?", help="checkpoint directory (or --shape)")
     ap.add_argument("--shape", help="a named shape: random bf16 weights written by ouroc bench")
     ap.add_argument("--precision", choices=["bf16", "f32"], default="bf16")
+    ap.add_argument("--weights", choices=["dense", "q8", "q4"], default="dense",
+                    help="ouroc's Linear weights (ouroc bench --weights)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=32)
@@ -88,6 +94,7 @@ def main():
     common = ["--prefill-tokens", str(a.prefill_tokens), "--decode-tokens", str(a.decode_tokens),
               "--runs", str(a.runs), "--threads", str(a.threads)]
     rounds, base = [], []
+    weights = ["--weights", a.weights] if a.weights != "dense" else []
     with tempfile.TemporaryDirectory() as tmp:
         ours_json, peer_json = Path(tmp) / "ouroc.json", Path(tmp) / "peer.json"
         src = [a.ckpt] if a.ckpt else ["--shape", a.shape]
@@ -95,10 +102,10 @@ def main():
             print(f"== round {r + 1}/{a.rounds}", flush=True)
             if a.baseline:
                 old = run_json([a.baseline, "bench", *src, "--precision", a.precision, "--exit", "last",
-                                "--json", str(ours_json), *common], ours_json)
+                                *weights, "--json", str(ours_json), *common], ours_json)
                 base.append(old["results"][0])
             ours = run_json([a.ouroc, "bench", *src, "--precision", a.precision, "--exit", "last",
-                             "--json", str(ours_json), *common], ours_json)
+                             *weights, "--json", str(ours_json), *common], ours_json)
             ckpt = ours["checkpoint"]
             peer = {}
             for _, key in peers:

@@ -149,10 +149,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let mut base = match &base_graph {
         Some(g) => {
             // The base is the reference: every slot of the KV cache its own.
-            let opts = cpu_opts.as_ref().map(|o| CpuOptions {
-                kv: KvMode::Full,
-                ..o.clone()
-            });
+            let opts = cpu_opts.as_ref().map(|o| CpuOptions { kv: KvMode::Full, ..*o });
             let flags = base_flags.as_ref().expect("a base graph has base flags");
             Some(Engine::new(g, &ckpt, &passes, flags, opts.as_ref(), args, ctx).context("the base model")?)
         }
@@ -802,7 +799,7 @@ impl Progress {
     }
 
     fn update(&mut self, done: usize, m: &Side, kld: &[f64]) {
-        if !self.tty && done % self.every != 0 && done != self.total {
+        if !self.tty && !done.is_multiple_of(self.every) && done != self.total {
             return;
         }
         let s = self.start.elapsed().as_secs_f64();

@@ -122,7 +122,6 @@ pub fn check_memory(
     need.check(command).map_err(anyhow::Error::msg)
 }
 
-/// Build the graph the flags ask for.
 /// `graph` optimised by `passes` and lowered to a Program whose Linears
 /// read their weights in the `--weights` format.
 pub fn lower(graph: Graph, passes: &ouroc_passes::PassManager, flags: &ModelFlags) -> Result<ouroc_kernels::Program> {
@@ -144,6 +143,7 @@ pub fn refuse_quantised_interp(flags: &ModelFlags) -> Result<()> {
     Ok(())
 }
 
+/// Build the graph the flags ask for.
 pub fn build(ckpt: &Checkpoint, flags: &ModelFlags) -> Result<Graph> {
     build_from(&ckpt.config, ckpt.head_tensor_name(), flags)
 }
