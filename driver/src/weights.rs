@@ -97,7 +97,7 @@ impl ResidentWeights {
                             if data.len() != n * k {
                                 return Err(format!("has {} values, its shape [{n}, {k}]", data.len()));
                             }
-                            out.copy_from_slice(&quant::quantise(q, data, n, k));
+                            out.copy_from_slice(&quant::quantise(q, data, n, k).map_err(|e| format!("as {q}: {e}"))?);
                         }
                     }
                     done += len as u64;

@@ -223,16 +223,17 @@ impl Program {
     /// of its table. Decode reads `outside + steps_run * per_step`.
     pub fn weight_bytes_read(&self) -> (u64, u64) {
         let read = |ks: &[Kernel]| -> u64 {
-            let mut total = 0;
+            let mut total: u64 = 0;
             for k in ks {
                 for (op, enc) in k.inputs.iter().zip(operand_encodings(&k.spec)) {
                     if let Operand::Weight(id) = op
                         && let Some(w) = self.weight(*id)
                     {
-                        total += match &k.spec.family {
-                            Family::Gather(g) => g.width * w.dtype.size_bytes(),
+                        let bytes = match &k.spec.family {
+                            Family::Gather(g) => g.width.saturating_mul(w.dtype.size_bytes()),
                             _ => enc.bytes(&w.shape).unwrap_or(usize::MAX),
-                        } as u64;
+                        };
+                        total = total.saturating_add(bytes as u64);
                     }
                 }
             }
@@ -362,8 +363,26 @@ impl Program {
                     Operand::Weight(_) => {}
                 }
             }
-            // A Linear's kernels read exactly [n, k] (and [n]) of their weights.
+            // A Linear's kernels read exactly [n, k] (and [n]) of their
+            // weights and k columns of x; a quantised one runs on the
+            // runtime's kernels, which take f32 and bf16 only.
             if let Family::Linear(l) = fam {
+                if l.n == 0 || l.k == 0 {
+                    return Err(format!("kernel {name}: a Linear of n = {}, k = {}", l.n, l.k));
+                }
+                if !matches!(&k.inputs[0], Operand::Act(r) if r.len == l.k) {
+                    return Err(format!(
+                        "kernel {name}: its input is not {} columns of an activation",
+                        l.k
+                    ));
+                }
+                let float = |d: DType| matches!(d, DType::F32 | DType::BF16);
+                if l.quant.is_some() && !(float(k.spec.act) && float(l.weight)) {
+                    return Err(format!(
+                        "kernel {name}: a quantised Linear takes f32 or bf16 activations and bias, not {} and {}",
+                        k.spec.act, l.weight
+                    ));
+                }
                 let shape = |i: usize| match &k.inputs[i] {
                     Operand::Weight(w) => self.weight(*w).map(|e| e.shape.clone()),
                     Operand::Act(_) => None,

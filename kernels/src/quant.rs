@@ -138,6 +138,11 @@ pub fn row_bytes(format: QuantFormat, k: usize) -> usize {
     blocks(k) * (format.quant_bytes() + 2)
 }
 
+/// [`row_bytes`] times `n`, None when it overflows (a hostile shape).
+pub fn matrix_bytes_checked(format: QuantFormat, n: usize, k: usize) -> Option<usize> {
+    blocks(k).checked_mul(format.quant_bytes() + 2)?.checked_mul(n)
+}
+
 /// Bytes of an `[n, k]` weight in `format`.
 pub fn matrix_bytes(format: QuantFormat, n: usize, k: usize) -> usize {
     n * row_bytes(format, k)
@@ -166,44 +171,70 @@ pub fn f16_value(bits: u16) -> f32 {
 
 /// Quantise an `[n, k]` matrix (row-major f32) into `format`, rows split
 /// over the machine's cores (preparing a 1.4B model quantises 1.4 G weights).
-pub fn quantise(format: QuantFormat, w: &[f32], n: usize, k: usize) -> Vec<u8> {
-    assert_eq!(w.len(), n * k, "quantise: {} values for [{n}, {k}]", w.len());
+/// A block holding a non-finite value, or values too large for an f16
+/// scale, is an error naming its row and block (the dense model would
+/// compute with them; a quantised one cannot represent them).
+pub fn quantise(format: QuantFormat, w: &[f32], n: usize, k: usize) -> Result<Vec<u8>, String> {
+    if Some(w.len()) != n.checked_mul(k) {
+        return Err(format!("{} values for a [{n}, {k}] matrix", w.len()));
+    }
     let rb = row_bytes(format, k);
     let mut out = vec![0u8; n * rb];
     let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
     let rows = n.div_ceil(threads).max(64);
     if n <= rows || k == 0 {
-        quantise_rows(format, w, k, &mut out);
-        return out;
+        quantise_rows(format, w, k, &mut out, 0)?;
+        return Ok(out);
     }
     std::thread::scope(|s| {
-        for (src, dst) in w.chunks(rows * k).zip(out.chunks_mut(rows * rb)) {
-            s.spawn(move || quantise_rows(format, src, k, dst));
-        }
-    });
-    out
+        let jobs: Vec<_> = w
+            .chunks(rows * k)
+            .zip(out.chunks_mut(rows * rb))
+            .enumerate()
+            .map(|(i, (src, dst))| s.spawn(move || quantise_rows(format, src, k, dst, i * rows)))
+            .collect();
+        jobs.into_iter().try_for_each(|j| {
+            j.join()
+                .unwrap_or_else(|_| Err("a quantisation thread panicked".into()))
+        })
+    })?;
+    Ok(out)
 }
 
-/// Quantise whole rows of `k` values from `w` into `out`.
-fn quantise_rows(format: QuantFormat, w: &[f32], k: usize, out: &mut [u8]) {
+/// Quantise whole rows of `k` values from `w` into `out` (`first`: the
+/// index of the first row, for errors).
+fn quantise_rows(format: QuantFormat, w: &[f32], k: usize, out: &mut [u8], first: usize) -> Result<(), String> {
     let (nb, rb) = (blocks(k), row_bytes(format, k));
     let mut q = vec![0i32; nb * BLOCK];
-    for (row, dst) in w.chunks_exact(k.max(1)).zip(out.chunks_exact_mut(rb)) {
+    for (r, (row, dst)) in w.chunks_exact(k.max(1)).zip(out.chunks_exact_mut(rb)).enumerate() {
         let (quants, scales) = dst.split_at_mut(nb * format.quant_bytes());
         for b in 0..nb {
             let vals = &row[b * BLOCK..((b + 1) * BLOCK).min(k)];
-            let (d, qs) = quantise_block(format, vals);
+            let (d, qs) = quantise_block(format, vals)
+                .ok_or_else(|| format!("row {}, block {b}: {}", first + r, unrepresentable(format, vals)))?;
             scales[2 * b..2 * b + 2].copy_from_slice(&f16_bits(d).to_le_bytes());
             q[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(&qs);
         }
         pack(format, &q, quants);
     }
+    Ok(())
 }
 
-/// One block: its scale (an f16 value) and quants (zero past `vals`).
-fn quantise_block(format: QuantFormat, vals: &[f32]) -> (f32, [i32; BLOCK]) {
+fn unrepresentable(format: QuantFormat, vals: &[f32]) -> String {
+    match vals.iter().find(|v| !v.is_finite()) {
+        Some(v) => format!("holds {v}, which {format} cannot represent"),
+        None => format!("its values are too large for an f16 scale of {format}"),
+    }
+}
+
+/// One block: its scale (an f16 value) and quants (zero past `vals`);
+/// None when the block holds a non-finite value or its scale overflows f16.
+fn quantise_block(format: QuantFormat, vals: &[f32]) -> Option<(f32, [i32; BLOCK])> {
     let (lo, hi) = format.range();
     let mut q = [0i32; BLOCK];
+    if vals.iter().any(|v| !v.is_finite()) {
+        return None;
+    }
     // The signed value of largest magnitude (the first such).
     let big = vals.iter().fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
     let d = match format {
@@ -212,13 +243,16 @@ fn quantise_block(format: QuantFormat, vals: &[f32]) -> (f32, [i32; BLOCK]) {
         QuantFormat::Q4_0 => big / -8.0,
     };
     let d = f16_value(f16_bits(d));
-    if d == 0.0 || !d.is_finite() {
-        return (if d.is_finite() { d } else { 0.0 }, q);
+    if !d.is_finite() {
+        return None;
+    }
+    if d == 0.0 {
+        return Some((d, q));
     }
     for (qi, &v) in q.iter_mut().zip(vals) {
         *qi = ((v / d).round_ties_even() as i32).clamp(lo, hi);
     }
-    (d, q)
+    Some((d, q))
 }
 
 fn pack(format: QuantFormat, q: &[i32], out: &mut [u8]) {
@@ -284,11 +318,14 @@ pub struct QuantActs {
 
 /// Append the quantised row `x` (its `k` values) to `out`: per block,
 /// `d = amax / 127`, `q = round_half_even(x * (1 / d))` (0 when d is 0).
+/// A block holding a NaN gets scale NaN (and quants 0), so the NaN reaches
+/// the outputs as it would in a dense product.
 pub fn quantise_acts(x: &[f32], out: &mut QuantActs) {
     for vals in x.chunks(BLOCK) {
+        let nan = vals.iter().any(|v| v.is_nan());
         let amax = vals.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let d = if nan { f32::NAN } else { amax / 127.0 };
+        let id = if d > 0.0 && d.is_finite() { 1.0 / d } else { 0.0 };
         let mut sum = 0;
         for i in 0..BLOCK {
             let q = vals
@@ -354,7 +391,7 @@ mod tests {
         for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
             for (n, k) in [(3, 32), (2, 88), (4, 256), (1, 200), (2, 160)] {
                 let w = values(n * k, 7 + k as u32);
-                let q = quantise(format, &w, n, k);
+                let q = quantise(format, &w, n, k).unwrap();
                 assert_eq!(q.len(), matrix_bytes(format, n, k));
                 let back = dequantise(format, &q, n, k);
                 let nb = blocks(k);
@@ -374,7 +411,7 @@ mod tests {
                     }
                 }
                 // Quantising the dequantised values gives the same bytes.
-                assert_eq!(quantise(format, &back, n, k), q, "{format} [{n},{k}]");
+                assert_eq!(quantise(format, &back, n, k).unwrap(), q, "{format} [{n},{k}]");
             }
         }
     }
@@ -388,16 +425,31 @@ mod tests {
         w[64] = -0.5; // block 2: d = -1/8 (from w[65]), q = 4
         w[65] = 1.0;
         w[100] = 0.25;
-        let q = quantise(QuantFormat::Q4_0, &w, 1, 128);
+        let q = quantise(QuantFormat::Q4_0, &w, 1, 128).unwrap();
         assert_eq!(q[0], ((-8 + 8) as u8) | (((4 + 8) as u8) << 4));
         assert_eq!(f16_value(u16::from_le_bytes([q[64], q[65]])), -0.125);
-        let q8 = quantise(QuantFormat::Q8_0, &w[..32], 1, 32);
+        let q8 = quantise(QuantFormat::Q8_0, &w[..32], 1, 32).unwrap();
         assert_eq!((q8[0], q8[1]), (255, 128));
         assert_eq!(q8.len(), 34);
         // A padded row: k = 40 is two blocks, the second zero past 8 values.
-        let q8 = quantise(QuantFormat::Q8_0, &[1.0; 40], 1, 40);
+        let q8 = quantise(QuantFormat::Q8_0, &[1.0; 40], 1, 40).unwrap();
         assert_eq!(q8.len(), 68);
         assert_eq!(&q8[40..64], &[128u8; 24][..]);
+    }
+
+    #[test]
+    fn unrepresentable_weights_are_refused_and_nan_activations_propagate() {
+        let mut w = vec![0.5f32; 64];
+        w[40] = f32::INFINITY;
+        let e = quantise(QuantFormat::Q8_0, &w, 2, 32).unwrap_err();
+        assert!(e.contains("row 1, block 0") && e.contains("inf"), "{e}");
+        let e = quantise(QuantFormat::Q4_0, &[1.0e7; 32], 1, 32).unwrap_err();
+        assert!(e.contains("too large"), "{e}");
+        assert!(quantise(QuantFormat::Q8_0, &[1.0; 5], 2, 3).is_err());
+        let q = quantise(QuantFormat::Q8_0, &[1.0; 64], 1, 64).unwrap();
+        let mut x = vec![1.0f32; 64];
+        x[3] = f32::NAN;
+        assert!(linear(QuantFormat::Q8_0, &x, &q, None, 1, 64)[0].is_nan());
     }
 
     #[test]
@@ -405,7 +457,7 @@ mod tests {
         for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
             let (n, k) = (5, 200);
             let (w, x) = (values(n * k, 3), values(2 * k, 4));
-            let q = quantise(format, &w, n, k);
+            let q = quantise(format, &w, n, k).unwrap();
             let deq = dequantise(format, &q, n, k);
             let y = linear(format, &x, &q, None, n, k);
             for t in 0..2 {

@@ -144,7 +144,7 @@ impl Encoding {
         match self {
             Encoding::Dense(d) => shape.iter().try_fold(d.size_bytes(), |a, &n| a.checked_mul(n)),
             Encoding::Quant(q) => match shape {
-                [n, k] => crate::quant::row_bytes(q, *k).checked_mul(*n),
+                [n, k] => crate::quant::matrix_bytes_checked(q, *n, *k),
                 _ => None,
             },
         }

@@ -61,7 +61,7 @@ fn main() {
     let s = time(&mut || unsafe { gemm::linear(&p, 0..n) });
     report("bf16 dense", s, wb.len());
     for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
-        let wq = quant::quantise(format, &w, n, k);
+        let wq = quant::quantise(format, &w, n, k).expect("finite weights");
         let mut rows = QuantRows::default();
         for v in QVariant::ALL.into_iter().filter(|v| v.supported()) {
             let s = time(&mut || {

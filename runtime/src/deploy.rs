@@ -331,6 +331,22 @@ pub fn read_weights<'a>(image: &'a [u8], want: &Fingerprint, what: &str) -> Resu
         .collect()
 }
 
+/// Every weight `program`'s kernels read is among `slices`, in its encoding
+/// and with exactly the bytes its shape takes (a short entry would let a
+/// kernel read past it).
+pub fn check_entries(program: &Program, slices: &[WeightSlice], what: &str) -> Result<(), String> {
+    for (w, d) in ResidentWeights::required(program) {
+        let n = program
+            .weight(w)
+            .and_then(|e| d.bytes(&e.shape))
+            .ok_or_else(|| format!("{what}: weight %{w} has no size in {d}"))?;
+        if !slices.iter().any(|((id, dt), b)| (*id, *dt) == (w, d) && b.len() == n) {
+            return Err(format!("{what} lacks weight %{w} in {d} ({n} bytes)"));
+        }
+    }
+    Ok(())
+}
+
 /// The bytes of entry `e` in data of `data_len` bytes, checked.
 fn entry_range(e: &WeightIndex, data_len: u64) -> Result<std::ops::Range<usize>, String> {
     let end = e

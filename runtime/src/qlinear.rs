@@ -190,8 +190,14 @@ pub unsafe fn qlinear_with(v: QVariant, p: &QLinearArgs, rows: Range<usize>) {
     }
 }
 
-/// One row's sum (before the bias) with variant `v`.
+/// One row's sum (before the bias) with variant `v`. Panics when this CPU
+/// lacks the variant or a slice is shorter than `nb` blocks need.
 pub fn dot(v: QVariant, format: QuantFormat, w: &[u8], xq: &[i8], xd: &[f32], xs: &[i32], nb: usize) -> f32 {
+    assert!(
+        w.len() >= nb * (format.quant_bytes() + 2) && xq.len() >= nb * BLOCK && xd.len() >= nb && xs.len() >= nb,
+        "qlinear::dot: slices shorter than {nb} blocks"
+    );
+    assert!(v.supported(), "variant {} is not supported by this CPU", v.name());
     let mut acc = [0.0f32; LANES];
     // Blocks done by the vector part: whole groups of eight.
     let done = match v {
@@ -280,7 +286,7 @@ mod tests {
                 (2, 416, 2),
             ] {
                 let w = values(n * k, (k + n) as u32);
-                let wq = quant::quantise(format, &w, n, k);
+                let wq = quant::quantise(format, &w, n, k).unwrap();
                 let bias = values(n, 99);
                 for act in [DType::F32, DType::BF16] {
                     let x: Vec<f32> = values(tokens * k, k as u32 ^ 5)

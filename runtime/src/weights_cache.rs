@@ -88,11 +88,8 @@ impl WeightsCache {
             Err(e) => return Lookup::Invalid(e),
         };
         // Every weight a kernel reads, with its full length.
-        for (w, d) in ResidentWeights::required(program) {
-            let n = program.weight(w).and_then(|e| d.bytes(&e.shape)).unwrap_or(0);
-            if !slices.iter().any(|((id, dt), b)| (*id, *dt) == (w, d) && b.len() == n) {
-                return Lookup::Invalid(format!("{what} lacks weight %{w} in {d}"));
-            }
+        if let Err(e) = deploy::check_entries(program, &slices, &what) {
+            return Lookup::Invalid(e);
         }
         // The slices point into `map`, which the weights then own.
         let entries: Vec<((u32, Encoding), &[u8])> = slices;

@@ -22,7 +22,7 @@
 use clap::{CommandFactory, FromArgMatches, Parser};
 use ouroc_kernels::abi::RawKernel;
 use ouroc_runtime::cpu::{CpuForward, CpuOptions, KvMode, LinkedKernels, ResidentWeights};
-use ouroc_runtime::deploy::{AppMeta, blob_len, host_has, missing_features, read_weights};
+use ouroc_runtime::deploy::{AppMeta, blob_len, check_entries, host_has, missing_features, read_weights};
 use ouroc_runtime::generate::{Forward, GenLimits};
 use ouroc_runtime::gpu::cuda::CudaDevice;
 use ouroc_runtime::gpu::{GpuForward, GpuOptions};
@@ -418,6 +418,7 @@ fn load_weights(meta: &AppMeta, flag: Option<&PathBuf>, name: &str) -> Result<Re
         // SAFETY: the weights blob `ouroc build` linked in (static).
         let image = unsafe { blob(&raw const ouroc_app_weights, "the embedded weights") }?;
         let entries = read_weights(image, &meta.fingerprint, "the embedded weights")?;
+        check_entries(&meta.program, &entries, "the embedded weights")?;
         // SAFETY: static data, never written.
         return Ok(unsafe { ResidentWeights::borrowed(entries, Box::new(())) });
     }
@@ -441,6 +442,7 @@ fn load_weights(meta: &AppMeta, flag: Option<&PathBuf>, name: &str) -> Result<Re
     // file in place (a build replaces it), so the mapping stays as read.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format!("cannot map {what}: {e}"))?;
     let entries = read_weights(&map, &meta.fingerprint, &what)?;
+    check_entries(&meta.program, &entries, &what)?;
     let entries: Vec<_> = entries
         .into_iter()
         .map(|(k, b)| (k, b.as_ptr() as usize, b.len()))
