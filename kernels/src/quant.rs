@@ -6,27 +6,30 @@
 //! Both formats quantise each weight row in blocks of [`BLOCK`] = 32
 //! values along `k` with one f16 scale per block (llama.cpp's Q8_0 and
 //! Q4_0 numerics: 8.5 and 4.5 bits per weight); a row whose `k` is not a
-//! multiple of 32 is padded with zero weights to whole blocks. The layout
-//! is ouroc's own, chosen for the microkernels:
+//! multiple of 32 is padded with zero weights to whole blocks, and `n` is
+//! padded with zero rows to whole tiles. The layout is ouroc's own, chosen
+//! for the microkernels (rows interleaved, so one vector holds the same
+//! weights of [`TILE`] = 16 rows and its lanes are rows: no horizontal sums):
 //!
-//! - a row is its quants, then its `nb = ceil(k / 32)` scales (f16, little
-//!   endian); rows follow each other ([`row_bytes`] each);
-//! - `q8_0`: one byte per weight, `q + 128` (q in -127..=127), so an
-//!   unsigned-by-signed byte dot product (`vpdpbusd`) reads it directly;
-//! - `q4_0`: one nibble per weight, `q + 8` (q in -8..=7); each run of four
-//!   blocks (128 weights) is 64 bytes whose byte i holds weight i (low
-//!   nibble) and weight 64 + i (high nibble), so one 64-byte load splits
-//!   into two 64-weight halves by masking and shifting; the last `nb % 4`
-//!   blocks are 16 bytes each, byte i holding weights i and 16 + i.
+//! - the matrix is `ceil(n / 16)` tiles of 16 rows, one after another; a
+//!   tile is its `nb = ceil(k / 32)` blocks in order; a block is its quants
+//!   then the 16 rows' scales (f16, little endian, row order);
+//! - `q8_0` quants of a block: 8 runs of 64 bytes, run g holding weights
+//!   4g..4g+3 of each of the 16 rows (byte 4r + j: row r, weight 4g + j),
+//!   each stored as `q + 128` (q in -127..=127), so an unsigned-by-signed
+//!   byte dot product (`vpdpbusd`) reads them against the activation
+//!   group broadcast to every lane;
+//! - `q4_0` quants: 4 runs of 64 bytes, run p's byte 4r + j holding row
+//!   r's weight 4p + j in its low nibble and weight 16 + 4p + j in its high
+//!   nibble, each `q + 8` (q in -8..=7).
 //!
 //! The product (as llama.cpp's CPU path computes it): each token's
 //! activation row is quantised to int8 per block ([`quantise_acts`]:
 //! scale `amax / 127`, round half to even), each block's integer dot
-//! product is exact, and the f32 part runs in a fixed order: block b's
-//! term `(d_w * d_x) * isum` (two f32 products) is added to lane `b % 8`
-//! of eight f32 accumulators in block order, and the lanes are summed as
-//! `((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))`. The bias is then
-//! added and the sum rounded to the activation dtype, as for a dense Linear.
+//! product is exact, and each output is the f32 sum over blocks in order
+//! of `(d_w * d_x) * isum` (two f32 products, then the add), then the bias
+//! is added and the sum rounded to the activation dtype, as for a dense
+//! Linear.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -34,8 +37,8 @@ use std::fmt;
 /// Weights per block (one scale each).
 pub const BLOCK: usize = 32;
 
-/// Lanes of the f32 accumulation (see the module docs).
-pub const LANES: usize = 8;
+/// Rows interleaved in a tile (see the module docs).
+pub const TILE: usize = 16;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -133,30 +136,40 @@ pub fn blocks(k: usize) -> usize {
     k.div_ceil(BLOCK)
 }
 
-/// Bytes of one quantised row of `k` weights: quants, then scales.
-pub fn row_bytes(format: QuantFormat, k: usize) -> usize {
-    blocks(k) * (format.quant_bytes() + 2)
+/// Bytes of one block of a tile: 16 rows' quants, then their scales.
+pub fn block_bytes(format: QuantFormat) -> usize {
+    TILE * (format.quant_bytes() + 2)
 }
 
-/// [`row_bytes`] times `n`, None when it overflows (a hostile shape).
-pub fn matrix_bytes_checked(format: QuantFormat, n: usize, k: usize) -> Option<usize> {
-    blocks(k).checked_mul(format.quant_bytes() + 2)?.checked_mul(n)
+/// Bytes of one tile of 16 rows of `k` weights.
+pub fn tile_bytes(format: QuantFormat, k: usize) -> usize {
+    blocks(k) * block_bytes(format)
+}
+
+/// Tiles of `n` rows.
+pub fn tiles(n: usize) -> usize {
+    n.div_ceil(TILE)
 }
 
 /// Bytes of an `[n, k]` weight in `format`.
 pub fn matrix_bytes(format: QuantFormat, n: usize, k: usize) -> usize {
-    n * row_bytes(format, k)
+    tiles(n) * tile_bytes(format, k)
 }
 
-/// Where weight `i` of a row sits among the row's quant bytes: (byte, high nibble).
-pub fn nibble_at(nb: usize, i: usize) -> (usize, bool) {
-    let full = nb / 4 * 4 * BLOCK;
-    if i < full {
-        let (chunk, j) = (i / 128, i % 128);
-        (chunk * 64 + j % 64, j >= 64)
-    } else {
-        let (b, j) = ((i - full) / BLOCK, (i - full) % BLOCK);
-        (full / 2 + b * 16 + j % 16, j >= 16)
+/// [`matrix_bytes`], None when it overflows (a hostile shape).
+pub fn matrix_bytes_checked(format: QuantFormat, n: usize, k: usize) -> Option<usize> {
+    blocks(k).checked_mul(block_bytes(format))?.checked_mul(tiles(n))
+}
+
+/// Where weight `i` (0..32) of row `r` (0..16) sits in a block's quants:
+/// (byte, high nibble); q8_0 uses whole bytes (never the high nibble).
+pub fn quant_at(format: QuantFormat, r: usize, i: usize) -> (usize, bool) {
+    match format {
+        QuantFormat::Q8_0 => (64 * (i / 4) + 4 * r + i % 4, false),
+        QuantFormat::Q4_0 => {
+            let j = i % 16;
+            (64 * (j / 4) + 4 * r + j % 4, i >= 16)
+        }
     }
 }
 
@@ -169,7 +182,7 @@ pub fn f16_value(bits: u16) -> f32 {
     half::f16::from_bits(bits).to_f32()
 }
 
-/// Quantise an `[n, k]` matrix (row-major f32) into `format`, rows split
+/// Quantise an `[n, k]` matrix (row-major f32) into `format`, tiles split
 /// over the machine's cores (preparing a 1.4B model quantises 1.4 G weights).
 /// A block holding a non-finite value, or values too large for an f16
 /// scale, is an error naming its row and block (the dense model would
@@ -178,20 +191,20 @@ pub fn quantise(format: QuantFormat, w: &[f32], n: usize, k: usize) -> Result<Ve
     if Some(w.len()) != n.checked_mul(k) {
         return Err(format!("{} values for a [{n}, {k}] matrix", w.len()));
     }
-    let rb = row_bytes(format, k);
-    let mut out = vec![0u8; n * rb];
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-    let rows = n.div_ceil(threads).max(64);
-    if n <= rows || k == 0 {
-        quantise_rows(format, w, k, &mut out, 0)?;
+    let tb = tile_bytes(format, k);
+    let mut out = vec![0u8; matrix_bytes(format, n, k)];
+    if k == 0 {
         return Ok(out);
     }
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    // Tiles per job: whole tiles, at least 4 (64 rows) per thread.
+    let per = tiles(n).div_ceil(threads).max(4);
     std::thread::scope(|s| {
         let jobs: Vec<_> = w
-            .chunks(rows * k)
-            .zip(out.chunks_mut(rows * rb))
+            .chunks(per * TILE * k)
+            .zip(out.chunks_mut(per * tb))
             .enumerate()
-            .map(|(i, (src, dst))| s.spawn(move || quantise_rows(format, src, k, dst, i * rows)))
+            .map(|(i, (src, dst))| s.spawn(move || quantise_tiles(format, src, k, dst, i * per * TILE)))
             .collect();
         jobs.into_iter().try_for_each(|j| {
             j.join()
@@ -201,23 +214,47 @@ pub fn quantise(format: QuantFormat, w: &[f32], n: usize, k: usize) -> Result<Ve
     Ok(out)
 }
 
-/// Quantise whole rows of `k` values from `w` into `out` (`first`: the
-/// index of the first row, for errors).
-fn quantise_rows(format: QuantFormat, w: &[f32], k: usize, out: &mut [u8], first: usize) -> Result<(), String> {
-    let (nb, rb) = (blocks(k), row_bytes(format, k));
-    let mut q = vec![0i32; nb * BLOCK];
-    for (r, (row, dst)) in w.chunks_exact(k.max(1)).zip(out.chunks_exact_mut(rb)).enumerate() {
-        let (quants, scales) = dst.split_at_mut(nb * format.quant_bytes());
+/// Quantise the rows of `w` (`k` values each; the last tile may be short)
+/// into whole tiles of `out` (`first`: the index of the first row, for errors).
+fn quantise_tiles(format: QuantFormat, w: &[f32], k: usize, out: &mut [u8], first: usize) -> Result<(), String> {
+    let (nb, bb, qb) = (blocks(k), block_bytes(format), TILE * format.quant_bytes());
+    let off = format.offset();
+    for (t, tile) in out.chunks_exact_mut(nb * bb).enumerate() {
         for b in 0..nb {
-            let vals = &row[b * BLOCK..((b + 1) * BLOCK).min(k)];
-            let (d, qs) = quantise_block(format, vals)
-                .ok_or_else(|| format!("row {}, block {b}: {}", first + r, unrepresentable(format, vals)))?;
-            scales[2 * b..2 * b + 2].copy_from_slice(&f16_bits(d).to_le_bytes());
-            q[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(&qs);
+            let block = &mut tile[b * bb..(b + 1) * bb];
+            let (quants, scales) = block.split_at_mut(qb);
+            for r in 0..TILE {
+                let row = t * TILE + r;
+                let Some(vals) = w.get(row * k..(row + 1) * k) else {
+                    // A padding row: zero weights (the stored offset), zero scale.
+                    for i in 0..BLOCK {
+                        put(format, quants, r, i, off as u8);
+                    }
+                    continue;
+                };
+                let vals = &vals[b * BLOCK..((b + 1) * BLOCK).min(k)];
+                let (d, qs) = quantise_block(format, vals)
+                    .ok_or_else(|| format!("row {}, block {b}: {}", first + row, unrepresentable(format, vals)))?;
+                scales[2 * r..2 * r + 2].copy_from_slice(&f16_bits(d).to_le_bytes());
+                for (i, &q) in qs.iter().enumerate() {
+                    put(format, quants, r, i, (q + off) as u8);
+                }
+            }
         }
-        pack(format, &q, quants);
     }
     Ok(())
+}
+
+/// Store the unsigned quant `u` of weight `i` of row `r` in a block's quants.
+fn put(format: QuantFormat, quants: &mut [u8], r: usize, i: usize, u: u8) {
+    let (byte, high) = quant_at(format, r, i);
+    if high {
+        quants[byte] = (quants[byte] & 0x0f) | (u << 4);
+    } else if format == QuantFormat::Q4_0 {
+        quants[byte] = (quants[byte] & 0xf0) | u;
+    } else {
+        quants[byte] = u;
+    }
 }
 
 fn unrepresentable(format: QuantFormat, vals: &[f32]) -> String {
@@ -255,53 +292,39 @@ fn quantise_block(format: QuantFormat, vals: &[f32]) -> Option<(f32, [i32; BLOCK
     Some((d, q))
 }
 
-fn pack(format: QuantFormat, q: &[i32], out: &mut [u8]) {
+/// The quants (`nb * 32` signed values) and scales of row `o` of an
+/// `[n, k]` matrix in `format`.
+pub fn unpack_row(format: QuantFormat, bytes: &[u8], k: usize, o: usize) -> (Vec<i32>, Vec<f32>) {
+    let (nb, bb, qb) = (blocks(k), block_bytes(format), TILE * format.quant_bytes());
+    let tile = &bytes[(o / TILE) * nb * bb..];
+    let r = o % TILE;
     let off = format.offset();
-    match format {
-        QuantFormat::Q8_0 => {
-            for (o, &v) in out.iter_mut().zip(q) {
-                *o = (v + off) as u8;
-            }
+    let mut q = Vec::with_capacity(nb * BLOCK);
+    let mut d = Vec::with_capacity(nb);
+    for b in 0..nb {
+        let block = &tile[b * bb..(b + 1) * bb];
+        for i in 0..BLOCK {
+            let (byte, high) = quant_at(format, r, i);
+            let u = match format {
+                QuantFormat::Q8_0 => block[byte],
+                QuantFormat::Q4_0 if high => block[byte] >> 4,
+                QuantFormat::Q4_0 => block[byte] & 15,
+            };
+            q.push(u as i32 - off);
         }
-        QuantFormat::Q4_0 => {
-            let nb = q.len() / BLOCK;
-            out.fill(0);
-            for (i, &v) in q.iter().enumerate() {
-                let (byte, high) = nibble_at(nb, i);
-                let u = (v + off) as u8;
-                out[byte] |= if high { u << 4 } else { u };
-            }
-        }
+        d.push(f16_value(u16::from_le_bytes([
+            block[qb + 2 * r],
+            block[qb + 2 * r + 1],
+        ])));
     }
-}
-
-/// The quants of one row (`nb * 32` signed values) and its scales.
-pub fn unpack_row(format: QuantFormat, row: &[u8], nb: usize) -> (Vec<i32>, Vec<f32>) {
-    let (quants, scales) = row.split_at(nb * format.quant_bytes());
-    let off = format.offset();
-    let q = (0..nb * BLOCK)
-        .map(|i| match format {
-            QuantFormat::Q8_0 => quants[i] as i32 - off,
-            QuantFormat::Q4_0 => {
-                let (byte, high) = nibble_at(nb, i);
-                let u = if high { quants[byte] >> 4 } else { quants[byte] & 15 };
-                u as i32 - off
-            }
-        })
-        .collect();
-    let d = scales
-        .chunks_exact(2)
-        .map(|c| f16_value(u16::from_le_bytes([c[0], c[1]])))
-        .collect();
     (q, d)
 }
 
 /// The f32 values an `[n, k]` quantised matrix stands for (`q * d`, exact).
 pub fn dequantise(format: QuantFormat, bytes: &[u8], n: usize, k: usize) -> Vec<f32> {
-    let (nb, rb) = (blocks(k), row_bytes(format, k));
     let mut out = Vec::with_capacity(n * k);
-    for row in bytes.chunks_exact(rb).take(n) {
-        let (q, d) = unpack_row(format, row, nb);
+    for o in 0..n {
+        let (q, d) = unpack_row(format, bytes, k, o);
         out.extend((0..k).map(|i| q[i] as f32 * d[i / BLOCK]));
     }
     out
@@ -339,34 +362,27 @@ pub fn quantise_acts(x: &[f32], out: &mut QuantActs) {
     }
 }
 
-/// The f32 sum of block terms in the fixed order (module docs), before the bias.
-pub fn dot_row(format: QuantFormat, row: &[u8], xq: &[i8], xd: &[f32], nb: usize) -> f32 {
-    let (q, d) = unpack_row(format, row, nb);
-    let mut acc = [0.0f32; LANES];
-    for b in 0..nb {
+/// Row `o`'s sum before the bias: over blocks in order, `(d_w * d_x) * isum`.
+pub fn dot_row(format: QuantFormat, w: &[u8], k: usize, o: usize, xq: &[i8], xd: &[f32]) -> f32 {
+    let (q, d) = unpack_row(format, w, k, o);
+    let mut acc = 0.0f32;
+    for b in 0..blocks(k) {
         let isum: i32 = (0..BLOCK).map(|i| q[b * BLOCK + i] * xq[b * BLOCK + i] as i32).sum();
-        acc[b % LANES] += (d[b] * xd[b]) * isum as f32;
+        acc += (d[b] * xd[b]) * isum as f32;
     }
-    reduce_lanes(&acc)
-}
-
-/// The fixed sum of the eight lanes.
-pub fn reduce_lanes(a: &[f32; LANES]) -> f32 {
-    ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+    acc
 }
 
 /// The reference `Linear` on quantised weights: `x` is `tokens` rows of
 /// `k` values (already in the activation dtype), `bias` in f32; returns
 /// `tokens x n` sums (bias added, not yet rounded).
 pub fn linear(format: QuantFormat, x: &[f32], w: &[u8], bias: Option<&[f32]>, n: usize, k: usize) -> Vec<f32> {
-    let (nb, rb) = (blocks(k), row_bytes(format, k));
     let mut y = Vec::with_capacity(x.len() / k.max(1) * n);
     for row in x.chunks_exact(k.max(1)) {
         let mut qa = QuantActs::default();
         quantise_acts(row, &mut qa);
         for o in 0..n {
-            let s = dot_row(format, &w[o * rb..(o + 1) * rb], &qa.q, &qa.d, nb);
-            y.push(s + bias.map_or(0.0, |b| b[o]));
+            y.push(dot_row(format, w, k, o, &qa.q, &qa.d) + bias.map_or(0.0, |b| b[o]));
         }
     }
     y
@@ -394,9 +410,8 @@ mod tests {
                 let q = quantise(format, &w, n, k).unwrap();
                 assert_eq!(q.len(), matrix_bytes(format, n, k));
                 let back = dequantise(format, &q, n, k);
-                let nb = blocks(k);
                 for r in 0..n {
-                    let (_, d) = unpack_row(format, &q[r * row_bytes(format, k)..], nb);
+                    let (_, d) = unpack_row(format, &q, k, r);
                     for i in 0..k {
                         let err = (back[r * k + i] - w[r * k + i]).abs();
                         // Half a step, plus the f16 rounding of the scale at the
@@ -418,23 +433,28 @@ mod tests {
 
     #[test]
     fn the_layout_is_the_documented_one() {
-        // Block 0 of a q4_0 row of 4 blocks: weight 0 in the low nibble of
-        // byte 0, weight 64 in its high nibble.
-        let mut w = vec![0.0f32; 128];
-        w[0] = 1.0; // block 0's largest: d = -1/8, q = -8
-        w[64] = -0.5; // block 2: d = -1/8 (from w[65]), q = 4
-        w[65] = 1.0;
-        w[100] = 0.25;
-        let q = quantise(QuantFormat::Q4_0, &w, 1, 128).unwrap();
-        assert_eq!(q[0], ((-8 + 8) as u8) | (((4 + 8) as u8) << 4));
-        assert_eq!(f16_value(u16::from_le_bytes([q[64], q[65]])), -0.125);
-        let q8 = quantise(QuantFormat::Q8_0, &w[..32], 1, 32).unwrap();
-        assert_eq!((q8[0], q8[1]), (255, 128));
-        assert_eq!(q8.len(), 34);
+        // Two rows of one q4_0 block: row 1's weight 5 in the low nibble of
+        // byte 64 * 1 + 4 * 1 + 1, its weight 21 in the high nibble.
+        let mut w = vec![0.0f32; 64];
+        w[32 + 5] = -0.5; // row 1: d = -1/8 (from w[32 + 6]), q = 4
+        w[32 + 6] = 1.0;
+        w[32 + 21] = 0.25; // q = -2
+        let q = quantise(QuantFormat::Q4_0, &w, 2, 32).unwrap();
+        assert_eq!(q.len(), 288);
+        assert_eq!(q[64 + 4 + 1], (4 + 8) | ((-2i32 + 8) << 4) as u8);
+        // Row 1's scale after the 256 bytes of quants; padding rows zero.
+        assert_eq!(f16_value(u16::from_le_bytes([q[256 + 2], q[256 + 3]])), -0.125);
+        assert_eq!(&q[256 + 4..288], &[0u8; 28][..]);
+        assert_eq!(q[4 * 2], 8 | (8 << 4), "row 2 is padding: zero quants");
+        let q8 = quantise(QuantFormat::Q8_0, &w[32..], 1, 32).unwrap();
+        assert_eq!(q8.len(), 544);
+        // Row 0's weight 6 (the largest, q = 127) at byte 64 * 1 + 2.
+        assert_eq!((q8[64 + 2], q8[0]), (255, 128));
         // A padded row: k = 40 is two blocks, the second zero past 8 values.
         let q8 = quantise(QuantFormat::Q8_0, &[1.0; 40], 1, 40).unwrap();
-        assert_eq!(q8.len(), 68);
-        assert_eq!(&q8[40..64], &[128u8; 24][..]);
+        assert_eq!(q8.len(), 2 * 544);
+        assert_eq!(q8[544 + 64 * 2], 128, "weight 8 of block 1 is padding");
+        assert_eq!(q8[544 + 64], 255, "weight 4 of block 1 is a 1.0");
     }
 
     #[test]

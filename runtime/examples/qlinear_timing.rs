@@ -81,7 +81,7 @@ fn main() {
                     y_stride: n,
                 };
                 // SAFETY: as above.
-                unsafe { qlinear_with(v, &p, 0..n) }
+                unsafe { qlinear_with(v, &p, 0..quant::tiles(n)) }
             });
             report(&format!("{format} {}", v.name()), s, wq.len());
         }

@@ -3,21 +3,22 @@
 //!
 //! A launch first quantises every token's activation row per block of 32
 //! ([`QuantRows::fill`], once per launch, shared by the threads), then each
-//! thread takes a range of output rows: for each W row (a few KiB, kept in
-//! L1) every token's dot product in turn, so W streams from memory once per
-//! launch whatever the number of tokens.
+//! thread takes a range of tiles of 16 output rows: for each tile every
+//! token's 16 dot products at once, lanes being rows, so W streams from
+//! memory once per launch whatever the number of tokens.
 //!
-//! The block sums are integers (exact in any order), so the variants
-//! differ only in how they get them: AVX-512 VNNI (`vpdpbusd`: the stored
-//! unsigned quants times the signed activation quants, then minus the
-//! format's offset times the block's activation sum), AVX2 (`vpmaddubsw`
-//! on magnitudes and moved signs for q8_0, on the unsigned nibbles for
-//! q4_0), or portable Rust. The f32 part (eight lanes, block b into lane
-//! b % 8, the fixed final sum) is the same in each, so every variant
-//! returns the reference's bits.
+//! A block's integer sums come from one 64-byte run of the tile per four
+//! weights (the same four weights of the 16 rows) against those four
+//! activation quants broadcast to every lane: AVX-512 VNNI (`vpdpbusd`: the
+//! stored unsigned quants times the signed activation quants, then minus
+//! the format's offset times the block's activation sum), AVX2
+//! (`vpmaddubsw` on magnitudes and moved signs for q8_0, on the unsigned
+//! nibbles for q4_0, eight rows per vector), or portable Rust. Each lane
+//! then adds `(d_w * d_x) * isum` block after block, the reference's order,
+//! so every variant returns the reference's bits.
 
 use ouroc_ir::DType;
-use ouroc_kernels::quant::{self, BLOCK, LANES, QuantFormat};
+use ouroc_kernels::quant::{self, BLOCK, QuantFormat, TILE};
 use std::ops::Range;
 use std::sync::OnceLock;
 
@@ -132,7 +133,7 @@ pub struct QLinearArgs<'a> {
     pub k: usize,
     pub format: QuantFormat,
     pub x: &'a QuantRows,
-    /// `[n]` rows of [`quant::row_bytes`] each.
+    /// `[n, k]` in `format`'s tiled layout ([`quant::matrix_bytes`]).
     pub w: *const u8,
     pub bias: *const u8,
     pub bias_dtype: DType,
@@ -146,89 +147,108 @@ pub struct QLinearArgs<'a> {
 unsafe impl Send for QLinearArgs<'_> {}
 unsafe impl Sync for QLinearArgs<'_> {}
 
-/// Outputs `rows` of every token, with the fastest variant.
+/// Outputs of the tiles `tiles` (16 rows each; the last one's rows past
+/// `n` are padding, not written) of every token, with the fastest variant.
 ///
 /// # Safety
 /// The pointers address buffers of the documented shapes for `p.tokens`
 /// tokens, `p.x` was filled for them with this `k`; concurrent calls use
-/// disjoint `rows`.
-pub unsafe fn qlinear(p: &QLinearArgs, rows: Range<usize>) {
-    unsafe { qlinear_with(QVariant::best(), p, rows) }
+/// disjoint `tiles`.
+pub unsafe fn qlinear(p: &QLinearArgs, tiles: Range<usize>) {
+    unsafe { qlinear_with(QVariant::best(), p, tiles) }
 }
 
 /// [`qlinear`] with a given variant (panics if this CPU lacks it).
 ///
 /// # Safety
 /// As [`qlinear`].
-pub unsafe fn qlinear_with(v: QVariant, p: &QLinearArgs, rows: Range<usize>) {
+pub unsafe fn qlinear_with(v: QVariant, p: &QLinearArgs, tiles: Range<usize>) {
     assert!(v.supported(), "variant {} is not supported by this CPU", v.name());
     assert!(
-        rows.end <= p.n && p.x.nb == quant::blocks(p.k),
-        "qlinear: rows or activations do not fit"
+        tiles.end <= quant::tiles(p.n) && p.x.nb == quant::blocks(p.k),
+        "qlinear: tiles or activations do not fit"
     );
-    let (nb, rb) = (p.x.nb, quant::row_bytes(p.format, p.k));
+    let (nb, tb) = (p.x.nb, quant::tile_bytes(p.format, p.k));
     let a = &p.x.acts;
-    for o in rows {
-        // SAFETY: row o of W lies in the weight buffer (n rows of rb bytes).
-        let w = unsafe { std::slice::from_raw_parts(p.w.add(o * rb), rb) };
-        let bias = if p.bias.is_null() {
-            0.0
-        } else {
-            // SAFETY: `[n]` bias elements.
-            unsafe { read(p.bias, p.bias_dtype, o) }
-        };
-        for t in 0..p.tokens {
+    for t in tiles {
+        // SAFETY: tile t lies in the weight buffer (tiles(n) tiles of tb bytes).
+        let w = unsafe { std::slice::from_raw_parts(p.w.add(t * tb), tb) };
+        let rows = (t * TILE..((t + 1) * TILE).min(p.n)).collect::<Vec<_>>();
+        let bias: Vec<f32> = rows
+            .iter()
+            .map(|&o| {
+                if p.bias.is_null() {
+                    0.0
+                } else {
+                    // SAFETY: `[n]` bias elements.
+                    unsafe { read(p.bias, p.bias_dtype, o) }
+                }
+            })
+            .collect();
+        for tok in 0..p.tokens {
             let (xq, xd, xs) = (
-                &a.q[t * nb * BLOCK..(t + 1) * nb * BLOCK],
-                &a.d[t * nb..(t + 1) * nb],
-                &a.sum[t * nb..(t + 1) * nb],
+                &a.q[tok * nb * BLOCK..(tok + 1) * nb * BLOCK],
+                &a.d[tok * nb..(tok + 1) * nb],
+                &a.sum[tok * nb..(tok + 1) * nb],
             );
-            let s = dot(v, p.format, w, xq, xd, xs, nb) + bias;
-            // SAFETY: element o of y row t.
-            unsafe { write(p.y, p.act, t * p.y_stride + o, s) };
+            let sums = tile_sums(v, p.format, w, xq, xd, xs, nb);
+            for (i, &o) in rows.iter().enumerate() {
+                // SAFETY: element o of y row tok.
+                unsafe { write(p.y, p.act, tok * p.y_stride + o, sums[i] + bias[i]) };
+            }
         }
     }
 }
 
-/// One row's sum (before the bias) with variant `v`. Panics when this CPU
-/// lacks the variant or a slice is shorter than `nb` blocks need.
-pub fn dot(v: QVariant, format: QuantFormat, w: &[u8], xq: &[i8], xd: &[f32], xs: &[i32], nb: usize) -> f32 {
+/// One tile's 16 row sums (before the bias) with variant `v`. Panics when
+/// this CPU lacks the variant or a slice is shorter than `nb` blocks need.
+pub fn tile_sums(
+    v: QVariant,
+    format: QuantFormat,
+    w: &[u8],
+    xq: &[i8],
+    xd: &[f32],
+    xs: &[i32],
+    nb: usize,
+) -> [f32; TILE] {
     assert!(
-        w.len() >= nb * (format.quant_bytes() + 2) && xq.len() >= nb * BLOCK && xd.len() >= nb && xs.len() >= nb,
-        "qlinear::dot: slices shorter than {nb} blocks"
+        w.len() >= nb * quant::block_bytes(format) && xq.len() >= nb * BLOCK && xd.len() >= nb && xs.len() >= nb,
+        "qlinear::tile_sums: slices shorter than {nb} blocks"
     );
     assert!(v.supported(), "variant {} is not supported by this CPU", v.name());
-    let mut acc = [0.0f32; LANES];
-    // Blocks done by the vector part: whole groups of eight.
-    let done = match v {
-        // SAFETY: the variant runs on this CPU (checked by the callers).
+    let mut acc = [0.0f32; TILE];
+    match v {
+        // SAFETY: the variant runs on this CPU and the slices hold nb blocks (checked above).
         #[cfg(target_arch = "x86_64")]
-        QVariant::Avx512Vnni => unsafe { x86::groups_vnni(format, w, xq, xd, xs, nb, &mut acc) },
+        QVariant::Avx512Vnni => unsafe { x86::tile_vnni(format, w, xq, xd, xs, nb, &mut acc) },
         #[cfg(target_arch = "x86_64")]
-        QVariant::Avx2 => unsafe { x86::groups_avx2(format, w, xq, xd, xs, nb, &mut acc) },
-        _ => 0,
-    };
-    let scales = &w[nb * format.quant_bytes()..];
-    for b in done..nb {
-        let isum = block_sum(format, w, nb, b, &xq[b * BLOCK..(b + 1) * BLOCK]);
-        let dw = quant::f16_value(u16::from_le_bytes([scales[2 * b], scales[2 * b + 1]]));
-        acc[b % LANES] += (dw * xd[b]) * isum as f32;
+        QVariant::Avx2 => unsafe { x86::tile_avx2(format, w, xq, xd, xs, nb, &mut acc) },
+        _ => tile_scalar(format, w, xq, xd, nb, &mut acc),
     }
-    quant::reduce_lanes(&acc)
+    acc
 }
 
-/// The integer dot product of block `b` of a row with its activation quants.
-fn block_sum(format: QuantFormat, w: &[u8], nb: usize, b: usize, x: &[i8]) -> i32 {
+/// The portable tile: per row, block by block, as the reference.
+fn tile_scalar(format: QuantFormat, w: &[u8], xq: &[i8], xd: &[f32], nb: usize, acc: &mut [f32; TILE]) {
+    let (bb, qb) = (quant::block_bytes(format), TILE * format.quant_bytes());
     let off = format.offset();
-    match format {
-        QuantFormat::Q8_0 => (0..BLOCK).map(|i| (w[b * BLOCK + i] as i32 - off) * x[i] as i32).sum(),
-        QuantFormat::Q4_0 => (0..BLOCK)
-            .map(|i| {
-                let (byte, high) = quant::nibble_at(nb, b * BLOCK + i);
-                let u = if high { w[byte] >> 4 } else { w[byte] & 15 };
-                (u as i32 - off) * x[i] as i32
-            })
-            .sum(),
+    for b in 0..nb {
+        let block = &w[b * bb..(b + 1) * bb];
+        let x = &xq[b * BLOCK..(b + 1) * BLOCK];
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let mut isum = 0i32;
+            for (i, &xi) in x.iter().enumerate() {
+                let (byte, high) = quant::quant_at(format, r, i);
+                let u = match format {
+                    QuantFormat::Q8_0 => block[byte],
+                    QuantFormat::Q4_0 if high => block[byte] >> 4,
+                    QuantFormat::Q4_0 => block[byte] & 15,
+                };
+                isum += (u as i32 - off) * xi as i32;
+            }
+            let dw = quant::f16_value(u16::from_le_bytes([block[qb + 2 * r], block[qb + 2 * r + 1]]));
+            *acc += (dw * xd[b]) * isum as f32;
+        }
     }
 }
 
@@ -263,7 +283,7 @@ mod tests {
         (0..n)
             .map(|_| {
                 s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-                ((s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * if s % 7 == 0 { 8.0 } else { 1.0 }
+                ((s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * if s.is_multiple_of(7) { 8.0 } else { 1.0 }
             })
             .collect()
     }
@@ -316,11 +336,12 @@ mod tests {
                             y: y.as_mut_ptr(),
                             y_stride: n,
                         };
-                        // Two row ranges, as two threads would take them.
+                        // Two tile ranges, as two threads would take them.
+                        let tiles = quant::tiles(n);
                         // SAFETY: the buffers have the shapes above.
                         unsafe {
-                            qlinear_with(v, &p, 0..n / 2);
-                            qlinear_with(v, &p, n / 2..n);
+                            qlinear_with(v, &p, 0..tiles / 2);
+                            qlinear_with(v, &p, tiles / 2..tiles);
                         }
                         let got = ouroc_driver::codec::decode(&y, act);
                         for (i, (g, w)) in got.iter().zip(&want).enumerate() {

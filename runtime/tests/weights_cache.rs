@@ -8,6 +8,8 @@ mod common;
 use common::fixture;
 use ouroc_driver::codec;
 use ouroc_ir::{DType, ExitPolicy};
+use ouroc_kernels::quant::{self, WeightScheme};
+use ouroc_kernels::spec::Encoding;
 use ouroc_kernels::{Program, Recipe};
 use ouroc_models::{BuildOptions, Checkpoint};
 use ouroc_runtime::cpu::ResidentWeights;
@@ -76,14 +78,27 @@ fn direct(p: &Program, ckpt: &Checkpoint, id: u32, memo: &mut HashMap<u32, Vec<f
 fn streamed_preparation_equals_each_recipe_evaluated_directly() {
     for name in FIXTURES {
         let ckpt = Checkpoint::open(&fixture(name)).unwrap();
-        for dtype in [DType::F32, DType::BF16] {
-            let p = program(&ckpt, dtype);
+        for (dtype, scheme) in [
+            (DType::F32, WeightScheme::Dense),
+            (DType::BF16, WeightScheme::Dense),
+            (DType::BF16, WeightScheme::Q8),
+            (DType::F32, WeightScheme::Q4),
+        ] {
+            let mut p = program(&ckpt, dtype);
+            scheme.apply(&mut p);
             let streamed = ResidentWeights::encode(&p, &ckpt, true).unwrap();
             let mut memo = HashMap::new();
             let required = ResidentWeights::required(&p);
             assert!(!required.is_empty());
             for (w, d) in required {
-                let want = codec::encode(&direct(&p, &ckpt, w, &mut memo), d);
+                let values = direct(&p, &ckpt, w, &mut memo);
+                let want = match d {
+                    Encoding::Dense(dt) => codec::encode(&values, dt),
+                    Encoding::Quant(q) => {
+                        let shape = &p.weight(w).unwrap().shape;
+                        quant::quantise(q, &values, shape[0], shape[1]).unwrap()
+                    }
+                };
                 assert!(
                     streamed.get(w, d) == Some(&want[..]),
                     "{name} {dtype}: weight %{w} in {d} differs"
@@ -155,7 +170,7 @@ fn concurrent_writers_leave_one_whole_entry_and_no_temporaries() {
     let p = program(&ckpt, DType::BF16);
     let cache = WeightsCache::new(tmp.path());
     let key = WeightsCache::key(&p, &ckpt.identity()).unwrap();
-    let want: Vec<((u32, DType), Vec<u8>)> = ResidentWeights::encode(&p, &ckpt, true)
+    let want: Vec<((u32, Encoding), Vec<u8>)> = ResidentWeights::encode(&p, &ckpt, true)
         .unwrap()
         .entries()
         .into_iter()
@@ -171,7 +186,7 @@ fn concurrent_writers_leave_one_whole_entry_and_no_temporaries() {
                     // A reader racing the writers sees a whole entry or none, never a part.
                     match cache.load(&key, &p) {
                         Lookup::Hit(h) => {
-                            let got: Vec<((u32, DType), Vec<u8>)> =
+                            let got: Vec<((u32, Encoding), Vec<u8>)> =
                                 h.entries().into_iter().map(|(k, b)| (k, b.to_vec())).collect();
                             assert!(got == want);
                         }

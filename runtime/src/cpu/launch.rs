@@ -286,12 +286,14 @@ impl CpuDevice {
                 y: args[res],
                 y_stride: strides[res],
             };
-            let parts = self.pool.threads().min(q.n).max(1);
-            let per = q.n.div_ceil(parts);
-            self.pool.run(q.n.div_ceil(per), &|c| {
+            // Whole tiles of 16 rows per thread.
+            let tiles = ouroc_kernels::quant::tiles(q.n);
+            let parts = self.pool.threads().min(tiles).max(1);
+            let per = tiles.div_ceil(parts);
+            self.pool.run(tiles.div_ceil(per), &|c| {
                 // SAFETY: the launch's arena rows and encoded weights; chunks
                 // write disjoint output columns.
-                unsafe { qlinear::qlinear(&p, c * per..((c + 1) * per).min(q.n)) }
+                unsafe { qlinear::qlinear(&p, c * per..((c + 1) * per).min(tiles)) }
             });
             return Ok(());
         }
