@@ -34,6 +34,11 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+/// The layout's name: part of the weights cache's key and of a built
+/// executable's layout hash, so bytes written in another layout are never
+/// read as this one. Change it with the layout.
+pub const LAYOUT: &str = "ouroc-quant-tiles16-v1";
+
 /// Weights per block (one scale each).
 pub const BLOCK: usize = 32;
 

@@ -207,6 +207,7 @@ pub fn fingerprint(program: &Program, weights: &ResidentWeights, index: &[Weight
 /// The hash of `program` with its weights laid out as `index`.
 pub fn layout_hash(program: &Program, index: &[WeightIndex]) -> Result<String, String> {
     let mut layout = Hasher::default();
+    layout.update(ouroc_kernels::quant::LAYOUT.as_bytes());
     layout.update(serde_json::to_string(program).map_err(|e| e.to_string())?.as_bytes());
     layout.update(serde_json::to_string(index).map_err(|e| e.to_string())?.as_bytes());
     Ok(layout.hex())

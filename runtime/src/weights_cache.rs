@@ -50,6 +50,7 @@ impl WeightsCache {
     pub fn key(program: &Program, identity: &str) -> Result<String, String> {
         let mut h = Hasher::default();
         h.update(deploy::VERSION.as_bytes());
+        h.update(ouroc_kernels::quant::LAYOUT.as_bytes());
         h.update(serde_json::to_string(program).map_err(|e| e.to_string())?.as_bytes());
         h.update(identity.as_bytes());
         Ok(h.hex())
