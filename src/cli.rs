@@ -113,7 +113,9 @@ pub struct RunArgs {
     /// The prompt text
     #[arg(long, required = true)]
     pub prompt: String,
-    /// Wrap the prompt in the checkpoint's ChatML chat template and stop at <|im_end|>
+    /// Wrap the prompt in the checkpoint's chat template (tokenizer_config.json's chat_template,
+    /// rendered as transformers' apply_chat_template does; ChatML when there is none) and stop
+    /// at <|im_end|> too
     #[arg(long)]
     pub chat: bool,
     /// System message for --chat

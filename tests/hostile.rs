@@ -194,6 +194,79 @@ fn added_tokens_disagreeing_with_the_vocabulary_are_refused() {
     );
 }
 
+/// `--chat` renders the checkpoint's own template (here Llama-2 style,
+/// with a system turn, Python string methods and trimmed blocks), and a
+/// template that raises stops with its message instead of generating.
+#[test]
+fn chat_uses_the_checkpoints_template_and_reports_its_errors() {
+    let (_tmp, dir) = copy_fixture("mha-r4");
+    let set_template = |t: &str| {
+        let path = dir.join("tokenizer_config.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        v["chat_template"] = serde_json::json!(t);
+        std::fs::write(&path, v.to_string()).unwrap();
+    };
+    let prompt_tokens = |args: &[&str]| -> usize {
+        let o = ouroc(args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let err = stderr(&o);
+        err.split("prompt ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let d = dir.to_str().unwrap();
+    let run = [
+        "run",
+        d,
+        "--prompt",
+        "hi",
+        "--chat",
+        "--max-new-tokens",
+        "2",
+        "--temperature",
+        "0",
+    ];
+    let chatml = prompt_tokens(&run);
+    set_template(
+        "{% for m in messages %}\n{% if m['role'] == 'system' %}<<SYS>>{{ m['content'].strip() }}<</SYS>>\n\
+         {% else %}[INST] {{ m['content'].upper() }} [/INST]{% endif %}\n{% endfor %}",
+    );
+    let plain = prompt_tokens(&[
+        "run",
+        d,
+        "--prompt",
+        "[INST] HI [/INST]",
+        "--max-new-tokens",
+        "2",
+        "--temperature",
+        "0",
+    ]);
+    assert_eq!(prompt_tokens(&run), plain, "the template, not ChatML ({chatml} tokens)");
+    let mut with_system = run.to_vec();
+    with_system.extend(["--system", "  be brief "]);
+    let plain = prompt_tokens(&[
+        "run",
+        d,
+        "--prompt",
+        // The newline after <</SYS>> is text, not a block tag's: it stays (as in Jinja).
+        "<<SYS>>be brief<</SYS>>\n[INST] HI [/INST]",
+        "--max-new-tokens",
+        "2",
+        "--temperature",
+        "0",
+    ]);
+    assert_eq!(prompt_tokens(&with_system), plain);
+    set_template("{{ raise_exception('no system role here') }}");
+    fails_with(&run, &["chat_template", "raised", "no system role here"]);
+    set_template("{% for m in messages %}");
+    fails_with(&run, &["chat_template"]);
+}
+
 fn fixture_str(name: &str) -> String {
     common::fixture(name).to_str().unwrap().to_string()
 }

@@ -156,6 +156,8 @@ fn write_seed_corpus() {
         kernel_keys: vec![],
         tokenizer: None,
         chat_template: None,
+        bos_token: None,
+        eos_token: None,
         eos_ids: vec![0],
         config_eos_ids: vec![0],
         kv: "full".into(),

@@ -124,6 +124,11 @@ pub struct AppMeta {
     /// `tokenizer.json`, when the checkpoint has one.
     pub tokenizer: Option<String>,
     pub chat_template: Option<String>,
+    /// The tokenizer config's `bos_token` / `eos_token` (a template may name them).
+    #[serde(default)]
+    pub bos_token: Option<String>,
+    #[serde(default)]
+    pub eos_token: Option<String>,
     /// The tokenizer's stop ids (as `Tokenizer::load` reads them).
     pub eos_ids: Vec<u32>,
     /// The config's `eos_token_id`s.

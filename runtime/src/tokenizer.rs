@@ -16,6 +16,10 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// `chat_template` of tokenizer_config.json, when present.
     pub chat_template: Option<String>,
+    /// `bos_token` and `eos_token` of tokenizer_config.json (what a chat
+    /// template names), when present.
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
     /// Ids that end generation (generation_config.json's eos ids, else the
     /// tokenizer config's eos_token).
     pub eos_ids: Vec<u32>,
@@ -102,23 +106,42 @@ impl Tokenizer {
             eos_ids.push(id);
         }
         let im_end = inner.token_to_id("<|im_end|>");
+        // A string, or an AddedToken object with its `content`.
+        let special = |key: &str| {
+            let v = config.as_ref().map(|c| &c[key])?;
+            v.as_str().or_else(|| v["content"].as_str()).map(String::from)
+        };
         Ok(Tokenizer {
             inner,
             chat_template,
+            bos_token: special("bos_token"),
+            eos_token: special("eos_token"),
             eos_ids,
             im_end,
         })
     }
 
+    /// The chat template with the special tokens it may name (ChatML when
+    /// the checkpoint has none).
+    pub fn chat(&self) -> crate::chat::ChatTemplate {
+        crate::chat::ChatTemplate {
+            source: self.chat_template.clone(),
+            bos_token: self.bos_token.clone(),
+            eos_token: self.eos_token.clone(),
+        }
+    }
+
     /// From the bytes of a `tokenizer.json` and what [`Tokenizer::load`]
     /// read beside it (an executable built by `ouroc build` carries these).
-    pub fn from_parts(json: &[u8], chat_template: Option<String>, eos_ids: Vec<u32>) -> Result<Tokenizer, String> {
+    pub fn from_parts(json: &[u8], chat: crate::chat::ChatTemplate, eos_ids: Vec<u32>) -> Result<Tokenizer, String> {
         check_added_tokens(json).map_err(|e| format!("tokenizer.json: {e}"))?;
         let inner = tokenizers::Tokenizer::from_bytes(json).map_err(|e| format!("tokenizer.json: {e}"))?;
         let im_end = inner.token_to_id("<|im_end|>");
         Ok(Tokenizer {
             inner,
-            chat_template,
+            chat_template: chat.source,
+            bos_token: chat.bos_token,
+            eos_token: chat.eos_token,
             eos_ids,
             im_end,
         })
@@ -248,7 +271,9 @@ mod tests {
             assert!(e.contains(part), "{e} should mention {part}");
         }
         let json = std::fs::read(dir.path().join("tokenizer.json")).unwrap();
-        let e = Tokenizer::from_parts(&json, None, vec![]).err().expect("refused");
+        let e = Tokenizer::from_parts(&json, Default::default(), vec![])
+            .err()
+            .expect("refused");
         assert!(e.contains("<|im_start|>"), "{e}");
     }
 }

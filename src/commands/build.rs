@@ -314,12 +314,12 @@ pub fn run(args: &BuildArgs) -> Result<()> {
             None
         }
     };
-    let (chat_template, eos_ids) = match &tokenizer {
+    let (chat, eos_ids) = match &tokenizer {
         Some(_) => {
             let tok = ouroc_runtime::Tokenizer::load(&args.ckpt)?;
-            (tok.chat_template.clone(), tok.eos_ids.clone())
+            (tok.chat(), tok.eos_ids.clone())
         }
-        None => (None, Vec::new()),
+        None => (Default::default(), Vec::new()),
     };
     let model = std::fs::canonicalize(&args.ckpt)
         .ok()
@@ -350,7 +350,9 @@ pub fn run(args: &BuildArgs) -> Result<()> {
         triple,
         kernel_keys: keys,
         tokenizer,
-        chat_template,
+        chat_template: chat.source,
+        bos_token: chat.bos_token,
+        eos_token: chat.eos_token,
         eos_ids,
         config_eos_ids: ckpt.config.eos_token_ids.clone(),
         kv: args.kv.clone(),

@@ -6,7 +6,7 @@ use ouroc_runtime::generate::GenLimits;
 use ouroc_runtime::interp::InterpForward;
 use ouroc_runtime::speculate::DraftTokens;
 use ouroc_runtime::tokenizer::TextStream;
-use ouroc_runtime::{Sampler, SamplingParams, Tokenizer, chat, generate_with};
+use ouroc_runtime::{Sampler, SamplingParams, Tokenizer, generate_with};
 use std::path::PathBuf;
 
 /// The built-in demo model (see models/demo/README.md).
@@ -58,8 +58,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let tok = Tokenizer::load(&dir)?;
     let graph = build(&ckpt, &args.model)?;
     let text = if args.chat {
-        chat::check_template(tok.chat_template.as_deref()).map_err(anyhow::Error::msg)?;
-        chat::render_chatml(args.system.as_deref(), &args.prompt)
+        tok.chat()
+            .prompt(args.system.as_deref(), &args.prompt)
+            .map_err(anyhow::Error::msg)?
     } else {
         args.prompt.clone()
     };

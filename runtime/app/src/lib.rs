@@ -113,7 +113,8 @@ struct Args {
     /// for a model built without a tokenizer
     #[arg(long, value_name = "IDS")]
     ids: Option<String>,
-    /// Wrap the prompt in the model's ChatML chat template and stop at <|im_end|>
+    /// Wrap the prompt in the model's chat template (its checkpoint's, rendered as transformers
+    /// does; ChatML when it had none) and stop at <|im_end|> too
     #[arg(long, conflicts_with = "ids")]
     chat: bool,
     /// System message for --chat
@@ -282,7 +283,11 @@ fn run() -> Result<(), String> {
     let tok = match &meta.tokenizer {
         Some(json) => Some(Tokenizer::from_parts(
             json.as_bytes(),
-            meta.chat_template.clone(),
+            chat::ChatTemplate {
+                source: meta.chat_template.clone(),
+                bos_token: meta.bos_token.clone(),
+                eos_token: meta.eos_token.clone(),
+            },
             meta.eos_ids.clone(),
         )?),
         None => None,
@@ -294,8 +299,7 @@ fn run() -> Result<(), String> {
             .collect::<Result<_, _>>()?,
         (None, Some(p), Some(tok)) => {
             let text = if args.chat {
-                chat::check_template(tok.chat_template.as_deref())?;
-                chat::render_chatml(args.system.as_deref(), p)
+                tok.chat().prompt(args.system.as_deref(), p)?
             } else {
                 p.clone()
             };
