@@ -167,6 +167,31 @@ fn weights_flag_quantises_the_linears_and_refuses_what_it_cannot() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!stdout(&o).trim().is_empty());
+    // Self-speculative decoding on quantised weights changes no greedy token.
+    let greedy = |spec: &str| {
+        let o = ouroc(&[
+            "run",
+            d,
+            "--weights",
+            "q4",
+            "--prompt",
+            "The loop",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--draft-tokens",
+            spec,
+            "--draft-steps",
+            "2",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    assert_eq!(greedy("3"), greedy("off"));
+    // The research trace on the compiled quantised Program.
+    let o = ouroc(&["logits", d, "--ids", "5,17,42", "--backend", "cpu", "--weights", "q8"]);
+    assert!(o.status.success(), "{}", stderr(&o));
     fails_with(&["run", d, "--weights", "q3"], &["--weights", "q3", "q8", "q4"]);
     fails_with(
         &["run", d, "--weights", "q4", "--backend", "interp", "--prompt", "x"],
