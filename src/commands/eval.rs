@@ -160,17 +160,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         .as_ref()
         .zip(base_flags.as_ref())
         .map(|(g, f)| Label::new(g, f));
-    let engine = match &cpu_opts {
-        Some(o) => {
-            let threads = if o.threads == 0 {
-                std::thread::available_parallelism().map_or(1, |n| n.get())
-            } else {
-                o.threads
-            };
-            format!("Cranelift JIT kernels, {threads} thread(s), KV cache {}", o.kv)
-        }
-        None => "reference interpreter".to_string(),
-    };
+    let engine = super::run::engine_name(cpu_opts.as_ref());
     eprintln!(
         "ouroc eval: {} ({} layers x {} loop steps), model {model_label}{}, {engine} (ready in {:.2} s)",
         dir.display(),

@@ -96,15 +96,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let policy = graph.exit_control().map(|(_, p)| p.to_string()).unwrap_or_default();
     let engine = match &cpu_opts {
         Some(o) if args.device == Device::Cuda => format!("PTX on the CUDA device, KV cache {}", o.kv),
-        Some(o) => {
-            let threads = if o.threads == 0 {
-                std::thread::available_parallelism().map_or(1, |n| n.get())
-            } else {
-                o.threads
-            };
-            format!("Cranelift JIT kernels, {threads} thread(s), KV cache {}", o.kv)
-        }
-        None => "reference interpreter".to_string(),
+        o => engine_name(o.as_ref()),
     };
     eprintln!(
         "ouroc: {} ({} layers x {} loop steps), exit policy {policy}, {engine} (ready in {:.2} s)",
@@ -168,6 +160,22 @@ fn cuda_forward<'a>(
     _: &crate::cli::CacheFlags,
 ) -> Result<Box<dyn Forward + 'a>> {
     bail!("{NO_CUDA}")
+}
+
+/// What runs the model, for the start-up line: the CPU engine and its
+/// threads, or the interpreter.
+pub fn engine_name(cpu: Option<&ouroc_runtime::cpu::CpuOptions>) -> String {
+    match cpu {
+        Some(o) => {
+            let threads = if o.threads == 0 {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            } else {
+                o.threads
+            };
+            format!("Cranelift JIT kernels, {threads} thread(s), KV cache {}", o.kv)
+        }
+        None => "reference interpreter".to_string(),
+    }
 }
 
 fn model_steps(g: &ouroc_ir::Graph) -> usize {
