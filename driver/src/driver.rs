@@ -104,31 +104,31 @@ impl CallOutput {
 }
 
 /// A Program kernel bound on the device.
-struct Launch<B> {
-    bound: B,
+pub(crate) struct Launch<B> {
+    pub(crate) bound: B,
     /// Attention: its layer.
-    layer: Option<usize>,
+    pub(crate) layer: Option<usize>,
 }
 
 /// A Program run on a device (see the crate docs).
 pub struct Driver<D: Device> {
     // Dropped before the weights it may point into.
-    dev: D,
-    weights: ResidentWeights,
-    program: Program,
-    values: HashMap<u32, ActValue>,
-    policy: Option<ExitPolicy>,
-    opts: DriverOptions,
-    before: Vec<Launch<D::Bound>>,
-    body: Vec<Launch<D::Bound>>,
-    after: Vec<Launch<D::Bound>>,
+    pub(crate) dev: D,
+    pub(crate) weights: ResidentWeights,
+    pub(crate) program: Program,
+    pub(crate) values: HashMap<u32, ActValue>,
+    pub(crate) policy: Option<ExitPolicy>,
+    pub(crate) opts: DriverOptions,
+    pub(crate) before: Vec<Launch<D::Bound>>,
+    pub(crate) body: Vec<Launch<D::Bound>>,
+    pub(crate) after: Vec<Launch<D::Bound>>,
     /// Smallest gather table (token ids must be below it).
-    vocab: Option<usize>,
-    kv: KvCache,
+    pub(crate) vocab: Option<usize>,
+    pub(crate) kv: KvCache,
     /// Positions in the cache (every sequence has the same).
-    past: usize,
+    pub(crate) past: usize,
     /// Tokens of the last call (rows still in the arena).
-    last_tokens: usize,
+    pub(crate) last_tokens: usize,
     /// Kernels launched so far, one per Program kernel run.
     pub launches: usize,
 }
@@ -569,7 +569,7 @@ impl<D: Device> Driver<D> {
     }
 
     /// Every carried value gets its init (`init`) or next: a parallel copy.
-    fn set_carried(&mut self, l: &LoopSpec, init: bool, tokens: usize) -> Result<(), DriverError> {
+    pub(crate) fn set_carried(&mut self, l: &LoopSpec, init: bool, tokens: usize) -> Result<(), DriverError> {
         let pairs: Vec<(Span, Span)> = l
             .carried
             .iter()

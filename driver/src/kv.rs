@@ -100,6 +100,11 @@ impl KvCache {
         }
     }
 
+    /// A cache of the same mode and slots, without sequences.
+    pub fn empty_like(&self) -> KvCache {
+        KvCache::new(self.mode, self.steps, self.outer.clone(), self.inner.clone())
+    }
+
     /// Sequences with stores.
     pub fn batch(&self) -> usize {
         self.seqs.len()

@@ -11,6 +11,7 @@
 //! |---|---|
 //! | `driver.rs` | [`Driver`]: a call (inputs, arena, KV stores), the kernels in order, the loop with its exit policy, early exit, the trace |
 //! | `device.rs` | [`Device`]: the operations a backend implements; [`Span`], [`KvStore`], [`KvArg`] |
+//! | `batch.rs` | [`Sequence`]: continuous, cross-depth batching: sequences joining and leaving, one loop step of every in-flight token per tick |
 //! | `speculate.rs` | [`Speculate`]: drafts of a token's first steps, verification of the last steps of several, rollback |
 //! | `kv.rs` | KV bookkeeping: stores per (step, layer) and sequence, [`KvMode`] sharing, skipped-slot fill |
 //! | `weights.rs` | [`ResidentWeights`]: the weight table materialised and encoded as kernels read it |
@@ -80,6 +81,7 @@
 //!   body launch: the exit control then becomes per row, which the policy
 //!   loop already is (it decides per token).
 
+mod batch;
 mod check;
 pub mod codec;
 mod device;
@@ -90,6 +92,7 @@ mod speculate;
 mod trace;
 mod weights;
 
+pub use batch::{Exited, Sequence};
 pub use device::{CallShape, Device, DeviceError, KvArg, KvLayout, KvStore, Span};
 pub use driver::{CallOutput, Driver, DriverError, DriverOptions, KvValues, LoopState, Step, Want};
 pub use kv::KvMode;

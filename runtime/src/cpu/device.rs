@@ -117,11 +117,21 @@ impl CpuDevice {
     }
 }
 
+/// The most sequences one call holds.
+pub const MAX_BATCH: usize = 1024;
+
 impl Device for CpuDevice {
     type Bound = Launch;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", self.pool.threads())
+    }
+
+    /// Each attention launch takes one `KvSeq` per sequence (the kernels
+    /// and the microkernel loop over them); the bound keeps one call's
+    /// descriptor array and arena reasonable.
+    fn max_batch(&self) -> usize {
+        MAX_BATCH
     }
 
     fn load(&mut self, program: &Program, weights: &ResidentWeights) -> Result<(), DeviceError> {

@@ -185,6 +185,12 @@ impl CpuForward {
         ))
     }
 
+    /// The driver itself (a server's engine owns it and batches sequences
+    /// through it).
+    pub fn into_driver(self) -> Driver<CpuDevice> {
+        self.0
+    }
+
     /// Run `ids` after the cache: the last position's logits, its exit
     /// depth and the loop steps run.
     pub fn run(&mut self, ids: &[u32]) -> Result<Step, String> {
