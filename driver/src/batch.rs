@@ -145,6 +145,16 @@ impl<D: Device> Driver<D> {
         Ok(r?.step(vocab))
     }
 
+    /// The Program's exit policy (None without a loop).
+    pub fn exit_policy(&self) -> Option<ExitPolicy> {
+        self.policy
+    }
+
+    /// Token ids must be below this (the smallest embedding table).
+    pub fn vocab(&self) -> Option<usize> {
+        self.vocab
+    }
+
     /// Whether ticks can run this Program (why not, if not).
     pub fn batching_refused(&self) -> Option<String> {
         let Some(l) = &self.program.loop_ else {
