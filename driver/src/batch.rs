@@ -28,7 +28,7 @@ use crate::device::{CallShape, Device, KvArg};
 use crate::driver::{Driver, DriverError, Plan, Step, Want};
 use crate::kv::{KvCache, KvMode};
 use ouroc_ir::{DType, ExitPolicy};
-use ouroc_kernels::{ActRef, LoopSpec};
+use ouroc_kernels::{ActRef, LoopSpec, Operand};
 
 /// One sequence of a batch: its KV stores, its filled positions and the
 /// token it has in the loop, if any.
@@ -367,14 +367,17 @@ impl<D: Device> Driver<D> {
             return Ok(exited);
         }
         // The loop's result for each finished row, then the kernels after
-        // the loop on those rows alone.
+        // the loop on those rows alone: gathered into the first rows when
+        // those kernels read nothing but the result (one launch each, the
+        // LM head's weights read once for all of them), else row by row.
         let result = ActRef::whole(l.result, width);
         let rd = if self.dev.rounds() {
             self.values[&l.result].dtype
         } else {
             DType::F32
         };
-        for &row in &finished {
+        let gather = finished.len() > 1 && self.after_reads_only(l.result);
+        for (i, &row) in finished.iter().enumerate() {
             let tk = seqs[row].token.as_ref().expect("checked in tick");
             let data: Vec<f32> = if matches!(tk.policy, ExitPolicy::Weighted) {
                 tk.acc.iter().map(|&x| rd.round(x)).collect()
@@ -383,17 +386,27 @@ impl<D: Device> Driver<D> {
                     .clone()
                     .unwrap_or_else(|| outs[row * width..(row + 1) * width].to_vec())
             };
-            self.dev.write(self.span(&result, t, row, 1), &data)?;
+            let at = if gather { i } else { row };
+            self.dev.write(self.span(&result, t, at, 1), &data)?;
         }
+        let at: Vec<usize> = if gather {
+            (0..finished.len()).collect()
+        } else {
+            finished.clone()
+        };
         for k in &self.after {
-            for &row in &finished {
-                self.dev.launch_rows(&k.bound, shape, row..row + 1)?;
+            if gather {
+                self.dev.launch_rows(&k.bound, shape, 0..finished.len())?;
+            } else {
+                for &row in &at {
+                    self.dev.launch_rows(&k.bound, shape, row..row + 1)?;
+                }
             }
         }
         self.launches += self.after.len();
         let logits = &self.program.outputs[0];
-        for &row in &finished {
-            let data = self.dev.read(self.span(logits, t, row, 1))?;
+        for (&row, &from) in finished.iter().zip(&at) {
+            let data = self.dev.read(self.span(logits, t, from, 1))?;
             let s = &mut seqs[row];
             let tk = s.token.take().expect("checked in tick");
             let steps_run = tk.step + 1;
@@ -411,6 +424,23 @@ impl<D: Device> Driver<D> {
             });
         }
         Ok(exited)
+    }
+
+    /// Whether the kernels after the loop read no activation but `result`
+    /// and what they compute themselves (then rows may be gathered).
+    fn after_reads_only(&self, result: u32) -> bool {
+        let mut known = vec![result];
+        for k in &self.program.after {
+            let reads_known = k.inputs.iter().all(|o| match o {
+                Operand::Act(r) => known.contains(&r.value),
+                Operand::Weight(_) => true,
+            });
+            if !reads_known {
+                return false;
+            }
+            known.extend(&k.outputs);
+        }
+        true
     }
 
     /// The carried values of every row: the inits for tokens at step 0, the
