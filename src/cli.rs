@@ -60,6 +60,48 @@ pub enum Command {
     /// its 99th percentile and maximum, and top-1 agreement; with the mean exit depth and
     /// tokens/s. Each window is fed one token at a time (the decode path, real early exit)
     Eval(EvalArgs),
+    /// Serve the model over HTTP in OpenAI's API (chat and text completions, streaming, model
+    /// list, health, Prometheus metrics), every request batched into one engine with continuous,
+    /// cross-depth batching; SIGTERM or Ctrl-C stop admitting and let running requests finish
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Checkpoint directory (default: the built-in demo model in models/demo)
+    pub ckpt: Option<PathBuf>,
+    /// Address to listen on
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port; the start-up line names it)
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// The model name clients give as `model` and /v1/models lists (default: the checkpoint
+    /// directory's name)
+    #[arg(long, value_name = "NAME")]
+    pub served_model_name: Option<String>,
+    /// Sequences prefilled or decoded at once (each holds a KV cache for the whole context)
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub max_seqs: usize,
+    /// Requests waiting for a sequence beyond those; more are answered 503 with Retry-After
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub max_queue: usize,
+    /// How tokens in the loop share its batched calls: cross-depth (a sequence whose token
+    /// exited starts its next one at the next loop step) or step (new tokens start only when
+    /// every token in the loop has exited)
+    #[arg(long, default_value = "cross-depth", value_name = "MODE")]
+    pub batching: String,
+    /// Seconds running requests get to finish after SIGTERM or Ctrl-C
+    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    pub shutdown_grace: f64,
+    #[command(flatten)]
+    pub model: ModelFlags,
+    /// Run every loop step even after a token's exit (by default a token stops at the step its
+    /// exit policy chooses)
+    #[arg(long)]
+    pub no_early_exit: bool,
+    #[command(flatten)]
+    pub cpu: CpuFlags,
 }
 
 #[derive(Args, Debug)]
@@ -98,12 +140,27 @@ pub struct BenchArgs {
     /// Also write the results as JSON to this file
     #[arg(long, value_name = "FILE.json")]
     pub json: Option<PathBuf>,
+    /// Measure the server's engine instead: this many concurrent greedy streams (e.g.
+    /// 1,2,4,8,16), each prompt --prefill-tokens long generating --decode-tokens, batched as
+    /// --batching says; reports aggregate decode tokens/s, time to first token and inter-token
+    /// latency percentiles (no HTTP: the engine in process)
+    #[arg(long, value_delimiter = ',', value_name = "N,N")]
+    pub streams: Vec<usize>,
+    /// With --streams: the batchings to compare in alternating rounds: cross-depth (a sequence
+    /// starts its next token as soon as its last one exited) and step (new tokens start only
+    /// when every token in the loop has finished)
+    #[arg(long, value_delimiter = ',', value_name = "MODE", default_value = "cross-depth,step", value_parser = parse_batching, requires = "streams")]
+    pub batching: Vec<ouroc_serve::engine::Batching>,
     #[command(flatten)]
     pub pipeline: PipelineFlags,
     #[command(flatten)]
     pub cpu: CpuFlags,
     #[command(flatten)]
     pub spec: SpecFlags,
+}
+
+fn parse_batching(s: &str) -> Result<ouroc_serve::engine::Batching, String> {
+    ouroc_serve::engine::Batching::parse(s)
 }
 
 #[derive(Args, Debug)]

@@ -103,7 +103,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     {
         bail!("--draft-tokens {k} measures {k} drafted positions after the prefill: give --decode-tokens {k} or more");
     }
-    let bandwidth = read_bandwidth(threads);
+    let bandwidth = if args.streams.is_empty() {
+        read_bandwidth(threads)
+    } else {
+        f64::NAN
+    };
     let ids = random_ids(args.prefill_tokens, cfg.vocab_size);
     let mut results = Vec::new();
     for &precision in &args.precision {
@@ -118,6 +122,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let graph = build(&ckpt, &flags)?;
         super::check_memory("ouroc bench", &ckpt, &graph, precision, positions)?;
         let program = super::lower(graph, &passes, &flags)?;
+        if !args.streams.is_empty() {
+            super::bench_streams::run(args, dir.clone(), program, opts, &name)?;
+            continue;
+        }
         let (outside, per_step) = program.weight_bytes_read();
         eprintln!("[{name}] loading weights and JIT-compiling kernels...");
         let mut model = super::prepare::cpu_forward(program, &ckpt, &opts, &args.cpu.cache)?;
@@ -193,6 +201,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             decode_bytes_per_token: outside as f64 + decode_steps * per_step as f64,
             setup_s,
         });
+    }
+    if !args.streams.is_empty() {
+        return Ok(());
     }
     outln!(
         "{} layers x {} loop steps, exit {}, KV cache {}, Linear on {}, {} prefill + {} decode tokens, median of {} runs, \

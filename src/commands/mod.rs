@@ -2,6 +2,7 @@
 
 mod ablate;
 mod bench;
+mod bench_streams;
 mod build;
 mod compile;
 mod emit;
@@ -11,6 +12,7 @@ mod logits;
 mod output;
 mod prepare;
 mod run;
+mod serve;
 
 use crate::cli::{Cli, Command, Emit, ModelFlags, Precision, SourceArgs};
 use anyhow::{Context, Result};
@@ -52,6 +54,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Ablate(args) => ablate::run(&args),
         Command::Build(args) => build::run(&args),
         Command::Eval(args) => eval::run(&args),
+        Command::Serve(args) => serve::run(&args),
     }
 }
 

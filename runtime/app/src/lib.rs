@@ -107,7 +107,7 @@ fn app_name() -> String {
 #[derive(Parser, Debug)]
 struct Args {
     /// The prompt text
-    #[arg(long, required_unless_present = "ids", conflicts_with = "ids")]
+    #[arg(long, required_unless_present_any = ["ids", "serve"], conflicts_with = "ids")]
     prompt: Option<String>,
     /// Comma-separated prompt token ids instead of text (prints the generated ids);
     /// for a model built without a tokenizer
@@ -175,6 +175,11 @@ struct Args {
     /// Loop steps of a draft, from 1 to R-1 [default: R/2]
     #[arg(long, value_name = "D", allow_negative_numbers = true)]
     draft_steps: Option<usize>,
+    /// Serve the model over HTTP in OpenAI's API on ADDR (host:port, e.g. 127.0.0.1:8080), as
+    /// `ouroc serve` does (16 sequences batched, a queue of 64, 30 s to finish on SIGTERM);
+    /// sampling is then per request. CPU only
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["prompt", "ids", "chat"])]
+    serve: Option<String>,
 }
 
 fn run() -> Result<(), String> {
@@ -292,6 +297,20 @@ fn run() -> Result<(), String> {
         )?),
         None => None,
     };
+    if let Some(addr) = &args.serve {
+        if use_gpu {
+            return Err("--serve runs the model on the CPU: pass --device cpu".into());
+        }
+        let tok = tok.ok_or("--serve needs the model's tokenizer: this executable was built without tokenizer.json")?;
+        let opts = CpuOptions {
+            early_exit: !args.no_early_exit,
+            threads: args.threads.map_or(0, usize::from),
+            kv,
+            microkernels,
+            ..CpuOptions::new(meta.max_positions)
+        };
+        return serve(meta, tok, opts, args.weights.clone(), name, addr);
+    }
     let prompt: Vec<u32> = match (&args.ids, &args.prompt, &tok) {
         (Some(ids), _, _) => ids
             .split(',')
@@ -313,21 +332,7 @@ fn run() -> Result<(), String> {
 
     let t0 = std::time::Instant::now();
     let weights = load_weights(&meta, args.weights.as_ref(), &name)?;
-    // SAFETY: the table `ouroc build` linked in: a count, then that many
-    // kernel addresses, in the order of meta.kernel_keys, compiled for the
-    // CPU features checked above.
-    let kernels = unsafe {
-        let head = &raw const ouroc_app_kernels;
-        let n = std::ptr::read(head) as usize;
-        if n != meta.kernel_keys.len() {
-            return Err(format!(
-                "corrupt executable: {n} kernels linked, {} listed",
-                meta.kernel_keys.len()
-            ));
-        }
-        let fns = std::slice::from_raw_parts(head.add(1) as *const RawKernel, n);
-        LinkedKernels::new(meta.kernel_keys.iter().cloned().zip(fns.iter().copied()))
-    };
+    let kernels = linked_kernels(&meta)?;
     let (mut model, engine): (Box<dyn Forward>, String) = if use_gpu {
         // The Program's PTX as the build stored it (no emitter in here) on
         // the CUDA device, from the same encoded weights.
@@ -412,6 +417,69 @@ fn run() -> Result<(), String> {
     write_stdout(format_args!("\n"))?;
     eprint!("{}", stats.summary(meta.steps, meta.max_positions));
     Ok(())
+}
+
+/// The kernels `ouroc build` linked in.
+fn linked_kernels(meta: &AppMeta) -> Result<LinkedKernels, String> {
+    // SAFETY: the table `ouroc build` linked in: a count, then that many
+    // kernel addresses, in the order of meta.kernel_keys, compiled for the
+    // CPU features `run` checked first.
+    unsafe {
+        let head = &raw const ouroc_app_kernels;
+        let n = std::ptr::read(head) as usize;
+        if n != meta.kernel_keys.len() {
+            return Err(format!(
+                "corrupt executable: {n} kernels linked, {} listed",
+                meta.kernel_keys.len()
+            ));
+        }
+        let fns = std::slice::from_raw_parts(head.add(1) as *const RawKernel, n);
+        Ok(LinkedKernels::new(
+            meta.kernel_keys.iter().cloned().zip(fns.iter().copied()),
+        ))
+    }
+}
+
+/// `--serve ADDR`: the OpenAI-compatible server of `ouroc serve` on this executable's model,
+/// until SIGTERM or Ctrl-C.
+fn serve(
+    meta: AppMeta,
+    tok: Tokenizer,
+    opts: CpuOptions,
+    weights_flag: Option<PathBuf>,
+    name: String,
+    addr: &str,
+) -> Result<(), String> {
+    use ouroc_serve::engine::{Engine, EngineConfig};
+    use ouroc_serve::http::{Served, Server, ServerOptions};
+    let t0 = std::time::Instant::now();
+    let mut stop_ids = tok.eos_ids.clone();
+    stop_ids.extend(meta.config_eos_ids.iter().copied());
+    let served = Served {
+        name: meta.model.clone(),
+        tokenizer: tok,
+        stop_ids,
+    };
+    let (model, layers, steps, policy) = (meta.model.clone(), meta.layers, meta.steps, meta.policy.clone());
+    let config = EngineConfig::default();
+    let (max_seqs, max_queue) = (config.max_seqs, config.max_queue);
+    // The CPU engine is not `Send`: it is built on the engine's thread.
+    let engine = Engine::start(config, Default::default(), move || {
+        let weights = load_weights(&meta, weights_flag.as_ref(), &name)?;
+        let kernels = linked_kernels(&meta)?;
+        Ok(CpuForward::from_parts(meta.program.clone(), weights, &opts, Box::new(kernels))?.into_driver())
+    })?;
+    let server = Server::new(engine, served, ServerOptions::default());
+    server.run_blocking(addr, |local| {
+        eprintln!(
+            "{}: listening on http://{local}, model {model} ({layers} layers x {steps} loop steps, exit policy \
+             {policy}), kernels linked ahead of time, KV cache {}, cross-depth batching of up to {max_seqs} \
+             sequences, queue {max_queue} (ready in {:.2} s)",
+            app_name(),
+            opts.kv,
+            t0.elapsed().as_secs_f64()
+        )
+    })
 }
 
 /// The weights image: embedded, or the file beside the executable
