@@ -2,7 +2,8 @@
 //! fuzzer that compiles valid-but-extreme models.
 //!
 //! - [`targets`]: one function per parser (safetensors file and shard index, config.json,
-//!   tokenizer files, IR text, PTX text, the weights file and metadata of built executables).
+//!   tokenizer files, IR text, PTX text, the weights file and metadata of built executables, the
+//!   server's OpenAI request bodies).
 //!   A parser may refuse its input; a target fails (panics) only when the parser panics or
 //!   accepts something that breaks the invariants its callers rely on.
 //! - [`mutate`]: structure-aware mutation of a committed seed input, driven by the fuzzer's

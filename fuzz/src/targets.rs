@@ -167,3 +167,80 @@ fn weights_fingerprint() -> &'static Fingerprint {
         header.fingerprint
     })
 }
+
+/// The model an OpenAI request is checked against: the mha-r4 fixture's tokenizer and chat
+/// template, a context of 64 positions, 4 loop steps with an exit gate.
+fn served() -> &'static (ouroc_runtime::Tokenizer, ouroc_serve::engine::ModelInfo, Vec<u32>) {
+    static SERVED: OnceLock<(ouroc_runtime::Tokenizer, ouroc_serve::engine::ModelInfo, Vec<u32>)> = OnceLock::new();
+    SERVED.get_or_init(|| {
+        let tok = ouroc_runtime::Tokenizer::load(&crate::fixture("mha-r4")).expect("the fixture's tokenizer");
+        let info = ouroc_serve::engine::ModelInfo {
+            max_positions: 64,
+            loop_steps: 4,
+            has_exit_gate: true,
+            policy: Some(ouroc_ir::ExitPolicy::parse("threshold:0.5").expect("a policy")),
+            vocab: tok.vocab_size(),
+        };
+        let stop = tok.eos_ids.clone();
+        (tok, info, stop)
+    })
+}
+
+/// An OpenAI request body (`POST /v1/chat/completions`, `POST /v1/completions`), parsed and
+/// checked as the server does (the chat template rendered, the prompt tokenised): a request it
+/// accepts fits the context, has prompt ids in the vocabulary, valid sampling values, at most 4
+/// non-empty stop strings and an exit policy the loop can run; a refusal is a 4xx.
+pub fn openai_request(input: &[u8]) {
+    use ouroc_serve::api::{Endpoint, GenerateBody, ModelView, parse_body};
+    let (tok, info, stop_ids) = served();
+    let model = ModelView {
+        name: "mha-r4",
+        tokenizer: tok,
+        info,
+        stop_ids,
+    };
+    for endpoint in [Endpoint::Chat, Endpoint::Completions] {
+        let body = match parse_body::<GenerateBody>(input) {
+            Ok(b) => b,
+            Err(e) => {
+                assert_eq!(e.status.as_u16(), 400, "a malformed body answered {}", e.status);
+                return;
+            }
+        };
+        let g = match body.check(endpoint, &model, 7) {
+            Ok(g) => g,
+            Err(e) => {
+                assert!(
+                    e.status.is_client_error(),
+                    "a refused request answered {}: {}",
+                    e.status,
+                    e.message
+                );
+                continue;
+            }
+        };
+        assert!(!g.prompt.is_empty(), "an empty prompt accepted");
+        assert!(g.max_tokens >= 1, "max_tokens 0 accepted");
+        assert!(
+            g.prompt.len() + g.max_tokens <= info.max_positions,
+            "{} prompt + {} new tokens accepted for a context of {}",
+            g.prompt.len(),
+            g.max_tokens,
+            info.max_positions
+        );
+        assert!(
+            g.prompt.iter().all(|&t| (t as usize) < info.vocab),
+            "a prompt id out of the vocabulary accepted"
+        );
+        g.sampling.check().expect("accepted sampling values are valid");
+        assert!(
+            g.stop_strings.len() <= 4 && g.stop_strings.iter().all(|s| !s.is_empty()),
+            "stop strings {:?}",
+            g.stop_strings
+        );
+        if let Some(p) = g.exit {
+            p.check(info.loop_steps)
+                .expect("an accepted exit policy runs on the loop");
+        }
+    }
+}

@@ -100,3 +100,8 @@ fn weights_file() {
 fn app_meta() {
     fuzz("app_meta", targets::app_meta);
 }
+
+#[test]
+fn openai_request() {
+    fuzz("openai_request", targets::openai_request);
+}

@@ -189,6 +189,29 @@ pub struct Generation {
     pub include_usage: bool,
 }
 
+/// A request body: a JSON object deserialised into `T`, or OpenAI's 400
+/// naming what is wrong (the field's path for a wrong type).
+pub fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("We could not parse the JSON body of your request: {e}"),
+        )
+        .code("invalid_json")
+    })?;
+    if !value.is_object() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "The body of your request must be a JSON object.",
+        )
+        .code("invalid_json"));
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let param = e.path().to_string();
+        ApiError::invalid(&param, format!("{param}: {}", e.inner()))
+    })
+}
+
 impl GenerateBody {
     /// Check every field and tokenise the prompt. `fresh_seed`: the seed
     /// of a sampled request that gives none (OpenAI's output then varies).

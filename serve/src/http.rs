@@ -354,24 +354,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 e
             }
         })?;
-        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("We could not parse the JSON body of your request: {e}"),
-            )
-            .code("invalid_json")
-        })?;
-        if !value.is_object() {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "The body of your request must be a JSON object.",
-            )
-            .code("invalid_json"));
-        }
-        serde_path_to_error::deserialize(value).map(JsonBody).map_err(|e| {
-            let param = e.path().to_string();
-            ApiError::invalid(&param, format!("{param}: {}", e.inner()))
-        })
+        crate::api::parse_body(&bytes).map(JsonBody)
     }
 }
 
