@@ -36,6 +36,8 @@ struct Row {
     streams: usize,
     batching: Batching,
     decode_tps: f64,
+    /// Median over rounds of decode_tps / one stream's in the same round.
+    ratio: f64,
     ttft: Vec<f64>,
     itl: Vec<f64>,
     rows: f64,
@@ -68,41 +70,53 @@ pub fn run(args: &BenchArgs, dir: PathBuf, program: Program, opts: CpuOptions, l
         Ok(m.into_driver())
     })
     .map_err(anyhow::Error::msg)?;
-    let mut rows = Vec::new();
-    for &n in &args.streams {
-        let mut rounds: Vec<Vec<Round>> = args.batching.iter().map(|_| Vec::new()).collect();
-        for r in 0..args.runs {
-            for (b, &batching) in args.batching.iter().enumerate() {
-                engine.set_batching(batching);
-                let round = measure(&engine, &metrics, n, args, vocab, r)?;
-                eprintln!(
-                    "[{label}] {n} stream(s), {} batching, round {}/{}: {:.2} tokens/s, {:.2} rows per call",
-                    batching.name(),
-                    r + 1,
-                    args.runs,
-                    round.decode_tps,
-                    round.rows
-                );
-                rounds[b].push(round);
-            }
-        }
-        for (b, rs) in rounds.into_iter().enumerate() {
-            let mut tps: Vec<f64> = rs.iter().map(|r| r.decode_tps).collect();
-            let mut rws: Vec<f64> = rs.iter().map(|r| r.rows).collect();
-            let mut dep: Vec<f64> = rs.iter().map(|r| r.depth).collect();
-            rows.push(Row {
-                streams: n,
-                batching: args.batching[b],
-                decode_tps: median(&mut tps),
-                ttft: rs.iter().flat_map(|r| r.ttft.iter().copied()).collect(),
-                itl: rs.iter().flat_map(|r| r.itl.iter().copied()).collect(),
-                rows: median(&mut rws),
-                depth: median(&mut dep),
-            });
+    // Rounds outermost: every (streams, batching) once per round, so the
+    // machine's drift hits each alike; ratios are taken within a round.
+    let cells: Vec<(usize, Batching)> = args
+        .streams
+        .iter()
+        .flat_map(|&n| args.batching.iter().map(move |&b| (n, b)))
+        .collect();
+    let mut measured: Vec<Vec<Round>> = cells.iter().map(|_| Vec::new()).collect();
+    for r in 0..args.runs {
+        for (c, &(n, batching)) in cells.iter().enumerate() {
+            engine.set_batching(batching);
+            let round = measure(&engine, &metrics, n, args, vocab, r)?;
+            eprintln!(
+                "[{label}] round {}/{}: {n} stream(s), {} batching: {:.2} tokens/s, {:.2} rows per call",
+                r + 1,
+                args.runs,
+                batching.name(),
+                round.decode_tps,
+                round.rows
+            );
+            measured[c].push(round);
         }
     }
+    let mut rows = Vec::new();
+    for (c, &(n, batching)) in cells.iter().enumerate() {
+        let rs = &measured[c];
+        let one = cells.iter().position(|&(m, b)| m == 1 && b == batching);
+        let mut ratios: Vec<f64> = match one {
+            Some(o) => rs.iter().zip(&measured[o]).map(|(x, y)| x.decode_tps / y.decode_tps).collect(),
+            None => vec![f64::NAN],
+        };
+        let mut tps: Vec<f64> = rs.iter().map(|r| r.decode_tps).collect();
+        let mut rws: Vec<f64> = rs.iter().map(|r| r.rows).collect();
+        let mut dep: Vec<f64> = rs.iter().map(|r| r.depth).collect();
+        rows.push(Row {
+            streams: n,
+            batching,
+            decode_tps: median(&mut tps),
+            ratio: median(&mut ratios),
+            ttft: rs.iter().flat_map(|r| r.ttft.iter().copied()).collect(),
+            itl: rs.iter().flat_map(|r| r.itl.iter().copied()).collect(),
+            rows: median(&mut rws),
+            depth: median(&mut dep),
+        });
+    }
     outln!(
-        "{label}: {} prompt + {} generated tokens per stream, greedy, exit {}, median of {} alternating rounds",
+        "{label}: {} prompt + {} generated tokens per stream, greedy, exit {}, medians of {} alternating rounds (x 1 strm: of per-round ratios)",
         args.prefill_tokens,
         args.decode_tokens,
         args.exit,
@@ -120,22 +134,13 @@ pub fn run(args: &BenchArgs, dir: PathBuf, program: Program, opts: CpuOptions, l
         "depth"
     );
     for r in &rows {
-        let one = rows
-            .iter()
-            .find(|o| o.streams == 1 && o.batching == r.batching)
-            .or_else(|| {
-                rows.iter()
-                    .filter(|o| o.batching == r.batching)
-                    .min_by_key(|o| o.streams)
-            })
-            .map_or(f64::NAN, |o| r.decode_tps / o.decode_tps * o.streams as f64);
         let (mut ttft, mut itl) = (r.ttft.clone(), r.itl.clone());
         outln!(
             "{:>7} {:<12} {:>10.2} {:>8.2}x {:>8.1}/{:<8.1} {:>7.1}/{:>7.1}/{:<7.1} {:>9.2} {:>6.2}",
             r.streams,
             r.batching.name(),
             r.decode_tps,
-            one,
+            r.ratio,
             1e3 * percentile(&mut ttft, 0.5),
             1e3 * percentile(&mut ttft, 0.9),
             1e3 * percentile(&mut itl, 0.5),
