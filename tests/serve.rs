@@ -318,7 +318,8 @@ fn wait_exit(serve: &mut Serve) -> std::process::ExitStatus {
 }
 
 /// An executable built by `ouroc build` serves with `--serve ADDR`: its greedy completion is
-/// the text the same executable generates for the prompt on its own.
+/// the text the same executable generates for the prompt on its own, and the `openai` package's
+/// checks pass against it.
 #[cfg(unix)]
 #[test]
 fn a_built_executable_serves_what_it_generates() {
@@ -358,6 +359,11 @@ fn a_built_executable_serves_what_it_generates() {
     assert_eq!(status, 200, "{body}");
     let v = json(&body);
     assert_eq!(v["choices"][0]["text"], alone, "{v}");
+    // The official client against the executable too.
+    match python("openai", false) {
+        Ok(py) => run_script(&py, &root().join("tests/serve/openai_client.py"), &[&serve.base_url()]),
+        Err(why) => println!("skipping the openai package checks: {why} (set OUROC_PYTHON to a Python with openai)"),
+    }
     sigterm(&serve);
     let status = wait_exit(&mut serve);
     assert!(status.success(), "exit status {status}:\n{}", serve.log());

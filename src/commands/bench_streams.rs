@@ -98,7 +98,11 @@ pub fn run(args: &BenchArgs, dir: PathBuf, program: Program, opts: CpuOptions, l
         let rs = &measured[c];
         let one = cells.iter().position(|&(m, b)| m == 1 && b == batching);
         let mut ratios: Vec<f64> = match one {
-            Some(o) => rs.iter().zip(&measured[o]).map(|(x, y)| x.decode_tps / y.decode_tps).collect(),
+            Some(o) => rs
+                .iter()
+                .zip(&measured[o])
+                .map(|(x, y)| x.decode_tps / y.decode_tps)
+                .collect(),
             None => vec![f64::NAN],
         };
         let mut tps: Vec<f64> = rs.iter().map(|r| r.decode_tps).collect();
