@@ -397,6 +397,65 @@ pub(crate) fn prmt(a: u64, b: u64, c: u64) -> u64 {
     d
 }
 
+/// Byte `i` of `w`, sign extended or not.
+fn byte(w: u64, i: usize, signed: bool) -> i64 {
+    let b = (w >> (8 * i)) & 0xff;
+    if signed { b as u8 as i8 as i64 } else { b as i64 }
+}
+
+/// `dp4a`: `c + sum_i a.byte_i * b.byte_i`, each byte sign extended when its
+/// operand is `.s32`, the sum modulo 2^32.
+pub(crate) fn dp4a(a_signed: bool, b_signed: bool, a: u64, b: u64, c: u64) -> u64 {
+    let s: i64 = (0..4).map(|i| byte(a, i, a_signed) * byte(b, i, b_signed)).sum();
+    (c as i64).wrapping_add(s) as u64 & 0xffff_ffff
+}
+
+/// `mma.m16n8k32` on 8-bit integers: `a` 4, `b` 2, `c` 4 registers of the
+/// 32 lanes. Fragments (lane = 4 g + t): A register r holds row
+/// `g + 8 (r & 1)`, columns `4 t + 16 (r >> 1) + 0..4` (byte j is column
+/// `+ j`); B register r rows `4 t + 16 r + 0..4` of column g; C / D
+/// register r row `g + 8 (r >> 1)`, column `2 t + (r & 1)`. Sums are exact
+/// in i64, then wrap to 32 bits (or clamp with `.satfinite`).
+pub(crate) fn mma_m16n8k32(
+    a_signed: bool,
+    b_signed: bool,
+    satfinite: bool,
+    a: &[[u64; 32]],
+    b: &[[u64; 32]],
+    c: &[[u64; 32]],
+) -> Vec<[u64; 32]> {
+    let mut am = [[0i64; 32]; 16];
+    let mut bm = [[0i64; 8]; 32];
+    for l in 0..32 {
+        let (g, t) = (l / 4, l % 4);
+        for (r, regs) in a.iter().enumerate() {
+            for j in 0..4 {
+                am[g + 8 * (r & 1)][4 * t + 16 * (r >> 1) + j] = byte(regs[l], j, a_signed);
+            }
+        }
+        for (r, regs) in b.iter().enumerate() {
+            for j in 0..4 {
+                bm[4 * t + 16 * r + j][g] = byte(regs[l], j, b_signed);
+            }
+        }
+    }
+    let mut d = vec![[0u64; 32]; 4];
+    for l in 0..32 {
+        let (g, t) = (l / 4, l % 4);
+        for (r, out) in d.iter_mut().enumerate() {
+            let (row, col) = (g + 8 * (r >> 1), 2 * t + (r & 1));
+            let dot: i64 = (0..32).map(|k| am[row][k] * bm[k][col]).sum();
+            let v = dot + c[r][l] as u32 as i32 as i64;
+            out[l] = if satfinite {
+                v.clamp(i32::MIN as i64, i32::MAX as i64) as i32 as u32 as u64
+            } else {
+                v as i32 as u32 as u64
+            };
+        }
+    }
+    d
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,6 +469,65 @@ mod tests {
         // a field running past bit 31 takes the top bit as its sign
         assert_eq!(bfe(Ty::S32, 0x8000_0000, 31, 4), 0xffff_ffff);
         assert_eq!(bfe(Ty::U32, 0x1234, 4, 0), 0);
+    }
+
+    #[test]
+    fn dp4a_signedness_per_operand_and_wrapping() {
+        // bytes of a: 0xff, 0x02, 0x80, 0x01; of b: 0x03, 0xfe, 0x7f, 0x80
+        let (a, b) = (0x0180_02ff, 0x807f_fe03);
+        // unsigned x unsigned: 255*3 + 2*254 + 128*127 + 1*128
+        assert_eq!(dp4a(false, false, a, b, 10), 10 + 765 + 508 + 16256 + 128);
+        // unsigned x signed: 255*3 + 2*-2 + 128*127 + 1*-128
+        assert_eq!(dp4a(false, true, a, b, 0), (765 - 4 + 16256 - 128) as u64);
+        // signed x signed: -1*3 + 2*-2 + -128*127 + 1*-128, as 32 bits
+        assert_eq!(dp4a(true, true, a, b, 0), (-3i64 - 4 - 16256 - 128) as u32 as u64);
+        // signed x unsigned, and the sum wraps modulo 2^32
+        assert_eq!(
+            dp4a(true, false, a, b, 0xffff_ffff),
+            (-3i64 + 508 - 16256 + 128 - 1) as u32 as u64
+        );
+    }
+
+    #[test]
+    #[allow(clippy::needless_range_loop)] // lane and register indices follow the ISA's formulas
+    fn mma_m16n8k32_is_the_exact_integer_product() {
+        // A[i][k] = (i * 7 + k * 3) % 251 - 125 as s8, B[k][j] = (k * 5 + j * 11) % 256 as u8.
+        let av = |i: usize, k: usize| ((i * 7 + k * 3) % 251) as i64 - 125;
+        let bv = |k: usize, j: usize| ((k * 5 + j * 11) % 256) as i64;
+        let mut a = vec![[0u64; 32]; 4];
+        let mut b = vec![[0u64; 32]; 2];
+        let mut c = vec![[0u64; 32]; 4];
+        for l in 0..32 {
+            let (g, t) = (l / 4, l % 4);
+            for r in 0..4 {
+                for j in 0..4 {
+                    let v = av(g + 8 * (r & 1), 4 * t + 16 * (r >> 1) + j) as u8 as u64;
+                    a[r][l] |= v << (8 * j);
+                }
+                c[r][l] = (-(l as i64) - 1000 * r as i64) as u32 as u64;
+            }
+            for r in 0..2 {
+                for j in 0..4 {
+                    b[r][l] |= (bv(4 * t + 16 * r + j, g) as u64) << (8 * j);
+                }
+            }
+        }
+        let d = mma_m16n8k32(true, false, false, &a, &b, &c);
+        for l in 0..32 {
+            let (g, t) = (l / 4, l % 4);
+            for r in 0..4 {
+                let (row, col) = (g + 8 * (r >> 1), 2 * t + (r & 1));
+                let want: i64 = (0..32).map(|k| av(row, k) * bv(k, col)).sum::<i64>() - l as i64 - 1000 * r as i64;
+                assert_eq!(d[r][l], want as i32 as u32 as u64, "lane {l} register {r}");
+            }
+        }
+        // .satfinite clamps where the plain instruction wraps.
+        let big = vec![[0x7fff_fff0u64; 32]; 4];
+        let ones = vec![[0x0101_0101u64; 32]; 4];
+        let d = mma_m16n8k32(false, false, true, &ones, &ones[..2], &big);
+        assert_eq!(d[0][0], i32::MAX as u64);
+        let d = mma_m16n8k32(false, false, false, &ones, &ones[..2], &big);
+        assert_eq!(d[0][0], (0x7fff_fff0u64 + 32) as u32 as i32 as u32 as u64);
     }
 
     #[test]

@@ -156,6 +156,25 @@ impl Decoder<'_> {
                     c: self.src(&ops[3], Ty::B32)?,
                 }
             }
+            "dp4a" => {
+                let sign = |t: Option<Ty>| match t {
+                    Some(Ty::S32) => Ok(true),
+                    Some(Ty::U32) => Ok(false),
+                    _ => Err("dp4a is .{u32,s32}.{u32,s32}".to_string()),
+                };
+                let (a_signed, b_signed) = (sign(m.take_ty())?, sign(m.take_ty())?);
+                // d and c are .s32 when either input is signed, else .u32.
+                let dty = if a_signed || b_signed { Ty::S32 } else { Ty::U32 };
+                n_ops(ops, 4)?;
+                Op::Dp4a {
+                    a_signed,
+                    b_signed,
+                    d: self.dst(&ops[0], dty)?,
+                    a: self.src(&ops[1], Ty::B32)?,
+                    b: self.src(&ops[2], Ty::B32)?,
+                    c: self.src(&ops[3], dty)?,
+                }
+            }
             "setp" => self.setp(&mut m, ops)?,
             "selp" => {
                 let ty = m.take_ty().ok_or("selp needs a type")?;
@@ -1014,10 +1033,13 @@ impl Decoder<'_> {
                 return Err(format!("mma needs .{q}"));
             }
         }
+        if m.take("m16n8k32") {
+            return self.mma_int(m, ops);
+        }
         let k = match m.take_any(&["m16n8k16", "m16n8k8"]).as_deref() {
             Some("m16n8k16") => 16,
             Some(_) => 8,
-            None => return Err("only mma .m16n8k16 and .m16n8k8 are supported".into()),
+            None => return Err("only mma .m16n8k16, .m16n8k8 and (8-bit integers) .m16n8k32 are supported".into()),
         };
         if !m.take("row") || !m.take("col") {
             return Err("mma.m16n8k* is .row.col".into());
@@ -1069,6 +1091,51 @@ impl Decoder<'_> {
             f16_inputs,
             c_f16: cty == Ty::F16,
             d_f16: dty == Ty::F16,
+            d,
+            a,
+            b,
+            c,
+        })
+    }
+
+    /// `mma.sync.aligned.m16n8k32.row.col{.satfinite}.s32.atype.btype.s32`,
+    /// atype and btype `.s8` or `.u8`: A 4, B 2, C and D 4 registers.
+    fn mma_int(&self, m: &mut Mods, ops: &[Operand]) -> DResult<Op> {
+        if !m.take("row") || !m.take("col") {
+            return Err("mma.m16n8k32 is .row.col".into());
+        }
+        let satfinite = m.take("satfinite");
+        let tys: Vec<Option<Ty>> = (0..4).map(|_| m.take_ty()).collect();
+        let sign = |t: Option<Ty>| match t {
+            Some(Ty::S8) => Ok(true),
+            Some(Ty::U8) => Ok(false),
+            _ => Err("mma.m16n8k32 multiplies .s8/.u8".to_string()),
+        };
+        if tys[0] != Some(Ty::S32) || tys[3] != Some(Ty::S32) {
+            return Err("mma.m16n8k32 accumulates in .s32".into());
+        }
+        let (a_signed, b_signed) = (sign(tys[1])?, sign(tys[2])?);
+        n_ops(ops, 4)?;
+        let regs = |r: &Operand, n: usize, what: &str| -> DResult<Vec<Operand>> {
+            match r {
+                Operand::Vec(v) if v.len() == n => Ok(v.clone()),
+                _ => Err(format!("mma operand {what} needs a vector of {n} registers")),
+            }
+        };
+        let srcs = |r: &Operand, n: usize, what: &str, ty: Ty| -> DResult<Vec<Src>> {
+            regs(r, n, what)?.iter().map(|x| self.src(x, ty)).collect()
+        };
+        let d = regs(&ops[0], 4, "d")?
+            .iter()
+            .map(|r| self.dst(r, Ty::S32))
+            .collect::<DResult<Vec<_>>>()?;
+        let a = srcs(&ops[1], 4, "a", Ty::B32)?;
+        let b = srcs(&ops[2], 2, "b", Ty::B32)?;
+        let c = srcs(&ops[3], 4, "c", Ty::S32)?;
+        Ok(Op::MmaInt {
+            a_signed,
+            b_signed,
+            satfinite,
             d,
             a,
             b,

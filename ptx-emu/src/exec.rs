@@ -3,7 +3,9 @@
 //! Control flow, barriers and the `cp.async` queues are the scheduler's
 //! ([`crate::sched`]).
 
-use crate::alu::{bfe, bin_float, bin_int, bool_op, compare, cvt, f32_of, fin32, fout32, prmt, un_float, un_int};
+use crate::alu::{
+    bfe, bin_float, bin_int, bool_op, compare, cvt, dp4a, f32_of, fin32, fout32, mma_m16n8k32, prmt, un_float, un_int,
+};
 use crate::ir::*;
 use crate::module::Kernel;
 use crate::num::{self, Round, canon32, canon64, mask, sext};
@@ -281,6 +283,19 @@ pub(crate) fn execute(
             for l in lanes(exec) {
                 let r = prmt(ctx.rd(warp, *a, l), ctx.rd(warp, *b, l), ctx.rd(warp, *c, l));
                 wr(warp, *d, l, r);
+            }
+        }
+        Op::Dp4a {
+            a_signed,
+            b_signed,
+            d,
+            a,
+            b,
+            c,
+        } => {
+            for l in lanes(exec) {
+                let (x, y, z) = (ctx.rd(warp, *a, l), ctx.rd(warp, *b, l), ctx.rd(warp, *c, l));
+                wr(warp, *d, l, dp4a(*a_signed, *b_signed, x, y, z));
             }
         }
         Op::Setp {
@@ -577,6 +592,27 @@ pub(crate) fn execute(
                         let v = dm[g + 8 * (r >> 1)][t * 2 + (r & 1)];
                         wr(warp, *dd, l, u64::from(canon32(v as f32)));
                     }
+                }
+            }
+        }
+        Op::MmaInt {
+            a_signed,
+            b_signed,
+            satfinite,
+            d,
+            a,
+            b,
+            c,
+        } => {
+            require_full_warp(ctx, inst, warp, exec, live)?;
+            let frag = |v: &[Src]| -> Vec<[u64; 32]> {
+                v.iter().map(|s| std::array::from_fn(|l| ctx.rd(warp, *s, l))).collect()
+            };
+            let (fa, fb, fc) = (frag(a), frag(b), frag(c));
+            let out = mma_m16n8k32(*a_signed, *b_signed, *satfinite, &fa, &fb, &fc);
+            for (dd, vals) in d.iter().zip(&out) {
+                for (l, &v) in vals.iter().enumerate() {
+                    wr(warp, *dd, l, v);
                 }
             }
         }

@@ -328,6 +328,16 @@ pub(crate) enum Op {
         b: Src,
         c: Src,
     },
+    /// `dp4a.atype.btype`: `c` plus the four byte products of `a` and `b`
+    /// (each byte signed or not), modulo 2^32.
+    Dp4a {
+        a_signed: bool,
+        b_signed: bool,
+        d: Dst,
+        a: Src,
+        b: Src,
+        c: Src,
+    },
     Setp {
         cmp: Cmp,
         ty: Ty,
@@ -422,6 +432,17 @@ pub(crate) enum Op {
         f16_inputs: bool,
         c_f16: bool,
         d_f16: bool,
+        d: Vec<Dst>,
+        a: Vec<Src>,
+        b: Vec<Src>,
+        c: Vec<Src>,
+    },
+    /// `mma.sync.aligned.m16n8k32.row.col.s32.{s8,u8}.{s8,u8}.s32`
+    /// (exact integer sums, wrapping; `.satfinite` clamps to i32).
+    MmaInt {
+        a_signed: bool,
+        b_signed: bool,
+        satfinite: bool,
         d: Vec<Dst>,
         a: Vec<Src>,
         b: Vec<Src>,

@@ -153,6 +153,8 @@
 //! | `cp.async` | `.ca/.cg.shared{::cta}.global{.L2::NB}` with cp-size 4/8/16 (`.cg`: 16), `src-size` zero fill, `ignore-src` predicate; `commit_group`, `wait_group N`, `wait_all` |
 //! | `ldmatrix` | `.sync.aligned.m8n8.x1/.x2/.x4{.trans}.shared{::cta}.b16`; row addresses from lanes 0-7/0-15/0-31, 16-byte aligned |
 //! | `mma` | `.sync.aligned.m16n8k16/.m16n8k8.row.col` with `.f32.bf16.bf16.f32`, `.f32.f16.f16.f32`, `.f16.f16.f16.f16` (and mixed f16/f32 accumulators); fragments per the ISA's "Matrix Fragments for mma.m16n8k16/k8"; products exact, sums in f64, one rounding to the accumulator type |
+//! | `mma` (integer) | `.sync.aligned.m16n8k32.row.col{.satfinite}.s32.{s8,u8}.{s8,u8}.s32`; fragments per the ISA's "Matrix Fragments for mma.m16n8k32"; exact sums, wrapping to 32 bits (`.satfinite`: clamped) |
+//! | `dp4a` | `.{u32,s32}.{u32,s32}`: `c` plus four byte products, each byte sign extended when its operand is `.s32`, modulo 2^32 |
 //! | `atom`, `red` | `.global/.shared`/generic; `.add.u32/.s32/.u64/.f32/.f64`, `.min/.max.u32/.s32/.u64/.s64`, `.and/.or/.xor/.exch/.cas.b32/.b64` |
 //!
 //! Not supported (a parse error naming the line): other instructions,
