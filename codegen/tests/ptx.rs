@@ -14,6 +14,7 @@
 use ouroc_codegen::ptx::{self, Dim, KernelAbi, PtxError, PtxKernel, When};
 use ouroc_compile::compile_graph;
 use ouroc_ir::{DType, ExitPolicy};
+use ouroc_kernels::quant::WeightScheme;
 use ouroc_kernels::spec::{AttentionSpec, Family, LinearSpec};
 use ouroc_kernels::{KernelSpec, Program};
 use ouroc_models::{BuildOptions, Checkpoint};
@@ -47,6 +48,20 @@ fn ouro_1_4b() -> Program {
     compile_graph(g.unwrap(), false).unwrap().program
 }
 
+/// `p` with its Linears quantised as `--weights` `scheme` does.
+fn quantised(mut p: Program, scheme: WeightScheme) -> Program {
+    assert!(scheme.apply(&mut p) > 0, "no Linear quantised");
+    p
+}
+
+/// The distinct quantised Linears of `p`.
+fn quantised_linears(p: &Program) -> Vec<KernelSpec> {
+    distinct(p)
+        .into_iter()
+        .filter(|s| matches!(&s.family, Family::Linear(l) if l.quant.is_some()))
+        .collect()
+}
+
 /// One spec per distinct code.
 fn distinct(p: &Program) -> Vec<KernelSpec> {
     let mut seen = HashSet::new();
@@ -78,6 +93,22 @@ fn all_kernels() -> Vec<(String, PtxKernel)> {
             ptx::argmax(vocab, p.kernels().next().unwrap().spec.act).unwrap(),
         ));
     }
+    // The quantised Linears at the fixture and the 1.4B shapes.
+    for (label, p) in [
+        (
+            "mha_r4_bf16_q8",
+            quantised(fixture("mha-r4", DType::BF16), WeightScheme::Q8),
+        ),
+        (
+            "mha_r4_f32_q4",
+            quantised(fixture("mha-r4", DType::F32), WeightScheme::Q4),
+        ),
+        ("ouro_1_4b_q4", quantised(ouro_1_4b(), WeightScheme::Q4)),
+    ] {
+        for s in quantised_linears(&p) {
+            v.push((format!("{label}__{}", s.name), emit(&s)));
+        }
+    }
     v
 }
 
@@ -95,6 +126,32 @@ fn every_kernel_of_the_mha_r4_bf16_program() {
 #[test]
 fn every_kernel_of_the_mha_r4_f32_program() {
     snapshot_program("mha_r4_f32", &fixture("mha-r4", DType::F32));
+}
+
+/// The quantised Linears (`--weights q8`: every Linear q8_0; `q4`: the
+/// layers' q4_0, the LM head q8_0) in bf16 and f32.
+#[test]
+fn quantised_linears_of_the_mha_r4_program() {
+    for (label, p) in [
+        (
+            "mha_r4_bf16_q8",
+            quantised(fixture("mha-r4", DType::BF16), WeightScheme::Q8),
+        ),
+        (
+            "mha_r4_bf16_q4",
+            quantised(fixture("mha-r4", DType::BF16), WeightScheme::Q4),
+        ),
+        (
+            "mha_r4_f32_q4",
+            quantised(fixture("mha-r4", DType::F32), WeightScheme::Q4),
+        ),
+    ] {
+        let specs = quantised_linears(&p);
+        assert!(specs.len() >= 4, "{label}: {} quantised Linears", specs.len());
+        for s in specs {
+            insta::assert_snapshot!(format!("{label}__{}", s.name), emit(&s).text);
+        }
+    }
 }
 
 #[test]
@@ -369,7 +426,12 @@ fn ptxas_accepts_every_kernel_for_sm_80_without_spills_in_gemm_or_attention() {
         let usage = parse_ptxas(&log);
         assert_eq!(usage.len(), k.abi.entries.len(), "{label}: one report per entry\n{log}");
         for (entry, u) in usage {
-            let heavy = entry.ends_with("_gemm") || label.contains("attn");
+            // Every entry of a quantised Linear (GEMV and GEMM) must not spill either.
+            let quant = label
+                .split("__")
+                .next()
+                .is_some_and(|l| l.ends_with("_q8") || l.ends_with("_q4"));
+            let heavy = entry.ends_with("_gemm") || label.contains("attn") || quant;
             if heavy && (u.spill_st > 0 || u.spill_ld > 0) {
                 bad.push(format!("{entry}: {u:?}"));
             }
@@ -383,7 +445,11 @@ fn ptxas_accepts_every_kernel_for_sm_80_without_spills_in_gemm_or_attention() {
             );
         }
     }
-    assert!(bad.is_empty(), "GEMM / attention entries spill:\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "GEMM / attention / quantised Linear entries spill:\n{}",
+        bad.join("\n")
+    );
     eprintln!("{table}");
     // Register counts are those of the pinned ptxas (CUDA 12.9.86).
     if version.contains("V12.9.86") {

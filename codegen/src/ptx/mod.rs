@@ -161,6 +161,7 @@ pub(crate) mod asm;
 mod attention;
 mod kv_copy;
 mod linear;
+mod qlinear;
 mod simple;
 
 use ouroc_ir::DType;
@@ -319,11 +320,10 @@ pub(crate) fn unsupported(spec: &KernelSpec, msg: impl Into<String>) -> PtxError
 
 fn check(spec: &KernelSpec) -> Result<(), PtxError> {
     let fl = |d: DType| matches!(d, DType::F32 | DType::BF16);
-    if let Family::Linear(ouroc_kernels::spec::LinearSpec { quant: Some(q), .. }) = &spec.family {
-        return Err(unsupported(
-            spec,
-            format!("weights in {q}: the PTX backend has no quantised Linear yet (use --weights dense)"),
-        ));
+    if let Family::Linear(l @ ouroc_kernels::spec::LinearSpec { quant: Some(q), .. }) = &spec.family
+        && (l.n == 0 || l.k == 0)
+    {
+        return Err(unsupported(spec, format!("a {q} Linear of shape [{}, {}]", l.n, l.k)));
     }
     if !fl(spec.act) {
         return Err(unsupported(
@@ -376,7 +376,10 @@ fn emit_entries(spec: &KernelSpec) -> Result<Vec<Emitted>, PtxError> {
         Family::Rope(r) => vec![simple::rope(spec.act, r)],
         Family::Elementwise(e) => vec![simple::elementwise(spec.act, e)],
         Family::RowReduce(r) => vec![simple::row_reduce(spec.act, r)],
-        Family::Linear(l) => linear::emit(spec.act, l),
+        Family::Linear(l) => match l.quant {
+            Some(q) => qlinear::emit(spec.act, l, q),
+            None => linear::emit(spec.act, l),
+        },
         Family::Attention(a) => attention::emit(spec.act, a),
     })
 }
