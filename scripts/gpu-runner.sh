@@ -18,7 +18,8 @@
 #              decode, against the golden logits and exit steps
 #   ceilings   device copy GB/s and bf16 matmul TFLOP/s (torch)
 #   bench      prefill 128 / decode 64 on the Ouro-1.4B shape, random bf16
-#              weights written here, end to end and per kernel
+#              weights written here, end to end and per kernel: dense (3 runs),
+#              then --weights q8 and q4 (quantised at load, 1 run each)
 #   memcheck   one fixture under compute-sanitizer --tool memcheck
 #   emu-tests  the whole-model PTX emulator tests (CPU only; when time is left)
 # Without a GPU (no nvidia-smi, or it lists none) every step runs its CPU
@@ -211,8 +212,14 @@ step_bench() {
         fi
         cat "$SCRATCH/bench.out"
         grep -q 'no CUDA driver found\|no CUDA device' "$SCRATCH/bench.out" || return 1
+        # The quantised timings' flags parse, and stop on the driver too.
+        if "$PKG/bin/gpu_bench" --shape 1.4b --dir "$SCRATCH/1.4b" --weights q4 >"$SCRATCH/bench-q4.out" 2>&1; then
+            echo "gpu_bench --weights q4 succeeded without a GPU"; return 1
+        fi
+        cat "$SCRATCH/bench-q4.out"
+        grep -q 'no CUDA driver found\|no CUDA device' "$SCRATCH/bench-q4.out" || return 1
         [ ! -e "$SCRATCH/1.4b" ] || { echo "gpu_bench wrote weights without a GPU"; return 1; }
-        note "no GPU: the 1.4B shape compiles to PTX; gpu_bench stops on the missing driver"
+        note "no GPU: the 1.4B shape compiles to PTX; gpu_bench (dense, --weights q4) stops on the missing driver"
         return 0
     fi
     local ceil=() free
@@ -227,7 +234,18 @@ step_bench() {
     fi
     "$PKG/bin/gpu_bench" --shape 1.4b --dir "$SHAPES/1.4b" --prefill 128 --decode 64 --runs 3 \
         "${ceil[@]}" --markdown "$REPORT/bench.md" || return 1
-    note "$(grep -m1 '^| prefill' "$REPORT/bench.md" | tr -s ' '); $(grep -m1 '^| decode' "$REPORT/bench.md" | tr -s ' ')"
+    # The quantised Linears (--weights q8 / q4: quantised from the same
+    # checkpoint at load), one timed run each to stay in the step's time;
+    # their tables follow the dense one in bench.md.
+    local w notes
+    notes="dense: $(grep -m1 '^| prefill' "$REPORT/bench.md" | tr -s ' '); $(grep -m1 '^| decode' "$REPORT/bench.md" | tr -s ' ')"
+    for w in q8 q4; do
+        "$PKG/bin/gpu_bench" --shape 1.4b --dir "$SHAPES/1.4b" --weights "$w" --prefill 128 --decode 64 \
+            --runs 1 "${ceil[@]}" --markdown "$SCRATCH/bench-$w.md" || return 1
+        { echo; cat "$SCRATCH/bench-$w.md"; } >>"$REPORT/bench.md"
+        notes="$notes; $w: $(grep -m1 '^| prefill' "$SCRATCH/bench-$w.md" | tr -s ' '); $(grep -m1 '^| decode' "$SCRATCH/bench-$w.md" | tr -s ' ')"
+    done
+    note "$notes"
 }
 
 step_memcheck() {

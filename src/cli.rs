@@ -535,7 +535,7 @@ pub struct ModelFlags {
     pub precision: Precision,
     /// Linear weights: dense (the precision's dtype), q8 (q8_0: 8-bit blocks of 32 with an
     /// f16 scale, 8.5 bits per weight) or q4 (q4_0 layers, 4.5 bits, with a q8_0 LM head);
-    /// embeddings, norms and the exit gate stay dense. CPU backend only
+    /// embeddings, norms and the exit gate stay dense. CPU and CUDA backends (not the interpreter)
     #[arg(long, value_enum, default_value_t = Weights::Dense)]
     pub weights: Weights,
     /// Number of loop steps R (default: the config's total_ut_steps)

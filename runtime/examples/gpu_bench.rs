@@ -4,14 +4,16 @@
 //! ```text
 //! cargo run --release -p ouroc-runtime --features cuda --example gpu_bench -- \
 //!     [--shape 1.4b] [--dir DIR] [--prefill 128] [--decode 64] [--runs 3] \
-//!     [--policy last] [--copy-gbs X] [--mm-tflops Y] [--markdown FILE]
+//!     [--policy last] [--weights dense|q8|q4] [--copy-gbs X] [--mm-tflops Y] [--markdown FILE]
 //! ```
 //!
 //! 1. Writes (or reuses) the random checkpoint of the shape
 //!    (`ouroc_models::random`, seed 1, bf16) in `--dir` (default
 //!    `$TMPDIR/ouroc-shapes/SHAPE`, shared with `ouroc bench`).
 //! 2. Builds the bf16 graph with the exit policy, optimises, lowers, loads
-//!    the Program on the GPU (`GpuForward<CudaDevice>`, early exit on).
+//!    the Program on the GPU (`GpuForward<CudaDevice>`, early exit on);
+//!    `--weights q8|q4` quantises its Linears as `ouroc run --weights` does
+//!    (the quantised Linears' PTX: dp4a GEMV, int8 mma GEMM).
 //! 3. End to end, `--runs` times (median): prefill `--prefill` random ids
 //!    (wall clock until the greedy token is back), then `--decode` tokens
 //!    greedily (`forward_greedy`: the argmax runs on the device; only the
@@ -28,7 +30,8 @@
 use ouroc_compile::{CompileOptions, compile};
 use ouroc_ir::{DType, ExitPolicy};
 use ouroc_kernels::Program;
-use ouroc_kernels::spec::Family;
+use ouroc_kernels::quant::WeightScheme;
+use ouroc_kernels::spec::{Encoding, Family};
 use ouroc_models::{Checkpoint, StorageDtype};
 use ouroc_runtime::gpu::cuda::CudaDevice;
 use ouroc_runtime::gpu::{Gpu, GpuForward, GpuOptions, LaunchRecord};
@@ -43,6 +46,7 @@ struct Args {
     decode: usize,
     runs: usize,
     policy: String,
+    weights: WeightScheme,
     copy_gbs: Option<f64>,
     mm_tflops: Option<f64>,
     markdown: Option<PathBuf>,
@@ -56,6 +60,7 @@ fn parse_args() -> Result<Args, String> {
         decode: 64,
         runs: 3,
         policy: "last".into(),
+        weights: WeightScheme::Dense,
         copy_gbs: None,
         mm_tflops: None,
         markdown: None,
@@ -71,6 +76,14 @@ fn parse_args() -> Result<Args, String> {
             "--decode" => a.decode = num(val()?)? as usize,
             "--runs" => a.runs = (num(val()?)? as usize).max(1),
             "--policy" => a.policy = val()?,
+            "--weights" => {
+                a.weights = match val()?.as_str() {
+                    "dense" => WeightScheme::Dense,
+                    "q8" => WeightScheme::Q8,
+                    "q4" => WeightScheme::Q4,
+                    v => return Err(format!("--weights {v}: dense, q8 or q4")),
+                }
+            }
             "--copy-gbs" => a.copy_gbs = Some(num(val()?)?),
             "--mm-tflops" => a.mm_tflops = Some(num(val()?)?),
             "--markdown" => a.markdown = Some(PathBuf::from(val()?)),
@@ -142,7 +155,12 @@ fn cost(p: &Program, r: &LaunchRecord) -> (f64, f64) {
         Family::Linear(l) => {
             let (n, kk, w) = (l.n as f64, l.k as f64, l.weight.size_bytes() as f64);
             let bias = if l.bias { n * w } else { 0.0 };
-            (n * kk * w + bias + t * (kk + n) * a, 2.0 * t * n * kk)
+            // A quantised Linear reads its encoded bytes (quants and scales).
+            let matrix = match l.quant {
+                Some(q) => Encoding::Quant(q).bytes(&[l.n, l.k]).unwrap_or(0) as f64,
+                None => n * kk * w,
+            };
+            (matrix + bias + t * (kk + n) * a, 2.0 * t * n * kk)
         }
         Family::Attention(at) => {
             let (h, kvh, hd) = (at.heads as f64, at.kv_heads as f64, at.head_dim as f64);
@@ -280,7 +298,8 @@ fn run() -> Result<(), String> {
     let positions = args.prefill + args.decode + 1;
     let opts = CompileOptions::reference(&ckpt, DType::BF16).with_policy(ExitPolicy::parse(&args.policy)?);
     let t0 = Instant::now();
-    let program = compile(&ckpt, &opts).map_err(|e| e.to_string())?.program;
+    let mut program = compile(&ckpt, &opts).map_err(|e| e.to_string())?.program;
+    args.weights.apply(&mut program);
     let device = dev.name();
     let gopts = GpuOptions {
         max_positions: positions,
@@ -291,8 +310,9 @@ fn run() -> Result<(), String> {
     let mut m = GpuForward::new(program, &ckpt, dev, gopts).map_err(|e| e.to_string())?;
     let setup = t0.elapsed().as_secs_f64();
     eprintln!(
-        "{device}: {} shape, {:.2} GB of weights and {:.2} GB of KV cache on the device (setup {setup:.1} s)",
+        "{device}: {} shape, {} weights, {:.2} GB of weights and {:.2} GB of KV cache on the device (setup {setup:.1} s)",
         args.shape,
+        args.weights.name(),
         m.weight_bytes() as f64 / 1e9,
         m.kv_reserved_bytes() as f64 / 1e9
     );
@@ -334,11 +354,12 @@ fn run() -> Result<(), String> {
     m.device_mut().synchronize().map_err(err)?;
     let p = m.program().clone();
     let mut report = format!(
-        "## GPU: {device}\n\n`{}` shape, bf16 random weights, policy `{}`, early exit on; PTX of `ouroc_codegen::ptx` \
+        "## GPU: {device}\n\n`{}` shape, bf16 random weights (`--weights {}`), policy `{}`, early exit on; PTX of `ouroc_codegen::ptx` \
          (sm_80) on `GpuForward<CudaDevice>`.\n\n\
          | phase | tokens | median time | tokens/s |\n|---|---:|---:|---:|\n\
          | prefill | {} | {:.1} ms | {:.0} |\n| decode (greedy on device, {:.2} loop steps/token) | {} | {:.1} ms | {:.1} |\n",
         args.shape,
+        args.weights.name(),
         args.policy,
         args.prefill,
         pre * 1e3,

@@ -3,7 +3,7 @@
 //! `ouroc_kernels::quant`: the same quantised weights and activations), on
 //! the fixtures, f32 and bf16, several exit policies, prefill then decode;
 //! the dense model against its quantised self (close, not equal); what the
-//! Program says about its bytes; the GPU backends' refusal.
+//! Program says about its bytes (the GPU path: tests/gpu_emu_quant.rs).
 
 mod common;
 
@@ -162,17 +162,6 @@ fn the_program_reads_fewer_weight_bytes_and_says_so() {
     let (d, q8, q4) = (sizes[0].1 as f64, sizes[1].1 as f64, sizes[2].1 as f64);
     assert!(q8 < d * 0.6 && q8 > d * 0.5, "{q8} vs {d}");
     assert!(q4 < d * 0.35 && q4 > d * 0.25, "{q4} vs {d}");
-}
-
-#[test]
-fn the_gpu_backend_refuses_quantised_weights_by_name() {
-    let ckpt = Checkpoint::open(&fixture("mha-r4")).unwrap();
-    let p = program(&ckpt, DType::F32, "last", WeightScheme::Q8);
-    let e = ouroc_runtime::gpu::GpuForward::emulated(p, &ckpt, ouroc_runtime::gpu::GpuOptions::new(64))
-        .err()
-        .expect("refused")
-        .to_string();
-    assert!(e.contains("q8_0"), "{e}");
 }
 
 /// A Program read from a file whose quantised Linear does not match its

@@ -103,6 +103,18 @@
 //!   (48 KiB dynamic shared memory); epilogue bias + one rounding
 //!   (`cvt.rn.bf16x2.f32`), 32-bit stores. Grid (ceil(n / 128),
 //!   ceil(T / 128)).
+//! - `Linear` with quantised weights (`LinearSpec::quant`, q8_0 / q4_0, the
+//!   weight operand the interleaved tiles of `ouroc_kernels::quant` as they
+//!   are stored; the bias stays in `weight`), entries `gemv`
+//!   (`T < GEMM_MIN_TOKENS`; grid (T, ceil(n / 16)), block 128: the token's
+//!   row quantised per block of 32 into shared memory, `dp4a.u32.s32` on the
+//!   stored quants, the blocks' f32 terms added in order by one thread per
+//!   row) and `gemm` (`T >= GEMM_MIN_TOKENS`, any dtype and shape; grid
+//!   (ceil(n / 128), ceil(T / 64)), block 256: each block of k quantised for
+//!   the CTA's 64 rows in shared memory, then
+//!   `mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32`, one quant block per
+//!   k step, B fragments read straight from the tiles). Both compute the
+//!   reference's operations in its order: its bits (see `qlinear.rs`).
 //! - `Attention`: see below.
 //!
 //! [`argmax`] (grid T, block 256): the index of the first maximum of each

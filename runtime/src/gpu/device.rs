@@ -6,7 +6,6 @@
 use super::{DevPtr, FuncId, Gpu, GpuError, GpuOptions, KParam, KvRows, LaunchCfg, LaunchRecord, ModuleId};
 use ouroc_driver::codec;
 use ouroc_driver::{CallShape, Device, DeviceError, DriverError, KvArg, KvLayout, KvStore, ResidentWeights, Span};
-use ouroc_ir::DType;
 use ouroc_kernels::abi::ptx::{self, KernelAbi, ParamDesc, ParamRole, ParamTy, PtxEntry, PtxModule};
 use ouroc_kernels::spec::{AttentionSpec, Encoding, Family};
 use ouroc_kernels::{ActValue, Kernel, Operand, Program};
@@ -74,7 +73,9 @@ pub struct PtxDevice<G: Gpu> {
     bytes_per_token: usize,
     /// ABIs not bound yet, in Program order.
     next_abi: usize,
-    pub(super) weights: HashMap<(u32, DType), (DevPtr, usize)>,
+    /// Resident weights by (id, encoding), as the driver keys them: a
+    /// quantised weight is its encoded bytes as they are (the CPU's bytes).
+    pub(super) weights: HashMap<(u32, Encoding), (DevPtr, usize)>,
     pub(super) argmax: Option<Bound>,
     pub(super) arena: DevPtr,
     arena_tokens: usize,
@@ -370,22 +371,23 @@ impl<G: Gpu> PtxDevice<G> {
         let kv_copy = self.gpu.function(kvm, ptx::KV_COPY_ENTRY)?;
         self.modules = Some((m, kv_copy));
         for (id, enc) in ResidentWeights::required(program) {
-            let Encoding::Dense(d) = enc else {
+            let bytes = weights
+                .get(id, enc)
+                .ok_or_else(|| GpuError::Program(format!("weight %{id} in {enc} is missing from the weights given")))?;
+            // A quantised weight's size is fixed by its shape: the kernels
+            // read every tile of it, so a short buffer must never reach them.
+            if let (Encoding::Quant(q), Some(v)) = (enc, program.weights.iter().find(|w| w.id == id))
+                && enc.bytes(&v.shape) != Some(bytes.len())
+            {
                 return Err(GpuError::Program(format!(
-                    "weight %{id} is read quantised ({enc}): the GPU backend has no quantised kernels yet \
-                     (use --weights dense there)"
+                    "weight %{id} in {q}: {} bytes for shape {:?}",
+                    bytes.len(),
+                    v.shape
                 )));
-            };
-            let key = (id, d);
-            let bytes = weights.get(id, enc).ok_or_else(|| {
-                GpuError::Program(format!(
-                    "weight %{} in {} is missing from the weights given",
-                    key.0, key.1
-                ))
-            })?;
+            }
             let p = self.gpu.alloc(bytes.len().max(16))?;
             self.gpu.upload(p, bytes)?;
-            self.weights.insert(key, (p, bytes.len()));
+            self.weights.insert((id, enc), (p, bytes.len()));
         }
         self.argmax = match self.module.kernels.get(n) {
             Some(abi) if abi.entries.len() == 1 && abi.params.len() == 5 => Some(Bound {
@@ -627,7 +629,7 @@ fn bind<G: Gpu>(
     abi: &KernelAbi,
     m: ModuleId,
     values: &HashMap<u32, ActValue>,
-    weights: &HashMap<(u32, DType), (DevPtr, usize)>,
+    weights: &HashMap<(u32, Encoding), (DevPtr, usize)>,
     dev: &mut G,
 ) -> Result<Bound, GpuError> {
     if abi.name != k.spec.name {
@@ -637,6 +639,7 @@ fn bind<G: Gpu>(
         )));
     }
     let dtypes = ouroc_kernels::spec::operand_dtypes(&k.spec);
+    let encodings = ouroc_kernels::spec::operand_encodings(&k.spec);
     let name = &k.spec.name;
     for (op, d) in k.inputs.iter().zip(&dtypes) {
         if let Operand::Act(r) = op
@@ -666,7 +669,7 @@ fn bind<G: Gpu>(
                 })
             }
             Some(Operand::Weight(w)) => weights
-                .get(&(*w, dtypes[i]))
+                .get(&(*w, encodings[i]))
                 .map(|e| PArg::U64(e.0))
                 .ok_or_else(|| GpuError::Program(format!("kernel {name} reads weight %{w}, which is not loaded"))),
             None => Err(GpuError::Program(format!("kernel {name}: no operand {i}"))),
