@@ -197,7 +197,18 @@ fn weights_flag_quantises_the_linears_and_refuses_what_it_cannot() {
         &["run", d, "--weights", "q4", "--backend", "interp", "--prompt", "x"],
         &["--weights q4", "--backend cpu"],
     );
-    fails_with(&["emit", "ptx", d, "--weights", "q8"], &["q8_0", "--weights dense"]);
+    // The PTX backend has the quantised Linears too: a dp4a GEMV and an int8 mma GEMM.
+    let o = ouroc(&["emit", "ptx", d, "--weights", "q8"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ptx = stdout(&o);
+    assert!(
+        ptx.contains("ouroc_l0_qkv_gemv") && ptx.contains("dp4a."),
+        "no quantised GEMV"
+    );
+    assert!(
+        ptx.contains("ouroc_l0_qkv_gemm") && ptx.contains("mma.sync.aligned.m16n8k32"),
+        "no quantised GEMM"
+    );
 }
 
 #[test]
