@@ -122,21 +122,24 @@ fn send_head(s: &mut TcpStream, method: &str, path: &str, body: Option<&str>) ->
 }
 
 /// The Python to run `script` with: `$OUROC_PYTHON` (else python3 when `stdlib_only`), if it
-/// can import `module`; Err says why not.
+/// can import `module`; Err says why not. A `$OUROC_PYTHON` that is set but cannot import
+/// `module` fails the test (CI sets it: its checks must not be skipped there).
 fn python(module: &str, stdlib_only: bool) -> Result<String, String> {
-    let py = match std::env::var("OUROC_PYTHON") {
-        Ok(p) if !p.is_empty() => p,
-        _ if stdlib_only => "python3".to_string(),
+    let (py, asked) = match std::env::var("OUROC_PYTHON") {
+        Ok(p) if !p.is_empty() => (p, true),
+        _ if stdlib_only => ("python3".to_string(), false),
         _ => return Err("OUROC_PYTHON is not set".into()),
     };
-    match Command::new(&py).args(["-c", &format!("import {module}")]).output() {
-        Ok(o) if o.status.success() => Ok(py),
-        Ok(o) => Err(format!(
+    let why = match Command::new(&py).args(["-c", &format!("import {module}")]).output() {
+        Ok(o) if o.status.success() => return Ok(py),
+        Ok(o) => format!(
             "{py} cannot import {module}: {}",
             String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")
-        )),
-        Err(e) => Err(format!("cannot run {py}: {e}")),
-    }
+        ),
+        Err(e) => format!("cannot run {py}: {e}"),
+    };
+    assert!(!asked, "OUROC_PYTHON is set but {why}");
+    Err(why)
 }
 
 fn run_script(py: &str, script: &Path, args: &[&str]) {
