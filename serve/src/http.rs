@@ -365,7 +365,9 @@ async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Response {
-    if state.shutting_down.load(Ordering::SeqCst) {
+    // The engine also closes itself if it fails (a bug): then this replica
+    // must leave the balancer's pool too.
+    if state.shutting_down.load(Ordering::SeqCst) || state.engine.shutting_down() {
         return shutting_down().into_response();
     }
     let (queued, running) = state.engine.load();
