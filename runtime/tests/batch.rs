@@ -137,6 +137,10 @@ fn batched_sequences_get_the_logits_they_get_alone() {
         ("gqa-hd", DType::F32, "step:1", KvMode::Last, true),
         ("tied", DType::BF16, "threshold:0.6:bf16", KvMode::Mean, true),
         ("tied", DType::F32, "last", KvMode::Full, true),
+        ("mha-r4", DType::F32, "step:0", KvMode::Full, true),
+        ("mha-r4", DType::F32, "step:2", KvMode::Full, true),
+        ("mha-r4", DType::BF16, "step:3", KvMode::Full, true),
+        ("gqa-hd", DType::F32, "step:2", KvMode::Full, false),
     ] {
         let ckpt = Checkpoint::open(&fixture(name)).unwrap();
         let vocab = ckpt.config.vocab_size;
@@ -161,7 +165,7 @@ fn batched_sequences_get_the_logits_they_get_alone() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 14);
+    assert_eq!(checked, 22);
 }
 
 #[test]
