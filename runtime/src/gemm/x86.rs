@@ -71,6 +71,39 @@ fn row_ptrs<const N: usize>(p: *const u8, stride: usize, n: usize) -> [*const u8
     out
 }
 
+/// Ask for `bytes` at `q` to come into L2 (a hint: it never faults and
+/// never changes a result).
+#[inline(always)]
+fn hint(q: *const u8, bytes: usize) {
+    for off in (0..bytes).step_by(64) {
+        // SAFETY: a prefetch never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(q.wrapping_add(off) as *const i8) };
+    }
+}
+
+/// A kernel's main loop, `$body` once per `$step` elements of k while a
+/// whole step fits. With a later tile to hint ([`Tile::pf`]) each step also
+/// hints the next `$bytes` of it: `$bytes` is the W bytes a step reads, so
+/// that tile (its rows one after the other) is walked in address order in
+/// as many steps as this one takes.
+macro_rules! main_loop {
+    ($tile:expr, $i:ident, $k:expr, $step:expr, $bytes:expr, $body:block) => {{
+        if !$tile.pf.is_null() {
+            let mut q = $tile.pf;
+            while $i + $step <= $k {
+                hint(q, $bytes);
+                q = q.wrapping_add($bytes);
+                $body
+                $i += $step;
+            }
+        }
+        while $i + $step <= $k {
+            $body
+            $i += $step;
+        }
+    }};
+}
+
 /// Dispatch on the token count of a tile (1..=T) to a kernel with that many
 /// token accumulators.
 macro_rules! by_tokens {
@@ -209,10 +242,9 @@ unsafe fn dp512<const R: usize, const T: usize>(tile: &Tile, out: &mut [f32; MAX
             dp_step(&wp, &xp, i, mask32(n), &mut acc);
             i += n;
         }
-        while i + 32 <= k {
+        main_loop!(tile, i, k, 32, R * 64, {
             dp_step(&wp, &xp, i, !0, &mut acc);
-            i += 32;
-        }
+        });
         if i < k {
             dp_step(&wp, &xp, i, mask32(k - i), &mut acc);
         }
@@ -261,10 +293,9 @@ unsafe fn pair512<const R: usize, const T: usize>(tile: &Tile, out: &mut [f32; M
             pair512_step(&wp, &xp, i, mask32(n), &mut acc);
             i += n;
         }
-        while i + 32 <= k {
+        main_loop!(tile, i, k, 32, R * 64, {
             pair512_step(&wp, &xp, i, !0, &mut acc);
-            i += 32;
-        }
+        });
         if i < k {
             pair512_step(&wp, &xp, i, mask32(k - i), &mut acc);
         }
@@ -312,10 +343,9 @@ unsafe fn fma512<const R: usize, const T: usize, const XB: bool, const WB: bool>
             fma512_step::<R, T, XB, WB>(&wp, &xp, i, mask32(n) as u16, &mut acc);
             i += n;
         }
-        while i + 16 <= k {
+        main_loop!(tile, i, k, 16, R * if WB { 32 } else { 64 }, {
             fma512_step::<R, T, XB, WB>(&wp, &xp, i, !0, &mut acc);
-            i += 16;
-        }
+        });
         if i < k {
             fma512_step::<R, T, XB, WB>(&wp, &xp, i, mask32(k - i) as u16, &mut acc);
         }
@@ -392,7 +422,7 @@ unsafe fn pair256<const R: usize, const T: usize>(tile: &Tile, out: &mut [f32; M
     let _ = head; // AVX2 reads W where it lies: no masked 16-bit loads
     let mut i = 0;
     unsafe {
-        while i + 16 <= k {
+        main_loop!(tile, i, k, 16, R * 32, {
             let mut xh = [_mm256_setzero_ps(); T];
             let mut xl = [_mm256_setzero_ps(); T];
             for t in 0..T {
@@ -407,8 +437,7 @@ unsafe fn pair256<const R: usize, const T: usize>(tile: &Tile, out: &mut [f32; M
                     acc[r][t] = _mm256_fmadd_ps(wl, xl[t], acc[r][t]);
                 }
             }
-            i += 16;
-        }
+        });
         finish256::<R, T, true, true>(&acc, &wp, &xp, i, k, out);
     }
 }
@@ -425,7 +454,7 @@ unsafe fn fma256<const R: usize, const T: usize, const XB: bool, const WB: bool>
     let _ = head; // AVX2 reads W where it lies: no masked 16-bit loads
     let mut i = 0;
     unsafe {
-        while i + 8 <= k {
+        main_loop!(tile, i, k, 8, R * if WB { 16 } else { 32 }, {
             let mut xv = [_mm256_setzero_ps(); T];
             for t in 0..T {
                 xv[t] = load8::<XB>(xp[t], i);
@@ -436,8 +465,7 @@ unsafe fn fma256<const R: usize, const T: usize, const XB: bool, const WB: bool>
                     acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
                 }
             }
-            i += 8;
-        }
+        });
         finish256::<R, T, XB, WB>(&acc, &wp, &xp, i, k, out);
     }
 }
