@@ -173,18 +173,16 @@ pub unsafe fn qlinear_with(v: QVariant, p: &QLinearArgs, tiles: Range<usize>) {
     for t in tiles {
         // SAFETY: tile t lies in the weight buffer (tiles(n) tiles of tb bytes).
         let w = unsafe { std::slice::from_raw_parts(p.w.add(t * tb), tb) };
-        let rows = (t * TILE..((t + 1) * TILE).min(p.n)).collect::<Vec<_>>();
-        let bias: Vec<f32> = rows
-            .iter()
-            .map(|&o| {
-                if p.bias.is_null() {
-                    0.0
-                } else {
-                    // SAFETY: `[n]` bias elements.
-                    unsafe { read(p.bias, p.bias_dtype, o) }
-                }
-            })
-            .collect();
+        // The tile's output rows r0 .. r0 + nr (no allocation: a decode
+        // token runs about 10^5 tiles).
+        let (r0, nr) = (t * TILE, TILE.min(p.n - t * TILE));
+        let mut bias = [0f32; TILE];
+        if !p.bias.is_null() {
+            for (i, b) in bias[..nr].iter_mut().enumerate() {
+                // SAFETY: `[n]` bias elements, r0 + i < n.
+                *b = unsafe { read(p.bias, p.bias_dtype, r0 + i) };
+            }
+        }
         for tok in 0..p.tokens {
             let (xq, xd, xs) = (
                 &a.q[tok * nb * BLOCK..(tok + 1) * nb * BLOCK],
@@ -192,9 +190,9 @@ pub unsafe fn qlinear_with(v: QVariant, p: &QLinearArgs, tiles: Range<usize>) {
                 &a.sum[tok * nb..(tok + 1) * nb],
             );
             let sums = tile_sums(v, p.format, w, xq, xd, xs, nb);
-            for (i, &o) in rows.iter().enumerate() {
-                // SAFETY: element o of y row tok.
-                unsafe { write(p.y, p.act, tok * p.y_stride + o, sums[i] + bias[i]) };
+            for i in 0..nr {
+                // SAFETY: element r0 + i < n of y row tok.
+                unsafe { write(p.y, p.act, tok * p.y_stride + r0 + i, sums[i] + bias[i]) };
             }
         }
     }
