@@ -286,9 +286,11 @@ impl CpuDevice {
                 y: args[res],
                 y_stride: strides[res],
             };
-            // Whole tiles of 16 rows per thread.
+            // Whole tiles of 16 rows, four chunks per thread taken in turn
+            // (one each left the faster thread waiting for the other: about
+            // a tenth of q8 decode, memory-bound on both).
             let tiles = ouroc_kernels::quant::tiles(q.n);
-            let parts = self.pool.threads().min(tiles).max(1);
+            let parts = (4 * self.pool.threads()).min(tiles).max(1);
             let per = tiles.div_ceil(parts);
             self.pool.run(tiles.div_ceil(per), &|c| {
                 // SAFETY: the launch's arena rows and encoded weights; chunks
