@@ -237,7 +237,9 @@ unsafe fn dp512<const R: usize, const T: usize>(tile: &Tile, out: &mut [f32; MAX
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     let mut i = 0;
     unsafe {
-        while i < head {
+        // A head only when the driver aligns W (known when compiling: the
+        // loop's masks otherwise cost registers the main loop needs).
+        while super::ALIGN_W && i < head {
             let n = (head - i).min(32);
             dp_step(&wp, &xp, i, mask32(n), &mut acc);
             i += n;
@@ -288,7 +290,7 @@ unsafe fn pair512<const R: usize, const T: usize>(tile: &Tile, out: &mut [f32; M
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     let mut i = 0;
     unsafe {
-        while i < head {
+        while super::ALIGN_W && i < head {
             let n = (head - i).min(32);
             pair512_step(&wp, &xp, i, mask32(n), &mut acc);
             i += n;
@@ -338,7 +340,7 @@ unsafe fn fma512<const R: usize, const T: usize, const XB: bool, const WB: bool>
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     let mut i = 0;
     unsafe {
-        while i < head {
+        while super::ALIGN_W && i < head {
             let n = (head - i).min(16);
             fma512_step::<R, T, XB, WB>(&wp, &xp, i, mask32(n) as u16, &mut acc);
             i += n;
