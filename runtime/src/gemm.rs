@@ -430,7 +430,7 @@ unsafe fn drive(p: &LinearArgs, rows: Range<usize>, m: &Micro, widen: bool) {
                     };
                     for d in from..=to {
                         for r in ahead(d) {
-                            prefetch_row(w_at(r, k0), kl * wsz);
+                            prefetch_row(w_at(r, k0), kl * wsz, true);
                         }
                     }
                     // The tile's W rows: where they lie, or widened to
@@ -513,19 +513,25 @@ const PREFETCH_ROW_BYTES: usize = 2048;
 /// How many W tiles ahead of the one computing the driver prefetches.
 const PREFETCH_TILES: usize = 2;
 
-/// Ask for the `bytes` at `p` to be brought into the cache (a hint: no
-/// effect on results, none on targets without one).
+/// Ask for the `bytes` at `p` to be brought into L1 (`to_l1`) or only into
+/// L2 (a hint: no effect on results, none on targets without one).
 #[inline(always)]
-fn prefetch_row(p: *const u8, bytes: usize) {
+pub(crate) fn prefetch_row(p: *const u8, bytes: usize, to_l1: bool) {
     #[cfg(target_arch = "x86_64")]
     for off in (0..bytes).step_by(LINE) {
+        use std::arch::x86_64::{_MM_HINT_T0, _MM_HINT_T1, _mm_prefetch};
+        let a = p.wrapping_add(off) as *const i8;
         // SAFETY: a prefetch never faults, whatever the address.
         unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.wrapping_add(off) as *const i8)
+            if to_l1 {
+                _mm_prefetch::<_MM_HINT_T0>(a)
+            } else {
+                _mm_prefetch::<_MM_HINT_T1>(a)
+            }
         };
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, bytes);
+    let _ = (p, bytes, to_l1);
 }
 
 /// `n` bf16 values at `src` (u16 bits) as f32 at `dst` (exact).
@@ -611,7 +617,7 @@ unsafe fn drive_panel(p: &LinearArgs, rows: Range<usize>) {
                 let nr = PANEL_R.min(rows.end - o);
                 if kl * 2 <= PREFETCH_ROW_BYTES {
                     for r in (o + nr).min(rows.end)..(o + nr + PANEL_R).min(rows.end) {
-                        prefetch_row(w_at(r, k0), kl * 2);
+                        prefetch_row(w_at(r, k0), kl * 2, true);
                     }
                 }
                 // SAFETY: rows o .. o + nr of W from element k0; the panel

@@ -71,27 +71,17 @@ fn row_ptrs<const N: usize>(p: *const u8, stride: usize, n: usize) -> [*const u8
     out
 }
 
-/// Ask for `bytes` at `q` to come into L2 (a hint: it never faults and
-/// never changes a result).
-#[inline(always)]
-fn hint(q: *const u8, bytes: usize) {
-    for off in (0..bytes).step_by(64) {
-        // SAFETY: a prefetch never faults, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(q.wrapping_add(off) as *const i8) };
-    }
-}
-
 /// A kernel's main loop, `$body` once per `$step` elements of k while a
 /// whole step fits. With a later tile to hint ([`Tile::pf`]) each step also
 /// hints the next `$bytes` of it: `$bytes` is the W bytes a step reads, so
 /// that tile (its rows one after the other) is walked in address order in
-/// as many steps as this one takes.
+/// as many steps as this one takes. Into L2 only: L1 holds this tile.
 macro_rules! main_loop {
     ($tile:expr, $i:ident, $k:expr, $step:expr, $bytes:expr, $body:block) => {{
         if !$tile.pf.is_null() {
             let mut q = $tile.pf;
             while $i + $step <= $k {
-                hint(q, $bytes);
+                super::prefetch_row(q, $bytes, false);
                 q = q.wrapping_add($bytes);
                 $body
                 $i += $step;
